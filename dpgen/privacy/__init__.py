@@ -1,0 +1,1 @@
+"""Every line of differential-privacy logic lives in this package and nowhere else."""
