@@ -1,0 +1,13 @@
+"""Errors that end a run before any work starts, with a one-line message that names the fix."""
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work.
+
+    Messages follow one shape so users can act on them without reading code:
+    ``"<config.key>=<value>: <what is wrong>. Fix: <what to do>"``.
+    """
+
+    def __init__(self, key: str, value: object, problem: str, fix: str) -> None:
+        self.key = key
+        super().__init__(f"{key}={value!r}: {problem}. Fix: {fix}")
