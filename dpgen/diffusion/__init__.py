@@ -1,1 +1,1 @@
-
+"""Noise schedules, timestep samplers and samplers around diffusers' schedulers."""

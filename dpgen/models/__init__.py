@@ -1,1 +1,1 @@
-
+"""Model builders around diffusers and the small classifiers used by evaluation."""

@@ -1,0 +1,53 @@
+"""Validation of a composed config, before any data is loaded or any work starts."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpgen.data import validate_data_config, validate_public_config
+from dpgen.errors import ConfigError
+from dpgen.methods import METHODS
+from dpgen.models.unet import validate_model_config
+from dpgen.stages import STAGES
+
+ACCOUNTANTS = ("pld", "rdp", "prv")
+
+
+def _positive_int(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigError(key, value, "must be a positive integer", f"set {key} to a value >= 1")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    validate_data_config(cfg.data)
+    if "public" in cfg.method.get("pretrain", "none"):
+        validate_public_config(cfg.public)
+    validate_model_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.image_size)
+
+    m = cfg.method
+    if m.name not in METHODS:
+        raise ConfigError("method.name", m.name, "unknown method", f"use one of {sorted(METHODS)}")
+    unknown = [s for s in m.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
+                          f"use stages from {sorted(STAGES)}")
+    for key in ("method.train.steps", "method.train.batch_size", "method.pretrain_public.steps",
+                "method.pretrain_public.batch_size", "method.multiplicity", "sample.num_samples",
+                "sample.steps", "sample.batch_size", "eval.epochs", "privacy.max_physical_batch"):
+        _positive_int(cfg, key)
+
+    if m.get("formal_guarantee", True):
+        p = cfg.privacy
+        if p.eps is None or p.eps <= 0:
+            raise ConfigError("privacy.eps", p.eps, "must be > 0", "set privacy.eps to e.g. 1 or 10")
+        if p.delta is None or not 0 < p.delta < 1:
+            raise ConfigError("privacy.delta", p.delta, "must be in (0, 1) and below 1/N",
+                              "set privacy.delta=1e-5")
+        if p.clip is None or p.clip <= 0:
+            raise ConfigError("privacy.clip", p.clip, "must be > 0", "set privacy.clip=1.0")
+        if p.accountant not in ACCOUNTANTS:
+            raise ConfigError("privacy.accountant", p.accountant, "unknown accountant",
+                              f"use one of {', '.join(ACCOUNTANTS)}")

@@ -1,0 +1,48 @@
+"""Class-conditional UNet built from diffusers' UNet2DModel (GroupNorm only: DP-safe)."""
+
+from __future__ import annotations
+
+from diffusers import UNet2DModel
+
+from dpgen.errors import ConfigError
+
+
+def downsampling_factor(model_cfg: dict) -> int:
+    return 2 ** (len(model_cfg["block_out_channels"]) - 1)
+
+
+def validate_model_config(model_cfg: dict, image_size: int) -> None:
+    factor = downsampling_factor(model_cfg)
+    if image_size % factor:
+        raise ConfigError("data.image_size", image_size,
+                          f"model {model_cfg['name']} downsamples {factor}x and needs a multiple of {factor}",
+                          f"use data.image_size={max(factor, image_size // factor * factor)} or a model with "
+                          "fewer blocks")
+    n = len(model_cfg["block_out_channels"])
+    for key in ("down_block_types", "up_block_types"):
+        if len(model_cfg[key]) != n:
+            raise ConfigError(f"model.{key}", list(model_cfg[key]),
+                              f"needs one entry per block ({n})", "match model.block_out_channels")
+    groups = model_cfg["norm_num_groups"]
+    if any(c % groups for c in model_cfg["block_out_channels"]):
+        raise ConfigError("model.norm_num_groups", groups, "must divide every block width",
+                          "pick a divisor of model.block_out_channels")
+
+
+def build_unet(model_cfg: dict, image_size: int, channels: int, num_classes: int) -> UNet2DModel:
+    """UNet with ``num_classes + 1`` class embeddings: the last one is the null class for
+    classifier-free guidance."""
+    validate_model_config(model_cfg, image_size)
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(model_cfg["block_out_channels"]),
+        down_block_types=tuple(model_cfg["down_block_types"]),
+        up_block_types=tuple(model_cfg["up_block_types"]),
+        layers_per_block=model_cfg["layers_per_block"],
+        norm_num_groups=model_cfg["norm_num_groups"],
+        attention_head_dim=model_cfg["attention_head_dim"],
+        num_class_embeds=num_classes + 1,
+        dropout=model_cfg.get("dropout", 0.0),
+    )

@@ -1,0 +1,102 @@
+"""The stage runner: a run is the ordered list of stages in ``method.stages``.
+
+Each stage reads what earlier stages wrote into the run directory and writes its own files, so
+an interrupted run resumes stage by stage (``stages.json`` lists the finished ones) and, inside
+a training stage, from the last checkpoint. The privacy ledger is planned for *all* stages
+before the first one runs; a run whose budget cannot be met never starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from dpgen.data import build_dataset
+from dpgen.io import write_json
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.stages import STAGES
+from dpgen.stages.planning import plan_privacy
+
+log = logging.getLogger("dpgen")
+
+
+@dataclass
+class RunContext:
+    """What every stage gets: the config, the run directory, the ledger, the sensitive data."""
+
+    cfg: DictConfig
+    run_dir: Path
+    ledger: PrivacyLedger | None = None
+    wall_s: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def train_set(self) -> Dataset:
+        return build_dataset(self.cfg.data, "train")
+
+    def held_out_test_set(self) -> Dataset:
+        """The held-out real split. Only the final evaluation may call this."""
+        return build_dataset(self.cfg.data, "test")
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    @property
+    def privacy_json(self) -> Path:
+        return self.path("privacy.json")
+
+
+def _load_state(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    state_file = run_dir / "stages.json"
+    if state_file.exists():
+        return json.loads(state_file.read_text())
+    return {"completed": [], "wall_s": {}}
+
+
+def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+    saved = run_dir / "run_config.yaml"
+    if not saved.exists():
+        return
+    before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    before.pop("resume", None)
+    now.pop("resume", None)
+    diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if diffs:
+        raise ValueError(
+            f"resume={run_dir}: this run was started with a different configuration in "
+            f"{', '.join(diffs)}. Fix: repeat the original overrides (see {saved})"
+        )
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
+    start = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s", run_dir.resolve())
+    _check_resume_config(cfg, run_dir)
+    OmegaConf.save(cfg, run_dir / "run_config.yaml", resolve=True)
+    state = _load_state(run_dir)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, wall_s=state["wall_s"])
+    ctx.ledger = plan_privacy(ctx)
+    for name in cfg.method.stages:
+        if name in state["completed"]:
+            log.info("stage %s: already complete, skipping", name)
+            continue
+        log.info("stage %s: starting", name)
+        t0 = time.time()
+        STAGES[name](ctx)
+        ctx.wall_s[name] = ctx.wall_s.get(name, 0.0) + time.time() - t0
+        state["completed"].append(name)
+        state["wall_s"] = ctx.wall_s
+        write_json(run_dir / "stages.json", state)
+        log.info("stage %s: done in %.1f s", name, time.time() - t0)
+    log.info("run finished in %.1f s; results in %s", time.time() - start, run_dir.resolve())
+    return ctx

@@ -1,0 +1,206 @@
+"""DP-SGD as a Lightning strategy, for one process and for DDP.
+
+One Lightning "batch" is one *logical* DP-SGD step: the Poisson-sampled batch of this rank.
+``training_step`` splits it into physical chunks, asks the method for its per-example loss
+``[B, K]``, takes per-example gradients of the mean over K, clips each example to norm C and
+sums. Noise N(0, σ²C²) is then added once for the whole step (by rank 0 only), the sum is
+all-reduced across ranks and divided by the *expected* batch size q·N. ``backward`` only hands
+that gradient to the optimizer; Lightning then steps as usual, and callbacks (EMA, accountant)
+see exactly one optimizer step per logical step.
+
+Methods contain no DP arithmetic: they implement ``per_example_loss(batch) -> Tensor[B, K]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies.ddp import _sync_module_states
+from torch import Tensor
+
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.mechanisms import fresh_generator
+from dpgen.privacy.per_example import PerExampleGradients
+
+POISSON_GAUSSIAN = "poisson_subsampled_gaussian"
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """Everything the DP step needs, fixed by the privacy plan before training starts."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    dataset_size: int  # global N of the sensitive training split
+    max_physical_batch: int = 256
+    stage: str = "dp_train"
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"privacy.clip={self.max_grad_norm}: must be > 0")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample rate q={self.sample_rate}: must be in (0, 1]")
+        if self.noise_multiplier < 0:
+            raise ValueError(f"noise multiplier {self.noise_multiplier}: must be >= 0")
+        if self.max_physical_batch < 1:
+            raise ValueError(f"privacy.max_physical_batch={self.max_physical_batch}: must be >= 1")
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.dataset_size
+
+
+def _batch_len(batch: Any) -> int:
+    return len(batch[0]) if isinstance(batch, list | tuple) else len(batch)
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, list | tuple):
+        return type(batch)(t[start:stop] for t in batch)
+    return batch[start:stop]
+
+
+def clipped_sum(params: list[Tensor], max_grad_norm: float) -> list[Tensor]:
+    """Sum over examples of per-example gradients (``p.grad_sample``) clipped to ``max_grad_norm``.
+
+    Flat clipping: one norm over all trainable parameters of an example.
+    """
+    used = [p.grad_sample for p in params if p.grad_sample is not None]
+    sq_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in used]).sum(0)
+    # min(1, C/||g||); the tiny constant only guards 0/0 for an all-zero gradient.
+    factors = (max_grad_norm / (sq_norms.sqrt() + 1e-12)).clamp(max=1.0)
+    return [
+        torch.zeros_like(p) if p.grad_sample is None
+        else torch.einsum("b,b...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
+        for p in params
+    ]
+
+
+class _DPSGDMixin:
+    """The DP-SGD logical step; mixed into a single-device or a DDP strategy."""
+
+    def _init_dp(self, config: DPSGDConfig, ledger: PrivacyLedger | None) -> None:
+        self.dp_config = config
+        self.ledger = ledger
+        self._engine: PerExampleGradients | None = None
+        self._dp_grads: list[Tensor] | None = None
+        # Fresh OS entropy, never the run seed: reproducible noise would void the guarantee.
+        # Tests may replace it; ``_noise_enabled`` is a test-only switch, never set from config.
+        self.noise_generator: torch.Generator | None = None
+        self._noise_enabled = True
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _check_trainer(self, trainer: Any) -> None:
+        if trainer.gradient_clip_val:
+            raise ValueError("trainer.gradient_clip_val must be unset under DP: clipping is per example")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError("trainer.accumulate_grad_batches must be 1 under DP: use privacy.max_physical_batch")
+        precision = str(getattr(trainer, "precision", "32"))
+        if "16" in precision and "bf16" not in precision:
+            raise ValueError("fp16 is not supported under DP (GradScaler rescales clipped gradients); use 32 or bf16")
+
+    def _attach_engine(self) -> None:
+        module = self.lightning_module
+        if self._engine is None:
+            # Created after callbacks' setup, so copies of the module (EMA) carry no hooks.
+            self._engine = PerExampleGradients(module)
+
+    # -- the logical step -----------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Tensor:
+        module = self.lightning_module
+        engine = self._engine
+        assert engine is not None, "DP strategy used before setup"
+        cfg = self.dp_config
+        params = engine.params
+        grad_sum = [torch.zeros_like(p) for p in params]
+        loss_sum = torch.zeros((), device=self.root_device)
+        n_local = _batch_len(batch)
+        with self.precision_plugin.train_step_context():
+            for start in range(0, n_local, cfg.max_physical_batch):
+                chunk = _slice(batch, start, start + cfg.max_physical_batch)
+                n = _batch_len(chunk)
+                with engine.capture(n):
+                    losses = module.per_example_loss(chunk)
+                    if losses.dim() != 2 or losses.shape[0] != n:
+                        raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
+                    # Mean over the K copies *before* clipping: the hooks sum rows per example.
+                    torch.autograd.grad(losses.float().mean(1).sum(), params, allow_unused=True)
+                    for acc, g in zip(grad_sum, clipped_sum(params, cfg.max_grad_norm)):
+                        acc.add_(g)
+                    engine.clear()
+                loss_sum += losses.detach().float().mean(1).sum()
+        self._add_noise_and_reduce(grad_sum)
+        self._dp_grads = [g / cfg.expected_batch_size for g in grad_sum]
+        if self.ledger is not None:
+            self.ledger.record(cfg.stage, POISSON_GAUSSIAN, cfg.noise_multiplier, cfg.sample_rate, 1)
+        # The mean loss is for progress display only; it never feeds a decision.
+        mean_loss = loss_sum / max(n_local, 1)
+        module.log("train/loss", mean_loss, prog_bar=True, batch_size=max(n_local, 1))
+        return mean_loss.detach().requires_grad_()
+
+    def _add_noise_and_reduce(self, grad_sum: list[Tensor]) -> None:
+        cfg = self.dp_config
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank = dist.get_rank() if distributed else 0
+        if rank == 0 and self._noise_enabled and cfg.noise_multiplier > 0:
+            if self.noise_generator is None:
+                self.noise_generator = fresh_generator(self.root_device)
+            std = cfg.noise_multiplier * cfg.max_grad_norm
+            for g in grad_sum:
+                g.add_(torch.randn(g.shape, generator=self.noise_generator, device=g.device, dtype=g.dtype), alpha=std)
+        if distributed:
+            # One noise draw for the step: rank 0's noise plus every rank's clipped sum.
+            flat = torch.cat([g.flatten() for g in grad_sum])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for g in grad_sum:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        # Lightning zeroes gradients between training_step and backward; install ours now.
+        assert self._dp_grads is not None
+        for p, g in zip(self._engine.params, self._dp_grads):
+            p.grad = g.to(p.dtype)
+        self._dp_grads = None
+        return closure_loss
+
+
+class DPSGDStrategy(_DPSGDMixin, SingleDeviceStrategy):
+    """DP-SGD in one process."""
+
+    def __init__(self, config: DPSGDConfig, ledger: PrivacyLedger | None = None,
+                 device: str | torch.device = "cpu", **kwargs: Any) -> None:
+        super().__init__(device=torch.device(device), **kwargs)
+        self._init_dp(config, ledger)
+
+    def setup(self, trainer: Any) -> None:
+        self._check_trainer(trainer)
+        super().setup(trainer)
+        self._attach_engine()
+
+
+class DDPDPSGDStrategy(_DPSGDMixin, DDPStrategy):
+    """DP-SGD over DDP ranks: each rank samples its shard at the global rate q.
+
+    The model is *not* wrapped in DistributedDataParallel: DDP would all-reduce raw,
+    unclipped gradients during backward. We all-reduce the clipped, noised sum once per
+    logical step instead; identical updates keep the replicas identical.
+    """
+
+    def __init__(self, config: DPSGDConfig, ledger: PrivacyLedger | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._init_dp(config, ledger)
+
+    def setup(self, trainer: Any) -> None:
+        self._check_trainer(trainer)
+        super().setup(trainer)
+        self._attach_engine()
+
+    def configure_ddp(self) -> None:
+        _sync_module_states(self.model)

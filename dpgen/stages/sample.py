@@ -1,0 +1,68 @@
+"""Sample the trained generator: ``samples.npz`` and a ``samples.png`` grid (one row per class).
+
+Sampling only post-processes the trained (DP) model, so it costs no privacy.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from dpgen.io import atomic_write
+from dpgen.stages.training import load_final_module
+
+if TYPE_CHECKING:
+    from dpgen.pipeline import RunContext
+
+log = logging.getLogger("dpgen")
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C] (the samples.npz contract)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8_hwc(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Class-balanced labels: the sensitive class proportions are private, so never used."""
+    return torch.arange(num_samples) % num_classes
+
+
+def save_grid(path, images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_row: int = 10) -> None:
+    rows = []
+    for c in range(num_classes):
+        picked = images[labels == c][:per_row]
+        pad = torch.full((per_row - len(picked), *images.shape[1:]), -1.0)
+        rows.append(torch.cat([picked, pad]))
+    grid = torch.cat(rows)
+
+    def write(f):
+        buf = io.BytesIO()
+        save_image((grid + 1) / 2, buf, nrow=per_row, padding=1, format="png")
+        f.write(buf.getvalue())
+
+    atomic_write(path, write)
+
+
+def sample(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    module = load_final_module(ctx)
+    labels = balanced_labels(cfg.sample.num_samples, cfg.data.num_classes)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = module.sample(labels, cfg.sample.steps, cfg.sample.guidance_scale, generator=generator,
+                           batch_size=cfg.sample.batch_size)
+
+    def write_npz(f):
+        np.savez_compressed(f, images=to_uint8_hwc(images), labels=labels.numpy().astype(np.int64))
+
+    atomic_write(ctx.path("samples.npz"), write_npz)
+    save_grid(ctx.path("samples.png"), images, labels, cfg.data.num_classes)
+    log.info("sample: %d images -> %s", len(images), ctx.path("samples.npz"))

@@ -1,0 +1,194 @@
+"""Training stages: public pretraining (cached), non-private training, DP-SGD training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from dpgen.data import build_public_dataset
+from dpgen.io import AtomicCheckpointIO, save_torch
+from dpgen.methods import METHODS, DiffusionModule
+from dpgen.models.unet import build_unet
+from dpgen.privacy.callback import PrivacyAccountantCallback
+from dpgen.privacy.sampling import PoissonDataModule
+from dpgen.privacy.strategy import DPSGDConfig, DPSGDStrategy
+
+if TYPE_CHECKING:
+    from dpgen.pipeline import RunContext
+
+log = logging.getLogger("dpgen")
+
+FINAL_WEIGHTS = "model.pt"
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    data = cfg.data
+    unet = build_unet(OmegaConf.to_container(cfg.model), data.image_size, data.channels, data.num_classes)
+    m = cfg.method
+    return METHODS[m.name](
+        unet=unet, num_classes=data.num_classes, diffusion=OmegaConf.to_container(cfg.diffusion),
+        timesteps=OmegaConf.to_container(m.timesteps), lr=m.train.lr, multiplicity=m.multiplicity,
+        label_dropout=m.label_dropout, hflip=m.hflip,
+    )
+
+
+def load_final_module(ctx: RunContext) -> DiffusionModule:
+    module = build_module(ctx.cfg)
+    module.unet.load_state_dict(torch.load(ctx.path(FINAL_WEIGHTS), map_location="cpu"))
+    return module
+
+
+def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callback],
+             strategy: Any = "auto", checkpoint_dir: Path | None = None) -> Trainer:
+    t = ctx.cfg.trainer
+    if checkpoint_dir is not None:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+                                                 every_n_train_steps=t.checkpoint_every_n_steps)]
+    kwargs: dict[str, Any] = {}
+    if strategy == "auto":
+        kwargs.update(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes)
+    return Trainer(
+        max_steps=max_steps, max_epochs=-1, strategy=strategy, precision=t.precision,
+        logger=CSVLogger(ctx.run_dir, name="logs", version=stage), callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], log_every_n_steps=min(t.log_every_n_steps, max_steps),
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False, default_root_dir=ctx.run_dir, **kwargs,
+    )
+
+
+def _ema(cfg: DictConfig) -> list[Callback]:
+    decay = cfg.method.get("ema_decay")
+    return [EMAWeightAveraging(decay=decay)] if decay else []
+
+
+def _resume_path(checkpoint_dir: Path) -> str | None:
+    last = checkpoint_dir / "last.ckpt"
+    if last.exists():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def _save_final(ctx: RunContext, module: DiffusionModule) -> None:
+    save_torch(ctx.path(FINAL_WEIGHTS), module.unet.state_dict())
+
+
+def _shuffled_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# -- public pretraining --------------------------------------------------------------------
+def _relabel_public(ctx: RunContext) -> TensorDataset:
+    """Public images labelled in the sensitive label space where class names agree (digit
+    glyph '3' -> MNIST class 3); other public classes get the null (unconditional) label."""
+    public = build_public_dataset(ctx.cfg.public)
+    sensitive_names = [str(n) for n in ctx.train_set.info.class_names]
+    null = ctx.cfg.data.num_classes
+    mapping = torch.tensor([sensitive_names.index(str(n)) if str(n) in sensitive_names else null
+                            for n in public.info.class_names])
+    return TensorDataset(public.images, mapping[public.labels])
+
+
+def pretrain_cache_path(cfg: DictConfig) -> Path:
+    """Public pretraining depends on no sensitive data: key it by the config that produces it."""
+    key = {
+        "public": OmegaConf.to_container(cfg.public, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
+        "pretrain": OmegaConf.to_container(cfg.method.pretrain_public, resolve=True),
+        "label_dropout": cfg.method.label_dropout,
+        "classes": cfg.data.num_classes,
+        "seed": cfg.seed,
+    }
+    key["public"].pop("cache_dir", None)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.paths.cache_dir) / "pretrained" / f"unet-{cfg.model.name}-{digest}.pt"
+
+
+def pretrain_public(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    if cfg.method.get("pretrain", "none") != "public":
+        log.info("pretrain_public: method.pretrain=%s, nothing to do", cfg.method.get("pretrain"))
+        return
+    cache = pretrain_cache_path(cfg)
+    if cache.exists():
+        log.info("pretrain_public: reusing cached public pretraining %s", cache)
+        return
+    p = cfg.method.pretrain_public
+    module = build_module(cfg)
+    module.lr = p.lr
+    data = _relabel_public(ctx)
+    trainer = _trainer(ctx, "pretrain_public", p.steps, _ema(cfg))
+    trainer.fit(module, _shuffled_loader(data, p.batch_size, cfg.seed))
+    save_torch(cache, module.unet.state_dict())
+    log.info("pretrain_public: cached %s", cache)
+
+
+def _init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
+    if ctx.cfg.method.get("pretrain", "none") == "public":
+        module.unet.load_state_dict(torch.load(pretrain_cache_path(ctx.cfg), map_location="cpu"))
+
+
+# -- non-private training on the sensitive data ---------------------------------------------
+def train(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    module = build_module(cfg)
+    _init_from_pretraining(ctx, module)
+    ckpt_dir = ctx.path("checkpoints")
+    trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg), checkpoint_dir=ckpt_dir)
+    trainer.fit(module, _shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed),
+                ckpt_path=_resume_path(ckpt_dir))
+    _save_final(ctx, module)
+
+
+# -- DP-SGD training --------------------------------------------------------------------------
+def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy:
+    cfg, ledger = ctx.cfg, ctx.ledger
+    assert ledger is not None, "dp_train needs a privacy plan"
+    event = next(e for e in ledger.planned if e.stage == stage)
+    dp = DPSGDConfig(noise_multiplier=event.noise_multiplier, max_grad_norm=cfg.privacy.clip,
+                     sample_rate=event.sample_rate, dataset_size=ledger.dataset_size,
+                     max_physical_batch=cfg.privacy.max_physical_batch, stage=stage)
+    device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
+    return DPSGDStrategy(dp, ledger=ledger, device=device)
+
+
+def check_dp_module(module: LightningModule) -> None:
+    """Refuse modules that DP-SGD cannot train correctly (e.g. BatchNorm mixes examples)."""
+    from opacus.validators import ModuleValidator
+
+    errors = [e for e in ModuleValidator.validate(module, strict=False)
+              if "BatchNorm" in str(e) or "batch norm" in str(e).lower()]
+    if errors:
+        raise ValueError(f"model is not DP-compatible: {errors[0]}. Fix: use GroupNorm/LayerNorm")
+
+
+def dp_train(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    module = build_module(cfg)
+    check_dp_module(module)
+    _init_from_pretraining(ctx, module)
+    strategy = dp_strategy(ctx)
+    remaining = ctx.ledger.remaining_steps("dp_train")
+    total = cfg.method.train.steps
+    accountant = PrivacyAccountantCallback(ctx.ledger, "dp_train", ctx.privacy_json,
+                                           cfg.privacy.log_every_n_steps)
+    ckpt_dir = ctx.path("checkpoints")
+    trainer = _trainer(ctx, "dp_train", total, [accountant, *_ema(cfg)], strategy=strategy,
+                       checkpoint_dir=ckpt_dir)
+    data = PoissonDataModule(ctx.train_set, strategy.dp_config.sample_rate, steps=max(remaining, 1))
+    trainer.fit(module, datamodule=data, ckpt_path=_resume_path(ckpt_dir))
+    ctx.ledger.write(ctx.privacy_json)
+    _save_final(ctx, module)

@@ -1,0 +1,52 @@
+"""Shared fixtures: composing the real Hydra config with tiny, fast overrides."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/dp_helpers.py
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def tiny_overrides(tmp: Path) -> list[str]:
+    """A run that exercises every stage in seconds: tiny UNet at 8x8, a few steps."""
+    return [
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.data_root={tmp / 'data'}",
+        "model=unet_tiny",
+        "data.image_size=8",
+        "public.samples_per_class=8",
+        "method.multiplicity=2",
+        "method.train.steps=4",
+        "method.train.batch_size=64",
+        "method.pretrain_public.steps=3",
+        "method.pretrain_public.batch_size=16",
+        "privacy.max_physical_batch=32",
+        "trainer.checkpoint_every_n_steps=2",
+        "sample.num_samples=20",
+        "sample.steps=2",
+        "eval=fast",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(*extra: str) -> DictConfig:
+        return compose_config(tiny_overrides(tmp_path) + list(extra))
+
+    return make

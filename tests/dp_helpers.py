@@ -1,0 +1,84 @@
+"""Tiny modules and references shared by the DP-SGD tests."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dpgen.privacy.strategy import DPSGDConfig, DPSGDStrategy
+
+
+class TinyNet(nn.Module):
+    """Every layer type the strategy folds or delegates: Conv2d, GroupNorm, Embedding, Linear."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.embed = nn.Embedding(num_classes, 4)
+        self.head = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.norm(self.conv(x)) + self.embed(y)[:, :, None, None])
+        return self.head(h.flatten(1))
+
+
+class TinyDPModule(LightningModule):
+    """Deterministic per-example loss with K distinct copies (copy k shifts the input by k)."""
+
+    def __init__(self, multiplicity: int = 1, lr: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyNet()
+        self.k = multiplicity
+        self.lr = lr
+
+    def copies_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, k = len(x), self.k
+        xs = x.repeat_interleave(k, 0) + 0.3 * torch.arange(k).repeat(b)[:, None, None, None]
+        out = self.net(xs, y.repeat_interleave(k, 0))
+        return out.pow(2).sum(1).mul(3.0).view(b, k)  # large enough that clipping bites
+
+    def per_example_loss(self, batch):
+        return self.copies_loss(batch[0], batch[1])
+
+    def training_step(self, batch, batch_idx):
+        raise AssertionError("under DP the strategy runs the step; the module's own must not run")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def make_batch(n: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)]
+
+
+def reference_update(module: TinyDPModule, batch, clip: float, expected_batch: float) -> list[torch.Tensor]:
+    """Explicit per-example loop: grad of the mean over K, clip, sum, divide by q*N."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    x, y = batch
+    for i in range(len(x)):
+        loss = module.copies_loss(x[i : i + 1], y[i : i + 1]).mean()
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = min(1.0, clip / norm.item())
+        for t, g in zip(total, grads):
+            t += scale * g
+    return [t / expected_batch for t in total]
+
+
+def one_dp_step(module: TinyDPModule, batch, config: DPSGDConfig, noise: bool = False,
+                ledger=None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Runs a single logical step through a real Trainer; returns the parameter change."""
+    before = [p.detach().clone() for p in module.parameters()]
+    strategy = DPSGDStrategy(config, ledger=ledger)
+    strategy._noise_enabled = noise
+    strategy.noise_generator = generator
+    trainer = Trainer(max_steps=1, strategy=strategy, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader([batch], batch_size=None))
+    return [p.detach() - b for p, b in zip(module.parameters(), before)]

@@ -1,0 +1,125 @@
+"""The DP-SGD strategy against independent references (explicit per-example loops)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dp_helpers import TinyDPModule, make_batch, one_dp_step, reference_update
+from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
+from dpgen.privacy.strategy import DPSGDConfig
+
+
+def _config(n: int = 40, q: float = 0.2, clip: float = 0.5, physical: int = 64, sigma: float = 1.0):
+    return DPSGDConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q, dataset_size=n,
+                       max_physical_batch=physical)
+
+
+def _assert_close(update, reference, lr=1.0):
+    for u, r in zip(update, reference):
+        torch.testing.assert_close(u, -lr * r, rtol=1e-4, atol=1e-6)
+
+
+def _per_example_norms(k: int, batch) -> torch.Tensor:
+    module = TinyDPModule(k)
+    params = list(module.parameters())
+    return torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(
+        module.copies_loss(batch[0][i:i + 1], batch[1][i:i + 1]).mean(), params)))
+        for i in range(len(batch[0]))])
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_update_equals_explicit_per_example_reference(k):
+    batch = make_batch(6)
+    # Clip at the median norm so some examples are clipped and some are not: a missing clip,
+    # or a clip that also scales small gradients up, both change the update.
+    norms = _per_example_norms(k, batch)
+    clip = norms.median().item()
+    assert (norms > clip * 1.01).any() and (norms < clip * 0.99).any()
+    cfg = _config(clip=clip)
+    ref = reference_update(TinyDPModule(k), batch, cfg.max_grad_norm, cfg.expected_batch_size)
+    update = one_dp_step(TinyDPModule(k), batch, cfg)
+    _assert_close(update, ref)
+
+
+def test_k_copies_are_averaged_before_clipping():
+    """Clipping each copy separately and averaging gives a different (wrong) update."""
+    cfg = _config()
+    batch = make_batch(4)
+    module = TinyDPModule(4)
+    params = list(module.parameters())
+    wrong = [torch.zeros_like(p) for p in params]
+    for i in range(4):
+        for c in range(4):
+            loss = module.copies_loss(batch[0][i:i + 1], batch[1][i:i + 1])[0, c]
+            grads = torch.autograd.grad(loss, params)
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+            for w, g in zip(wrong, grads):
+                w += min(1.0, cfg.max_grad_norm / norm.item()) * g / 4
+    update = one_dp_step(TinyDPModule(4), batch, cfg)
+    diff = max((u + w / cfg.expected_batch_size).abs().max().item() for u, w in zip(update, wrong))
+    assert diff > 1e-3
+
+
+def test_chunking_does_not_change_the_update():
+    batch = make_batch(7)
+    whole = one_dp_step(TinyDPModule(2), batch, _config(physical=64))
+    chunked = one_dp_step(TinyDPModule(2), batch, _config(physical=3))
+    _assert_close(chunked, [-u for u in whole])
+
+
+def test_empty_batch_steps_with_zero_gradient_and_is_counted():
+    from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
+
+    ledger = PrivacyLedger(epsilon_target=10.0, delta=1e-5, dataset_size=40)
+    ledger.plan([PlannedStage("dp_train", "poisson_subsampled_gaussian", sample_rate=0.2, count=5)])
+    sigma = ledger.planned_noise_multiplier("dp_train")
+    cfg = _config(sigma=sigma)
+    empty = [torch.empty(0, 1, 6, 6), torch.empty(0, dtype=torch.long)]
+    update = one_dp_step(TinyDPModule(2), empty, cfg, ledger=ledger)
+    assert all(u.abs().max() == 0 for u in update)
+    assert ledger.steps_spent("dp_train") == 1
+
+
+def test_noise_std_is_sigma_clip_over_expected_batch():
+    cfg = _config(n=50, q=0.16, clip=2.0, sigma=1.5)  # expected batch 8
+    empty = [torch.empty(0, 1, 6, 6), torch.empty(0, dtype=torch.long)]
+    update = one_dp_step(TinyDPModule(1), empty, cfg, noise=True)
+    flat = torch.cat([u.flatten() for u in update])
+    expected = cfg.noise_multiplier * cfg.max_grad_norm / cfg.expected_batch_size
+    # ~370 parameters: relative standard error of the sample std is about 1/sqrt(2n) < 4 %.
+    assert flat.numel() > 300
+    assert flat.std().item() == pytest.approx(expected, rel=0.15)
+    assert abs(flat.mean().item()) < 4 * expected / math.sqrt(flat.numel())
+
+
+def test_noise_is_not_reproducible_from_the_run_seed():
+    cfg = _config()
+    empty = [torch.empty(0, 1, 6, 6), torch.empty(0, dtype=torch.long)]
+    torch.manual_seed(0)
+    a = one_dp_step(TinyDPModule(1), empty, cfg, noise=True)
+    torch.manual_seed(0)
+    b = one_dp_step(TinyDPModule(1), empty, cfg, noise=True)
+    assert not torch.equal(a[0], b[0])
+
+
+def test_frozen_parameters_get_no_per_example_work():
+    module = TinyDPModule(1)
+    module.net.conv.requires_grad_(False)
+    engine = PerExampleGradients(module)
+    assert all(p.requires_grad for p in engine.params)
+    assert module.net.conv not in engine._samplers
+    update = one_dp_step(module, make_batch(4), _config())
+    assert update[0].abs().max() == 0 and update[1].abs().max() == 0  # conv weight, bias untouched
+
+
+def test_unsupported_trainable_layer_is_refused():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.ones(3))
+
+    with pytest.raises(UnsupportedLayerError):
+        PerExampleGradients(Odd())
