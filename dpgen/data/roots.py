@@ -33,8 +33,10 @@ def require_root(cfg: dict[str, Any], what: str, fix: str) -> Path:
 def require_files(root: Path, what: str, paths: Sequence[Path], expected: str, fix: str) -> None:
     """Fail with one line naming the expected layout when any of ``paths`` is missing."""
     missing = [p for p in paths if not p.exists()]
-    if missing:
+    if not missing:
+        return
+    detail = expected
+    if len(missing) < len(paths):  # a partial copy: say which files are absent
         names = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise ConfigError(
-            "data.root", str(root), f"{what} not found (expected {expected}; missing {names})", fix
-        )
+        detail += f"; missing {names}"
+    raise ConfigError("data.root", str(root), f"{what} not found (expected {detail})", fix)

@@ -9,6 +9,7 @@ glyph to have an outline.
 
 from __future__ import annotations
 
+import functools
 import logging
 import string
 from pathlib import Path
@@ -42,8 +43,12 @@ def _standard_names(char: str) -> set[str]:
     return names
 
 
+@functools.cache
 def drawable_chars(path: Path, chars: str) -> str:
-    """The characters of ``chars`` that the font at ``path`` really draws (in order)."""
+    """The characters of ``chars`` that the font at ``path`` really draws (in order).
+
+    Cached: parsing the fonts takes most of a second and their files do not change.
+    """
     # fontTools warns about the TeX fonts' 1970 'created' timestamps: noise, not a problem.
     log = logging.getLogger("fontTools")
     level = log.level

@@ -39,12 +39,14 @@ def render_glyph_set(charset: str, samples_per_class: int, seed: int, aug: Augme
     fonts = usable_fonts(chars)
     clean: list[torch.Tensor] = []
     sources: dict[str, list[int]] = {ch: [] for ch in chars}  # char -> indices into `clean`
+    used: set[str] = set()
     for path, have in fonts.items():
         for ch in have:
             img = render_clean(path, ch)
-            if img is not None:
+            if img is not None:  # a blank clean render is dropped like a missing glyph
                 sources[ch].append(len(clean))
                 clean.append(img)
+                used.add(path.name)
     missing = [ch for ch in chars if not sources[ch]]
     if missing:
         raise RuntimeError(f"no shipped font draws {missing!r}; matplotlib's fonts changed?")
@@ -84,5 +86,4 @@ def render_glyph_set(charset: str, samples_per_class: int, seed: int, aug: Augme
     else:
         raise RuntimeError(f"{len(todo)} glyph renders stayed blank after {_RETRIES} retries")
 
-    used = tuple(sorted(p.name for p, have in fonts.items() if have))
-    return GlyphSet(images, torch.cat(labels), tuple(chars), used)
+    return GlyphSet(images, torch.cat(labels), tuple(chars), tuple(sorted(used)))

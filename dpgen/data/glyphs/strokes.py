@@ -40,7 +40,7 @@ def _step(x: torch.Tensor, grow: bool) -> torch.Tensor:
 def stroke_variants(clean: torch.Tensor) -> torch.Tensor:
     """uint8 ``[MAX_RADIUS - MIN_RADIUS + 1, G, H, W]``: each glyph dilated by every radius.
 
-    Computed once per clean glyph rather than per sample (there are ~15× more samples than
+    Computed once per clean glyph rather than per sample (a class has many more samples than
     glyphs). Max/min pooling only selects values, so uint8 storage is exact.
     """
     x = clean[:, None]
