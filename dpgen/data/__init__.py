@@ -1,1 +1,107 @@
+"""Sensitive and public image sets behind one contract.
 
+``dataset[i] -> (image, label)`` with ``image`` float32 ``[C, S, S]`` in [-1, 1] and ``label``
+an int in ``[0, num_classes)``; every dataset has ``.info`` (:class:`DatasetInfo`).
+
+Entry points take the ``data`` (or ``public``) config node, as a DictConfig or a dict.
+``validate_*`` never reads images, so a run can fail fast before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from dpgen.data.config import require_choice, require_int, to_plain
+from dpgen.data.dataset import DatasetInfo, FileImageDataset, TensorImageDataset
+from dpgen.data.registry import DataSpec, registry
+from dpgen.errors import ConfigError
+
+__all__ = [
+    "DatasetInfo",
+    "FileImageDataset",
+    "TensorImageDataset",
+    "build_dataset",
+    "build_public_dataset",
+    "describe_data",
+    "has_public_data",
+    "validate_data_config",
+    "validate_public_config",
+]
+
+SPLITS = ("train", "test")
+PUBLIC_NAMES = ("glyphs", "none")
+
+
+def _checked_data(cfg: Any) -> tuple[dict[str, Any], DataSpec]:
+    plain = to_plain(cfg, "data")
+    specs = registry()
+    spec = specs[require_choice(plain, "data", "name", specs)]
+    require_int(plain, "data", "image_size", minimum=1)
+    require_choice(plain, "data", "channels", (1, 3))
+    spec.check(plain)
+    expected = plain.get("num_classes")
+    if expected is not None:
+        actual = len(spec.class_names(plain))
+        if expected != actual:
+            raise ConfigError(
+                "data.num_classes",
+                expected,
+                f"but {spec.name} has {actual} classes",
+                f"set data.num_classes={actual} (or null)",
+            )
+    return plain, spec
+
+
+def validate_data_config(cfg: Any) -> None:
+    """Check the ``data`` node without reading images: name, sizes, root layout, options."""
+    _checked_data(cfg)
+
+
+def describe_data(cfg: Any) -> DatasetInfo:
+    """The :class:`DatasetInfo` that :func:`build_dataset` will produce, without reading images.
+
+    Model builders need ``num_classes`` and the image shape before any data is loaded.
+    """
+    plain, spec = _checked_data(cfg)
+    names = spec.class_names(plain)
+    return DatasetInfo(spec.name, len(names), names, plain["channels"], plain["image_size"])
+
+
+def build_dataset(cfg: Any, split: str) -> Dataset:
+    """One split (``"train"`` or ``"test"``) of the sensitive dataset."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    plain, spec = _checked_data(cfg)
+    return spec.build(plain, split)
+
+
+def has_public_data(cfg: Any) -> bool:
+    """False for ``public=none`` (runs without public data)."""
+    return to_plain(cfg, "public").get("name") != "none"
+
+
+def validate_public_config(cfg: Any) -> None:
+    """Check the ``public`` node without rendering anything."""
+    plain = to_plain(cfg, "public")
+    if require_choice(plain, "public", "name", PUBLIC_NAMES) == "glyphs":
+        from dpgen.data.glyphs import validate_glyphs_config
+
+        validate_glyphs_config(plain)
+
+
+def build_public_dataset(cfg: Any) -> TensorImageDataset:
+    """The public dataset (rendered or read from cache). ``public=none`` has no dataset."""
+    plain = to_plain(cfg, "public")
+    name = require_choice(plain, "public", "name", PUBLIC_NAMES)
+    if name == "none":
+        raise ConfigError(
+            "public.name",
+            name,
+            "this stage needs public data",
+            "select a public set, e.g. public=glyphs",
+        )
+    from dpgen.data.glyphs import build_glyphs
+
+    return build_glyphs(plain)
