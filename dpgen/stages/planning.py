@@ -7,6 +7,7 @@ when it cannot. The training-split size N is treated as public, as in Opacus and
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
-from dpgen.privacy.ledger import MechanismEvent, PlannedStage, PrivacyLedger
+from dpgen.privacy.ledger import PlannedStage, PrivacyLedger, compute_epsilon
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
@@ -53,10 +54,7 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     stages = [p for name in cfg.method.stages for p in STAGE_PLANS.get(name, lambda c, n: [])(cfg, n)]
     ledger.plan(stages)
     if ctx.privacy_json.exists():  # resuming: what earlier attempts spent stays spent
-        import json
-
-        saved = json.loads(ctx.privacy_json.read_text())
-        ledger.load_state_dict({"events": saved.get("events", [])} | _saved_state(ledger, saved))
+        ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
     ledger.write(ctx.privacy_json)
     for ev in ledger.planned:
         log.info("privacy plan: %s %s sigma=%.4f q=%.4g count=%d", ev.stage, ev.mechanism,
@@ -67,12 +65,4 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
 
 
 def _planned_eps(ledger: PrivacyLedger) -> float:
-    from dpgen.privacy.ledger import compute_epsilon
-
     return compute_epsilon(ledger.planned, ledger.delta, ledger.accountant)
-
-
-def _saved_state(ledger: PrivacyLedger, saved: dict) -> dict:
-    state = ledger.state_dict()
-    state["events"] = [MechanismEvent.from_json(e).__dict__ for e in saved.get("events", [])]
-    return state
