@@ -421,6 +421,22 @@ def test_to_json_follows_the_privacy_json_contract(ledger):
     assert [e["stage"] for e in d["planned"]] == ["dp_semantic_query", "dp_train"]
 
 
+def test_a_failing_informative_accountant_does_not_break_privacy_json(ledger, monkeypatch):
+    def prv_fails(key, delta):
+        raise RuntimeError("Cannot compute epsilon")
+
+    monkeypatch.setitem(ledger_mod._EPSILON_FNS, "prv", prv_fails)
+    record_train(ledger, 13)  # an event list no other test caches
+    d = json.loads(json.dumps(ledger.to_json(), allow_nan=False))
+    assert d["epsilon_by_accountant"]["prv"] is None
+    assert d["epsilon_spent"] == d["epsilon_by_accountant"]["pld"] > 0
+    # The governing accountant's failure is never swallowed.
+    monkeypatch.setitem(ledger_mod._EPSILON_FNS, "pld", prv_fails)
+    record_train(ledger, 1)
+    with pytest.raises(RuntimeError):
+        ledger.to_json()
+
+
 def test_epsilon_is_cached(ledger):
     record_train(ledger, 7)
     ledger.to_json()

@@ -786,6 +786,8 @@ class PrivacyLedger:
         }
         mine = self._header()
         for field, config_key in keys.items():
+            if field not in state:  # partial states (e.g. events only) keep this run's settings
+                continue
             theirs = state[field]
             same = (
                 math.isclose(float(theirs), float(mine[field]), rel_tol=1e-12)
@@ -798,9 +800,10 @@ class PrivacyLedger:
                     f"the checkpoint's privacy ledger was planned for {config_key}={theirs!r}",
                     "resume with the original privacy settings, or start a new run directory",
                 )  # fmt: skip
-        self._events = [MechanismEvent.from_json(e) for e in state["events"]]
-        self._planned = [MechanismEvent.from_json(e) for e in state["planned"]]
-        self.formal_guarantee = bool(state.get("formal_guarantee", True))
+        self._events = [MechanismEvent.from_json(e) for e in state.get("events", [])]
+        if "planned" in state:
+            self._planned = [MechanismEvent.from_json(e) for e in state["planned"]]
+        self.formal_guarantee = bool(state.get("formal_guarantee", self.formal_guarantee))
 
     def write(self, path: str | os.PathLike) -> None:
         """Write ``privacy.json`` atomically: readers see the old file or the new one, never half.
