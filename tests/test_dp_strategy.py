@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from dp_helpers import TinyDPModule, make_batch, one_dp_step, reference_update
+
 from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
 from dpgen.privacy.strategy import DPSGDConfig
 
