@@ -13,20 +13,23 @@ from omegaconf import DictConfig
 
 from dpgen.config import validate_config
 from dpgen.errors import ConfigError
+from dpgen.privacy.ledger import BudgetError
 
 log = logging.getLogger("dpgen")
 
 
 def main(cfg: DictConfig) -> None:
+    # Configuration and budget problems end the run with one line, before any work starts
+    # (the privacy plan, which needs N, is the pipeline's first step and touches no stage).
     try:
         validate_config(cfg)
-    except ConfigError as err:
-        log.error("invalid configuration: %s", err)
-        sys.exit(f"dpgen: {err}")
-    from dpgen.pipeline import run_pipeline
+        from dpgen.pipeline import run_pipeline
 
-    seed_everything(cfg.seed, workers=True, verbose=False)
-    run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+        seed_everything(cfg.seed, workers=True, verbose=False)
+        run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, BudgetError) as err:
+        log.error("%s", err)
+        sys.exit(f"dpgen: {err}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -21,6 +21,17 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
         raise ConfigError(key, value, "must be a positive integer", f"set {key} to a value >= 1")
 
 
+def _check_dp_model(cfg: DictConfig) -> None:
+    from dpgen.privacy.strategy import assert_dp_compatible
+    from dpgen.stages.training import build_module
+
+    try:
+        assert_dp_compatible(build_module(cfg))
+    except ValueError as err:
+        raise ConfigError("model", cfg.model.name, str(err).split(". Fix")[0],
+                          "use a model with GroupNorm/LayerNorm only") from err
+
+
 def validate_config(cfg: DictConfig) -> None:
     validate_data_config(cfg.data)
     if "public" in cfg.method.get("pretrain", "none"):
@@ -39,6 +50,8 @@ def validate_config(cfg: DictConfig) -> None:
                 "sample.steps", "sample.batch_size", "eval.epochs", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
 
+    if "dp_train" in m.stages:
+        _check_dp_model(cfg)
     if m.get("formal_guarantee", True):
         p = cfg.privacy
         if p.eps is None or p.eps <= 0:

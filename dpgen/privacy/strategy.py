@@ -81,6 +81,20 @@ def clipped_sum(params: list[Tensor], max_grad_norm: float) -> list[Tensor]:
     ]
 
 
+def assert_dp_compatible(module: torch.nn.Module) -> None:
+    """Refuse modules that per-example clipping cannot make private, before any training.
+
+    Opacus's validator flags e.g. BatchNorm, whose batch statistics mix examples so that one
+    example's gradient depends on the others in its batch.
+    """
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        first = str(errors[0]).split(". ")[0]
+        raise ValueError(f"model is not DP-compatible: {first}. Fix: use GroupNorm or LayerNorm")
+
+
 class _DPSGDMixin:
     """The DP-SGD logical step; mixed into a single-device or a DDP strategy."""
 
@@ -107,6 +121,7 @@ class _DPSGDMixin:
     def _attach_engine(self) -> None:
         module = self.lightning_module
         if self._engine is None:
+            assert_dp_compatible(module)
             # Created after callbacks' setup, so copies of the module (EMA) carry no hooks.
             self._engine = PerExampleGradients(module)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
@@ -165,20 +165,9 @@ def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy:
     return DPSGDStrategy(dp, ledger=ledger, device=device)
 
 
-def check_dp_module(module: LightningModule) -> None:
-    """Refuse modules that DP-SGD cannot train correctly (e.g. BatchNorm mixes examples)."""
-    from opacus.validators import ModuleValidator
-
-    errors = [e for e in ModuleValidator.validate(module, strict=False)
-              if "BatchNorm" in str(e) or "batch norm" in str(e).lower()]
-    if errors:
-        raise ValueError(f"model is not DP-compatible: {errors[0]}. Fix: use GroupNorm/LayerNorm")
-
-
 def dp_train(ctx: RunContext) -> None:
     cfg = ctx.cfg
     module = build_module(cfg)
-    check_dp_module(module)
     _init_from_pretraining(ctx, module)
     strategy = dp_strategy(ctx)
     remaining = ctx.ledger.remaining_steps("dp_train")
