@@ -14,6 +14,7 @@ per-row buffers at the row count ``B*K`` and cannot be told that rows come in gr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,6 +23,11 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 FoldedSampler = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[nn.Parameter, torch.Tensor]]
+
+
+# The first layer's input (images, labels) never requires grad; its hook firing on output
+# gradients alone is exactly what we rely on, so torch's notice about it is noise here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
 class UnsupportedLayerError(TypeError):

@@ -129,6 +129,9 @@ def pretrain_public(ctx: RunContext) -> None:
     p = cfg.method.pretrain_public
     module = build_module(cfg)
     module.lr = p.lr
+    # Multiplicity reduces the variance of *clipped, noised* gradients; without privacy it is
+    # just a larger batch, so public pretraining uses K=1 and spends its compute on steps.
+    module.multiplicity = 1
     data = _relabel_public(ctx)
     trainer = _trainer(ctx, "pretrain_public", p.steps, _ema(cfg))
     trainer.fit(module, _shuffled_loader(data, p.batch_size, cfg.seed))

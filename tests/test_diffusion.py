@@ -1,0 +1,74 @@
+"""Timestep distributions for DP training and the [B, K] per-example loss of the methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_per_example import TINY
+
+from dpgen.diffusion.sampling import make_train_scheduler
+from dpgen.diffusion.timesteps import build_timestep_sampler
+from dpgen.methods.base import DiffusionModule
+from dpgen.models.unet import build_unet
+
+DIFFUSION = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+ALPHAS = make_train_scheduler(DIFFUSION).alphas_cumprod
+
+
+def test_uniform_timesteps():
+    s = build_timestep_sampler({"kind": "uniform"}, ALPHAS)
+    t = s.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() < 1000
+    assert abs(t.float().mean().item() - 499.5) < 10
+
+
+def test_mixture_puts_its_weights_on_its_intervals():
+    s = build_timestep_sampler({"kind": "mixture", "intervals": [[0, 100, 0.7], [100, 1000, 0.3]]}, ALPHAS)
+    t = s.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert (t < 100).float().mean().item() == pytest.approx(0.7, abs=0.02)
+
+
+def test_lognormal_follows_dpdm_noise_levels():
+    p_mean, p_std = -1.2, 1.2
+    s = build_timestep_sampler({"kind": "lognormal", "p_mean": p_mean, "p_std": p_std}, ALPHAS)
+    assert s.probabilities().sum().item() == pytest.approx(1.0, abs=1e-5)
+    t = s.sample(50000, generator=torch.Generator().manual_seed(0))
+    log_sigma = 0.5 * torch.log((1 - ALPHAS[t]) / ALPHAS[t])
+    # the grid clips the tails (sigma_min, sigma_max of the schedule); the bulk must match
+    assert log_sigma.median().item() == pytest.approx(p_mean, abs=0.1)
+
+
+def test_bad_interval_is_refused():
+    with pytest.raises(ValueError, match="interval"):
+        build_timestep_sampler({"kind": "mixture", "intervals": [[0, 2000, 1.0]]}, ALPHAS)
+
+
+def _module(k: int, label_dropout: float) -> DiffusionModule:
+    torch.manual_seed(0)
+    return DiffusionModule(build_unet(TINY, 8, 1, 3), num_classes=3, diffusion=DIFFUSION,
+                           timesteps={"kind": "uniform"}, lr=1e-3, multiplicity=k,
+                           label_dropout=label_dropout)
+
+
+def test_per_example_loss_shape_and_label_dropout_once_per_example():
+    module = _module(k=4, label_dropout=0.5)
+    seen = {}
+    original = module.unet.forward
+
+    def spy(x, t, class_labels=None):
+        seen["labels"] = class_labels.clone()
+        seen["t"] = t.clone()
+        return original(x, t, class_labels=class_labels)
+
+    module.unet.forward = spy
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 3, (64,))
+    loss = module.per_example_loss([x, y])
+    assert loss.shape == (64, 4)
+    labels = seen["labels"].view(64, 4)
+    assert (labels == labels[:, :1]).all(), "the K copies of an example must share its label"
+    dropped = labels[:, 0] == module.null_label
+    assert 10 < dropped.sum() < 54  # about half, decided per example
+    assert (labels[~dropped, 0] == y[~dropped]).all()
+    # the copies get their own timesteps (noise multiplicity), not one shared draw
+    assert (seen["t"].view(64, 4).float().std(1) > 0).float().mean() > 0.9
