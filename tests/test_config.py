@@ -3,6 +3,7 @@ before any work starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,21 @@ def test_cli_validation_error_is_one_line(override, key, tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"dpgen: {key}=") and "Fix:" in last, out.stderr[-2000:]
     assert not (tmp_path / "run" / "stages.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_multirun_over_epsilon(tmp_path):
+    """`python -m dpgen -m privacy.eps=...` runs one job per value, each with its own ledger."""
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.")]
+    env = {**os.environ, "DPGEN_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, "-m", "dpgen", "-m", "privacy.eps=2,8", *overrides,
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    spent = {}
+    for job in ("0", "1"):
+        privacy = json.loads((tmp_path / "sweep" / job / "privacy.json").read_text())
+        spent[privacy["epsilon_target"]] = privacy["epsilon_spent"]
+        assert (tmp_path / "sweep" / job / "metrics.json").exists()
+    assert set(spent) == {2.0, 8.0} and spent[2.0] <= 2.0 < spent[8.0] <= 8.0

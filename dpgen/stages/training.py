@@ -67,8 +67,8 @@ def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callba
     )
 
 
-def _ema(cfg: DictConfig) -> list[Callback]:
-    decay = cfg.method.get("ema_decay")
+def _ema(decay: float | None) -> list[Callback]:
+    """EMA of weights, updated once per optimizer step (= once per logical DP step)."""
     return [EMAWeightAveraging(decay=decay)] if decay else []
 
 
@@ -133,7 +133,7 @@ def pretrain_public(ctx: RunContext) -> None:
     # just a larger batch, so public pretraining uses K=1 and spends its compute on steps.
     module.multiplicity = 1
     data = _relabel_public(ctx)
-    trainer = _trainer(ctx, "pretrain_public", p.steps, _ema(cfg))
+    trainer = _trainer(ctx, "pretrain_public", p.steps, _ema(p.get("ema_decay")))
     trainer.fit(module, _shuffled_loader(data, p.batch_size, cfg.seed))
     save_torch(cache, module.unet.state_dict())
     log.info("pretrain_public: cached %s", cache)
@@ -150,7 +150,7 @@ def train(ctx: RunContext) -> None:
     module = build_module(cfg)
     _init_from_pretraining(ctx, module)
     ckpt_dir = ctx.path("checkpoints")
-    trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg), checkpoint_dir=ckpt_dir)
+    trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg.method.get("ema_decay")), checkpoint_dir=ckpt_dir)
     trainer.fit(module, _shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed),
                 ckpt_path=_resume_path(ckpt_dir))
     _save_final(ctx, module)
@@ -178,7 +178,7 @@ def dp_train(ctx: RunContext) -> None:
     accountant = PrivacyAccountantCallback(ctx.ledger, "dp_train", ctx.privacy_json,
                                            cfg.privacy.log_every_n_steps)
     ckpt_dir = ctx.path("checkpoints")
-    trainer = _trainer(ctx, "dp_train", total, [accountant, *_ema(cfg)], strategy=strategy,
+    trainer = _trainer(ctx, "dp_train", total, [accountant, *_ema(cfg.method.get("ema_decay"))], strategy=strategy,
                        checkpoint_dir=ckpt_dir)
     data = PoissonDataModule(ctx.train_set, strategy.dp_config.sample_rate, steps=max(remaining, 1))
     trainer.fit(module, datamodule=data, ckpt_path=_resume_path(ckpt_dir))
