@@ -13,6 +13,7 @@ events of one step (peak of the running sum), plus what was allocated before the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
@@ -31,7 +32,12 @@ from dpgen.methods.base import DiffusionModule
 from dpgen.models.unet import build_unet
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
-from dpgen.privacy.strategy import add_gaussian_noise, assert_dp_compatible, clipped_gradient_sum
+from dpgen.privacy.strategy import (
+    CLIPPING_MODES,
+    add_gaussian_noise,
+    assert_dp_compatible,
+    clipped_gradient_sum,
+)
 
 log = logging.getLogger("dpgen.bench")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -103,8 +109,8 @@ class StepPair:
     """A non-private and a DP-SGD step of one module on one fixed batch."""
 
     def __init__(self, module: DiffusionModule, batch: list[Tensor], clip: float, noise_multiplier: float,
-                 precision: str) -> None:
-        self.module, self.batch = module, batch
+                 precision: str, clipping: str) -> None:
+        self.module, self.batch, self.clipping = module, batch, clipping
         self.optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-4)
         self.clip, self.std = clip, noise_multiplier * clip
         self.generator = fresh_generator(batch[0].device)
@@ -128,7 +134,7 @@ class StepPair:
         try:
             with self._context():
                 grad_sum, _ = clipped_gradient_sum(engine, self.module.per_example_loss, self.batch,
-                                                   self.clip, max_physical_batch=len(self.batch[0]))
+                                                   self.clip, len(self.batch[0]), self.clipping)
         finally:
             engine.remove()
         add_gaussian_noise(grad_sum, self.std, self.generator)
@@ -175,6 +181,9 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dpgen.bench: bench.device=cuda but no CUDA device is visible. Fix: bench.device=cpu")
+    for clipping in cfg.clipping:
+        if clipping not in CLIPPING_MODES:
+            raise SystemExit(f"dpgen.bench: bench.clipping: unknown {clipping!r}. Fix: one of {CLIPPING_MODES}")
     for trainable in cfg.trainable:
         if trainable not in TRAINABLE_SETS:
             raise SystemExit(f"dpgen.bench: bench.trainable: unknown {trainable!r}. Fix: one of {TRAINABLE_SETS}")
@@ -185,12 +194,13 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     batch = [images.to(device), labels.to(device)]
     for model_name in cfg.models:
         for trainable in cfg.trainable:
-            for k in cfg.multiplicities:
+            for clipping, k in itertools.product(cfg.clipping, cfg.multiplicities):
                 module = build_module(model_name, trainable, k, cfg, device)
                 total = sum(p.numel() for p in module.parameters())
                 n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
-                pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision=str(cfg.precision))
-                row = {"config": f"{model_name}/{trainable}", "K": k, "B": cfg.batch_size,
+                pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision=str(cfg.precision),
+                                clipping=clipping)
+                row = {"config": f"{model_name}/{trainable}/{clipping}", "K": k, "B": cfg.batch_size,
                        "image_size": cfg.image_size, "channels": cfg.channels, "device": str(device),
                        "precision": str(cfg.precision), "threads": torch.get_num_threads(),
                        "total_parameters": total, "trainable_parameters": n_train}

@@ -8,6 +8,7 @@ from dpgen.data import validate_data_config, validate_public_config
 from dpgen.errors import ConfigError
 from dpgen.methods import METHODS
 from dpgen.models.unet import validate_model_config
+from dpgen.privacy.strategy import CLIPPING_MODES
 from dpgen.stages import STAGES
 
 ACCOUNTANTS = ("pld", "rdp", "prv")
@@ -64,3 +65,6 @@ def validate_config(cfg: DictConfig) -> None:
         if p.accountant not in ACCOUNTANTS:
             raise ConfigError("privacy.accountant", p.accountant, "unknown accountant",
                               f"use one of {', '.join(ACCOUNTANTS)}")
+        if p.clipping not in CLIPPING_MODES:
+            raise ConfigError("privacy.clipping", p.clipping, "unknown clipping mode",
+                              f"use one of {', '.join(CLIPPING_MODES)}")

@@ -12,9 +12,13 @@ from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
 from dpgen.privacy.strategy import DPSGDConfig
 
 
-def _config(n: int = 40, q: float = 0.2, clip: float = 0.5, physical: int = 64, sigma: float = 1.0):
+def _config(n: int = 40, q: float = 0.2, clip: float = 0.5, physical: int = 64, sigma: float = 1.0,
+            clipping: str = "materialize"):
     return DPSGDConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q, dataset_size=n,
-                       max_physical_batch=physical)
+                       max_physical_batch=physical, clipping=clipping)
+
+
+BOTH_MODES = pytest.mark.parametrize("clipping", ["materialize", "ghost"])
 
 
 def _assert_close(update, reference, lr=1.0):
@@ -30,23 +34,25 @@ def _per_example_norms(k: int, batch) -> torch.Tensor:
         for i in range(len(batch[0]))])
 
 
+@BOTH_MODES
 @pytest.mark.parametrize("k", [1, 4])
-def test_update_equals_explicit_per_example_reference(k):
+def test_update_equals_explicit_per_example_reference(k, clipping):
     batch = make_batch(6)
     # Clip at the median norm so some examples are clipped and some are not: a missing clip,
     # or a clip that also scales small gradients up, both change the update.
     norms = _per_example_norms(k, batch)
     clip = norms.median().item()
     assert (norms > clip * 1.01).any() and (norms < clip * 0.99).any()
-    cfg = _config(clip=clip)
+    cfg = _config(clip=clip, clipping=clipping)
     ref = reference_update(TinyDPModule(k), batch, cfg.max_grad_norm, cfg.expected_batch_size)
     update = one_dp_step(TinyDPModule(k), batch, cfg)
     _assert_close(update, ref)
 
 
-def test_k_copies_are_averaged_before_clipping():
+@BOTH_MODES
+def test_k_copies_are_averaged_before_clipping(clipping):
     """Clipping each copy separately and averaging gives a different (wrong) update."""
-    cfg = _config()
+    cfg = _config(clipping=clipping)
     batch = make_batch(4)
     module = TinyDPModule(4)
     params = list(module.parameters())
@@ -63,10 +69,11 @@ def test_k_copies_are_averaged_before_clipping():
     assert diff > 1e-3
 
 
-def test_chunking_does_not_change_the_update():
+@BOTH_MODES
+def test_chunking_does_not_change_the_update(clipping):
     batch = make_batch(7)
-    whole = one_dp_step(TinyDPModule(2), batch, _config(physical=64))
-    chunked = one_dp_step(TinyDPModule(2), batch, _config(physical=3))
+    whole = one_dp_step(TinyDPModule(2), batch, _config(physical=64, clipping=clipping))
+    chunked = one_dp_step(TinyDPModule(2), batch, _config(physical=3, clipping=clipping))
     _assert_close(chunked, [-u for u in whole])
 
 
@@ -105,13 +112,14 @@ def test_noise_is_not_reproducible_from_the_run_seed():
     assert not torch.equal(a[0], b[0])
 
 
-def test_frozen_parameters_get_no_per_example_work():
+@BOTH_MODES
+def test_frozen_parameters_get_no_per_example_work(clipping):
     module = TinyDPModule(1)
     module.net.conv.requires_grad_(False)
     engine = PerExampleGradients(module)
     assert all(p.requires_grad for p in engine.params)
     assert module.net.conv not in engine._samplers
-    update = one_dp_step(module, make_batch(4), _config())
+    update = one_dp_step(module, make_batch(4), _config(clipping=clipping))
     assert update[0].abs().max() == 0 and update[1].abs().max() == 0  # conv weight, bias untouched
 
 

@@ -121,6 +121,9 @@ class PerExampleGradients:
         self._pending: dict[int, nn.Module] = {}  # output hooks registered but not yet fired
         self._keys = itertools.count()
         self._batch: int | None = None
+        self._norms_only = False
+        # Squared norm of each example's gradient, summed over layers, in norms-only mode.
+        self.sq_norms: torch.Tensor | None = None
         for module in model.modules():
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
@@ -134,10 +137,16 @@ class PerExampleGradients:
         self._handles.clear()
 
     @contextmanager
-    def capture(self, batch_size: int) -> Iterator[None]:
-        """Record per-example gradients for ``batch_size`` examples (``B*K`` rows)."""
+    def capture(self, batch_size: int, norms_only: bool = False) -> Iterator[None]:
+        """Record per-example gradients for ``batch_size`` examples (``B*K`` rows).
+
+        With ``norms_only``, each layer's per-example gradients are reduced to squared norms
+        as soon as they are formed and then dropped (:attr:`sq_norms`, ``[B]``): memory for
+        one layer at a time instead of ``B*P``, for ghost clipping.
+        """
         self.clear()
         self._batch = batch_size
+        self._norms_only = norms_only
         try:
             yield
         finally:
@@ -146,10 +155,10 @@ class PerExampleGradients:
             self._pending.clear()
             self.clear()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Fill ``p.grad_sample`` for the examples of the forward pass that produced ``loss``."""
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Fill ``p.grad_sample`` (or :attr:`sq_norms`) for the forward pass that produced ``loss``."""
         if self._roots:
-            torch.autograd.grad(loss, self._roots, allow_unused=True)
+            torch.autograd.grad(loss, self._roots, allow_unused=True, retain_graph=retain_graph)
         self._roots.clear()
         if self._pending:
             # Silently zero gradients would hide a bug: an output that never received a
@@ -164,6 +173,7 @@ class PerExampleGradients:
             )
 
     def clear(self) -> None:
+        self.sq_norms = None
         for p in self.params:
             p.grad_sample = None
 
@@ -201,6 +211,11 @@ class PerExampleGradients:
 
     def _accumulate(self, key: int, module: nn.Module, acts: torch.Tensor, backprops: torch.Tensor,
                     batch: int) -> None:
-        self._pending.pop(key, None)
+        if self._pending.pop(key, None) is None:
+            return  # a later backward through a retained graph (ghost clipping's second pass)
         for p, g in self._samplers[module](module, acts, backprops, batch).items():
+            if self._norms_only:
+                sq = g.flatten(1).float().pow(2).sum(1)
+                self.sq_norms = sq if self.sq_norms is None else self.sq_norms + sq
+                continue
             p.grad_sample = g if p.grad_sample is None else p.grad_sample + g

@@ -28,6 +28,7 @@ from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
 
 POISSON_GAUSSIAN = "poisson_subsampled_gaussian"
+CLIPPING_MODES = ("materialize", "ghost")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class DPSGDConfig:
     dataset_size: int  # global N of the sensitive training split
     max_physical_batch: int = 256
     stage: str = "dp_train"
+    clipping: str = "materialize"  # how per-example gradients are clipped; see clipped_gradient_sum
 
     def __post_init__(self) -> None:
         if self.max_grad_norm <= 0:
@@ -48,6 +50,8 @@ class DPSGDConfig:
             raise ValueError(f"sample rate q={self.sample_rate}: must be in (0, 1]")
         if self.noise_multiplier < 0:
             raise ValueError(f"noise multiplier {self.noise_multiplier}: must be >= 0")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"privacy.clipping={self.clipping!r}: must be one of {CLIPPING_MODES}")
         if self.max_physical_batch < 1:
             raise ValueError(f"privacy.max_physical_batch={self.max_physical_batch}: must be >= 1")
 
@@ -66,15 +70,18 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     return batch[start:stop]
 
 
+def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
+    """min(1, C/||g_i||) per example; the tiny constant only guards 0/0 for a zero gradient."""
+    return (max_grad_norm / (sq_norms.sqrt() + 1e-12)).clamp(max=1.0)
+
+
 def clipped_sum(params: list[Tensor], max_grad_norm: float) -> list[Tensor]:
     """Sum over examples of per-example gradients (``p.grad_sample``) clipped to ``max_grad_norm``.
 
     Flat clipping: one norm over all trainable parameters of an example.
     """
     used = [p.grad_sample for p in params if p.grad_sample is not None]
-    sq_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in used]).sum(0)
-    # min(1, C/||g||); the tiny constant only guards 0/0 for an all-zero gradient.
-    factors = (max_grad_norm / (sq_norms.sqrt() + 1e-12)).clamp(max=1.0)
+    factors = clip_factors(torch.stack([g.flatten(1).pow(2).sum(1) for g in used]).sum(0), max_grad_norm)
     return [
         torch.zeros_like(p) if p.grad_sample is None
         else torch.einsum("b,b...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
@@ -83,13 +90,24 @@ def clipped_sum(params: list[Tensor], max_grad_norm: float) -> list[Tensor]:
 
 
 def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable[[Any], Tensor], batch: Any,
-                         max_grad_norm: float, max_physical_batch: int) -> tuple[list[Tensor], Tensor]:
+                         max_grad_norm: float, max_physical_batch: int,
+                         clipping: str = "materialize") -> tuple[list[Tensor], Tensor]:
     """Sum over the batch of per-example gradients clipped to ``max_grad_norm`` (no noise yet).
 
     The batch is processed in physical chunks of ``max_physical_batch`` examples; chunking
-    changes memory only. Returns the clipped sum (one tensor per trainable parameter) and
-    the sum of per-example losses (for display).
+    changes memory only. ``clipping`` chooses how, with the same result:
+
+    - ``materialize``: one backward that leaves every example's gradient (``B*P`` values),
+      then a weighted sum. Fastest; memory grows with B times the trainable parameters.
+    - ``ghost``: a first backward keeps only per-example norms (one layer's gradients at a
+      time), a second backward of the loss reweighted by the clip factors gives the clipped
+      sum directly. About one extra backward pass, no ``B*P`` memory.
+
+    Returns the clipped sum (one tensor per trainable parameter) and the sum of per-example
+    losses (for display).
     """
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"privacy.clipping={clipping!r}: must be one of {CLIPPING_MODES}")
     params = engine.params
     grad_sum = [torch.zeros_like(p) for p in params]
     loss_sum = torch.zeros((), device=params[0].device if params else None)
@@ -97,13 +115,22 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
     for start in range(0, n_local, max_physical_batch):
         chunk = _slice(batch, start, start + max_physical_batch)
         n = _batch_len(chunk)
-        with engine.capture(n):
+        with engine.capture(n, norms_only=clipping == "ghost"):
             losses = per_example_loss(chunk)
             if losses.dim() != 2 or losses.shape[0] != n:
                 raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
             # Mean over the K copies *before* clipping: the engine sums each example's copies.
-            engine.backward(losses.float().mean(1).sum())
-            for acc, g in zip(grad_sum, clipped_sum(params, max_grad_norm)):
+            per_example = losses.float().mean(1)
+            if clipping == "materialize":
+                engine.backward(per_example.sum())
+                clipped = clipped_sum(params, max_grad_norm)
+            else:
+                engine.backward(per_example.sum(), retain_graph=True)
+                factors = clip_factors(engine.sq_norms, max_grad_norm) if engine.sq_norms is not None \
+                    else torch.ones_like(per_example)
+                grads = torch.autograd.grad((factors.detach() * per_example).sum(), params, allow_unused=True)
+                clipped = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            for acc, g in zip(grad_sum, clipped):
                 acc.add_(g)
         loss_sum += losses.detach().float().mean(1).sum()
     return grad_sum, loss_sum
@@ -166,7 +193,8 @@ class _DPSGDMixin:
         cfg = self.dp_config
         with self.precision_plugin.train_step_context():
             grad_sum, loss_sum = clipped_gradient_sum(
-                self._engine, module.per_example_loss, batch, cfg.max_grad_norm, cfg.max_physical_batch)
+                self._engine, module.per_example_loss, batch, cfg.max_grad_norm, cfg.max_physical_batch,
+                cfg.clipping)
         self._add_noise_and_reduce(grad_sum)
         self._dp_grads = [g / cfg.expected_batch_size for g in grad_sum]
         if self.ledger is not None:

@@ -163,7 +163,8 @@ def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy:
     event = next(e for e in ledger.planned if e.stage == stage)
     dp = DPSGDConfig(noise_multiplier=event.noise_multiplier, max_grad_norm=cfg.privacy.clip,
                      sample_rate=event.sample_rate, dataset_size=ledger.dataset_size,
-                     max_physical_batch=cfg.privacy.max_physical_batch, stage=stage)
+                     max_physical_batch=cfg.privacy.max_physical_batch, clipping=cfg.privacy.clipping,
+                     stage=stage)
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     return DPSGDStrategy(dp, ledger=ledger, device=device)
 
