@@ -140,6 +140,7 @@ class Fidelity:
             feature_extractor=self.extractor.name,
             feature_extractor_weights_path=str(self.extractor.weights_path),
             kid_subsets=s["kid_subsets"], kid_subset_size=min(s["kid_subset_size"], len(g), len(r)),
+            isc_splits=min(10, len(g)),  # torch-fidelity's 10 splits need at least 10 images
             prc_neighborhood=s["prc_neighborhood"],
             # No worker processes for small in-memory sets, no downloads, no chatter (the stage
             # logs the results).
