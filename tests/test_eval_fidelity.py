@@ -36,7 +36,8 @@ def digits():
     """Real digits as uint8 [N, 3, 16, 16]: A and B disjoint draws, C = B shifted 3 pixels right."""
     data = build_dataset({"name": "mnist5k", "root": None, "image_size": 16, "channels": 1,
                           "num_classes": 10, "split_seed": 0, "test_size": 1000}, "train")
-    u8 = ((data.images[:400] + 1) * 127.5).round().to(torch.uint8)
+    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:400]  # the split is class-sorted
+    u8 = ((data.images[picked] + 1) * 127.5).round().to(torch.uint8)
     a, b = u8[:200], u8[200:]
     return {"A": a, "B": b, "C": torch.roll(b, shifts=3, dims=-1)}
 

@@ -3,7 +3,7 @@
 Training and testing are separate functions on purpose. :func:`train_classifiers` receives the
 training images only; early stopping and the choice of epoch use a validation split carved
 from *those* images (the synthetic samples, for a generator's utility). The held-out real
-split reaches :func:`test_accuracy` alone, which reads it in one pass for the final numbers.
+split reaches :func:`final_accuracy` alone, which reads it in one pass for the final numbers.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def train_classifiers(images: Tensor, labels: Tensor, num_classes: int, names: S
     return [train_classifier(images, labels, num_classes, n, settings, seed, progress) for n in names]
 
 
-def test_accuracy(classifiers: Sequence[TrainedClassifier], test_set: Dataset) -> dict[str, float]:
+def final_accuracy(classifiers: Sequence[TrainedClassifier], test_set: Dataset) -> dict[str, float]:
     """Accuracy of each classifier on ``test_set`` and their ``mean``, in a single pass over it."""
     correct = dict.fromkeys((c.name for c in classifiers), 0)
     total = 0

@@ -17,7 +17,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from dpgen.eval.downstream import TrainedClassifier, TrainSettings, test_accuracy, train_classifiers
+from dpgen.eval.downstream import (
+    TrainedClassifier,
+    TrainSettings,
+    final_accuracy,
+    train_classifiers,
+)
 from dpgen.eval.fidelity import Fidelity, FidelityImages, resolve_extractor
 from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.io import write_json
@@ -49,7 +54,7 @@ def _real_classifiers(ctx: RunContext, held_out: Dataset) -> dict[str, float]:
         train = ctx.train_set
         images = torch.stack([train[i][0] for i in range(len(train))])
         labels = torch.tensor([train[i][1] for i in range(len(train))])
-        return test_accuracy(_downstream(ctx, images, labels), held_out)
+        return final_accuracy(_downstream(ctx, images, labels), held_out)
 
     key = {"data": _plain(cfg.data), "downstream": _plain(cfg.eval.downstream), "seed": cfg.seed}
     return cached_reference(cfg.eval.cache_dir, "downstream", key, compute)
@@ -104,7 +109,7 @@ def evaluate(ctx: RunContext) -> None:
         "num_samples": len(labels),
     }
     if trained:
-        metrics["downstream_accuracy"] = test_accuracy(trained, held_out)
+        metrics["downstream_accuracy"] = final_accuracy(trained, held_out)
         metrics["downstream_val_accuracy"] = {c.name: c.val_accuracy for c in trained}
         metrics["downstream_best_epoch"] = {c.name: c.best_epoch for c in trained}
         log.info("evaluate: downstream accuracy on held-out real data: %s",
