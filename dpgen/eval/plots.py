@@ -39,13 +39,15 @@ def _private_lines(ax: Any, rows: Rows, key: str, scale: float) -> int:
                          statistics.fmean(scale * r[key] for r in g),
                          statistics.pstdev(scale * r[key] for r in g)) for g in groups.values())
         xs, ys, errs = zip(*series)
-        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=method)
+        repeated = any(len(g) > 1 for g in groups.values())
+        ax.errorbar(xs, ys, yerr=errs if repeated else None, marker="o", capsize=3,
+                    label=f"{method} (mean ± sd of repeats)" if repeated else method)
     return len(points)
 
 
-def _ceiling(ax: Any, value: float | None, label: str, style: str, color: str) -> None:
+def _ceiling(ax: Any, value: float | None, label: str, style: str, color: str, unit: str = "") -> None:
     if value is not None:
-        ax.axhline(value, linestyle=style, color=color, linewidth=1.5, label=f"{label}: {value:.3g}")
+        ax.axhline(value, linestyle=style, color=color, linewidth=1.5, label=f"{label}: {value:.3g}{unit}")
 
 
 def _axes(title: str, ylabel: str, rows: Rows) -> tuple[Figure, Any]:
@@ -57,6 +59,7 @@ def _axes(title: str, ylabel: str, rows: Rows) -> tuple[Figure, Any]:
     ax.set_xlabel(f"ε, privacy budget spent (log scale{delta})")
     ax.set_ylabel(ylabel)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.grid(True, which="major", alpha=0.3)
     return fig, ax
@@ -65,7 +68,10 @@ def _axes(title: str, ylabel: str, rows: Rows) -> tuple[Figure, Any]:
 def _finish(ax: Any, n_private: int) -> None:
     if not n_private:
         ax.set_xlim(0.1, 100)  # only ceilings: give the log axis a sensible span
-    ax.legend(loc="best", fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    # Methods first, then the reference lines (matplotlib lists plain lines before error bars).
+    order = sorted(range(len(labels)), key=lambda i: not hasattr(handles[i], "lines"))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="best", fontsize="small")
 
 
 def accuracy_figure(rows: Rows) -> Figure:
@@ -74,9 +80,9 @@ def accuracy_figure(rows: Rows) -> Figure:
                     "accuracy on held-out real data (%)", rows)
     n = _private_lines(ax, rows, "accuracy_mean", 100.0)
     nonprivate = [100 * r["accuracy_mean"] for r in rows if not r["private"] and r["accuracy_mean"] is not None]
-    _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black")
+    _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black", "%")
     real = [100 * r["accuracy_real_mean"] for r in rows if r["accuracy_real_mean"] is not None]
-    _ceiling(ax, _mean(real), "classifiers trained on real data", ":", "grey")
+    _ceiling(ax, _mean(real), "classifiers trained on real data", ":", "grey", "%")
     _finish(ax, n)
     return fig
 
