@@ -28,6 +28,7 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
     """``cfg`` is the ``eval`` node; ``num_samples`` is how many samples the sample stage writes."""
     e = to_plain(cfg, "eval")
     _optional_positive(e, "eval", "num_samples")
+    _optional_positive(e, "eval", "num_threads")
     if (e.get("num_samples") or 0) > num_samples:
         raise ConfigError("eval.num_samples", e["num_samples"], f"exceeds sample.num_samples={num_samples}",
                           f"use at most {num_samples}, or null for all")

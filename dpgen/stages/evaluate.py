@@ -25,6 +25,7 @@ from dpgen.eval.downstream import (
 )
 from dpgen.eval.fidelity import Fidelity, FidelityImages, resolve_extractor
 from dpgen.eval.reference import NOTE, cached_reference
+from dpgen.eval.threads import cpu_threads
 from dpgen.io import write_json
 from dpgen.stages.sample import from_uint8_hwc
 from dpgen.stages.training import build_module
@@ -87,8 +88,15 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
 
 
 def evaluate(ctx: RunContext) -> None:
-    cfg, e = ctx.cfg, ctx.cfg.eval
     start = time.time()
+    with cpu_threads(ctx.cfg.eval.num_threads):
+        metrics = _evaluate(ctx)
+    metrics["evaluate_wall_s"] = time.time() - start
+    write_json(ctx.path("metrics.json"), metrics)
+
+
+def _evaluate(ctx: RunContext) -> dict[str, Any]:
+    cfg, e = ctx.cfg, ctx.cfg.eval
     with np.load(ctx.path("samples.npz")) as z:
         stored, labels = z["images"][: e.num_samples], torch.from_numpy(z["labels"][: e.num_samples])
     samples = torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous()  # uint8 [N, C, H, W]
@@ -129,7 +137,6 @@ def evaluate(ctx: RunContext) -> None:
         "trainable_parameters": sum(p.numel() for p in module.unet.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in module.unet.parameters()),
         "train_wall_s": sum(ctx.wall_s.get(n, 0.0) for n in trainable),
-        "evaluate_wall_s": time.time() - start,
         "total_wall_s": sum(ctx.wall_s.values()),
     })
-    write_json(ctx.path("metrics.json"), metrics)
+    return metrics
