@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast lint format clean
+.PHONY: install run test test-fast bench lint format clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ test: install  ## the whole suite (slow end-to-end checks included)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install  ## DP-SGD step vs non-private step, time and memory (outputs/bench.json)
+	$(BIN)/python -m dpgen.bench $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -37,9 +37,10 @@ class TinyDPModule(LightningModule):
 
     def copies_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b, k = len(x), self.k
-        xs = x.repeat_interleave(k, 0) + 0.3 * torch.arange(k).repeat(b)[:, None, None, None]
-        out = self.net(xs, y.repeat_interleave(k, 0))
-        return out.pow(2).sum(1).mul(3.0).view(b, k)  # large enough that clipping bites
+        # Copy-major rows (row c*B + i is copy c of example i), as the strategy expects.
+        xs = x.repeat(k, 1, 1, 1) + 0.3 * torch.arange(k).repeat_interleave(b)[:, None, None, None]
+        out = self.net(xs, y.repeat(k))
+        return out.pow(2).sum(1).mul(3.0).view(k, b).T  # large enough that clipping bites
 
     def per_example_loss(self, batch):
         return self.copies_loss(batch[0], batch[1])

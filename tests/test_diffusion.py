@@ -65,10 +65,10 @@ def test_per_example_loss_shape_and_label_dropout_once_per_example():
     y = torch.randint(0, 3, (64,))
     loss = module.per_example_loss([x, y])
     assert loss.shape == (64, 4)
-    labels = seen["labels"].view(64, 4)
+    labels = seen["labels"].view(4, 64).T  # copy-major rows: row c*B + i is copy c of example i
     assert (labels == labels[:, :1]).all(), "the K copies of an example must share its label"
     dropped = labels[:, 0] == module.null_label
     assert 10 < dropped.sum() < 54  # about half, decided per example
     assert (labels[~dropped, 0] == y[~dropped]).all()
     # the copies get their own timesteps (noise multiplicity), not one shared draw
-    assert (seen["t"].view(64, 4).float().std(1) > 0).float().mean() > 0.9
+    assert (seen["t"].view(4, 64).T.float().std(1) > 0).float().mean() > 0.9

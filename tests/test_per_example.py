@@ -21,20 +21,76 @@ def test_unet_per_example_gradients_match_explicit_loop(k):
     b = 4
     x = torch.randn(b * k, 1, 8, 8)
     t = torch.randint(0, 1000, (b * k,))
-    y = torch.randint(0, 4, (b,)).repeat_interleave(k)
+    y = torch.randint(0, 4, (b,)).repeat(k)  # copy-major rows: row c*b + i is copy c of example i
     target = torch.randn_like(x)
 
     def row_losses(sl):
         return (unet(x[sl], t[sl], class_labels=y[sl]).sample - target[sl]).pow(2).flatten(1).mean(1)
 
+    rows_of = [torch.arange(k) * b + i for i in range(b)]
+
     engine = PerExampleGradients(unet)
     params = engine.params
     with engine.capture(b):
-        torch.autograd.grad(row_losses(slice(None)).view(b, k).mean(1).sum(), params)
+        engine.backward(row_losses(slice(None)).view(k, b).mean(0).sum())
         per_example = [p.grad_sample.clone() for p in params]
     engine.remove()
     for i in range(b):
-        ref = torch.autograd.grad(row_losses(slice(i * k, (i + 1) * k)).mean(), params)
+        ref = torch.autograd.grad(row_losses(rows_of[i]).mean(), params)
         got = torch.cat([g[i].flatten() for g in per_example])
         want = torch.cat([r.flatten() for r in ref])
         assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+class _InPlaceNet(torch.nn.Module):
+    """A layer whose output is modified in place downstream, and an embedding root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(3, 4)
+        self.embed = torch.nn.Embedding(2, 4)
+        self.second = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        h = self.first(x)
+        h.mul_(2.0).add_(self.embed(y))  # in place on a hooked output
+        return self.second(torch.tanh(h)).squeeze(1)
+
+
+def test_engine_matches_loop_without_batch_weight_gradients_even_with_in_place_ops():
+    torch.manual_seed(0)
+    net = _InPlaceNet()
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    engine = PerExampleGradients(net)
+    with engine.capture(5):
+        engine.backward(net(x, y).pow(2).sum())
+        per_example = {p: p.grad_sample.clone() for p in engine.params}
+        assert all(p.grad is None for p in engine.params), "the batch gradient must never be computed"
+    for i in range(5):
+        ref = torch.autograd.grad(net(x[i : i + 1], y[i : i + 1]).pow(2).sum(), engine.params)
+        for p, r in zip(engine.params, ref):
+            torch.testing.assert_close(per_example[p][i], r, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_skips_frozen_layers_and_stops_backward_at_the_first_trainable_one():
+    torch.manual_seed(0)
+    net = _InPlaceNet()
+    net.first.requires_grad_(False)
+    net.embed.requires_grad_(False)
+    engine = PerExampleGradients(net)
+    assert set(engine.params) == set(net.second.parameters())
+    with engine.capture(5):
+        engine.backward(net(torch.randn(5, 3), torch.randint(0, 2, (5,))).sum())
+        assert net.second.weight.grad_sample.shape == (5, 1, 4)
+        assert all(getattr(p, "grad_sample", None) is None for p in (*net.first.parameters(), net.embed.weight))
+
+
+def test_engine_refuses_a_trainable_layer_whose_output_gets_no_gradient():
+    net = _InPlaceNet()
+    unused = torch.nn.Linear(3, 3)
+    net.unused = unused
+    original = net.forward
+    net.forward = lambda x, y: (unused(x), original(x, y))[1]
+    engine = PerExampleGradients(net)
+    with engine.capture(2), pytest.raises(ValueError, match="received no gradient"):
+        engine.backward(net(torch.randn(2, 3), torch.randint(0, 2, (2,))).sum())

@@ -2,7 +2,7 @@
 
 ``per_example_loss`` is the one contract with the DP strategy: a loss of shape ``[B, K]``,
 one row per example and one column per augmentation/noise copy, computed from ``B*K`` model
-rows in which each example's copies are consecutive. The non-private ``training_step`` is
+rows in copy-major order (row ``k*B + b`` is copy k of example b). The non-private ``training_step`` is
 just its mean, so private and non-private training optimise the same objective.
 """
 
@@ -52,8 +52,8 @@ class DiffusionModule(LightningModule):
         # average a single conditional objective rather than a mix.
         drop = torch.rand(b, device=x.device) < self.label_dropout
         y = torch.where(drop, torch.full_like(y, self.null_label), y)
-        x = x.repeat_interleave(k, 0)
-        y = y.repeat_interleave(k, 0)
+        x = x.repeat(k, 1, 1, 1)
+        y = y.repeat(k)
         if self.hflip:
             flip = torch.rand(len(x), device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -61,7 +61,7 @@ class DiffusionModule(LightningModule):
         t = self.timestep_sampler.sample(len(x)).to(x.device)
         x_t = self.train_scheduler.add_noise(x, noise, t)
         pred = self.unet(x_t, t, class_labels=y).sample
-        return (pred - noise).pow(2).flatten(1).mean(1).view(b, k)
+        return (pred - noise).pow(2).flatten(1).mean(1).view(k, b).T
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.per_example_loss(batch).mean()

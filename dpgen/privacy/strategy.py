@@ -13,6 +13,7 @@ Methods contain no DP arithmetic: they implement ``per_example_loss(batch) -> Te
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,39 @@ def clipped_sum(params: list[Tensor], max_grad_norm: float) -> list[Tensor]:
     ]
 
 
+def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable[[Any], Tensor], batch: Any,
+                         max_grad_norm: float, max_physical_batch: int) -> tuple[list[Tensor], Tensor]:
+    """Sum over the batch of per-example gradients clipped to ``max_grad_norm`` (no noise yet).
+
+    The batch is processed in physical chunks of ``max_physical_batch`` examples; chunking
+    changes memory only. Returns the clipped sum (one tensor per trainable parameter) and
+    the sum of per-example losses (for display).
+    """
+    params = engine.params
+    grad_sum = [torch.zeros_like(p) for p in params]
+    loss_sum = torch.zeros((), device=params[0].device if params else None)
+    n_local = _batch_len(batch)
+    for start in range(0, n_local, max_physical_batch):
+        chunk = _slice(batch, start, start + max_physical_batch)
+        n = _batch_len(chunk)
+        with engine.capture(n):
+            losses = per_example_loss(chunk)
+            if losses.dim() != 2 or losses.shape[0] != n:
+                raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
+            # Mean over the K copies *before* clipping: the engine sums each example's copies.
+            engine.backward(losses.float().mean(1).sum())
+            for acc, g in zip(grad_sum, clipped_sum(params, max_grad_norm)):
+                acc.add_(g)
+        loss_sum += losses.detach().float().mean(1).sum()
+    return grad_sum, loss_sum
+
+
+def add_gaussian_noise(grad_sum: list[Tensor], std: float, generator: torch.Generator) -> None:
+    """Adds N(0, std²) independently to every coordinate of the clipped sum, in place."""
+    for g in grad_sum:
+        g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype), alpha=std)
+
+
 def assert_dp_compatible(module: torch.nn.Module) -> None:
     """Refuse modules that per-example clipping cannot make private, before any training.
 
@@ -128,32 +162,17 @@ class _DPSGDMixin:
     # -- the logical step -----------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Tensor:
         module = self.lightning_module
-        engine = self._engine
-        assert engine is not None, "DP strategy used before setup"
+        assert self._engine is not None, "DP strategy used before setup"
         cfg = self.dp_config
-        params = engine.params
-        grad_sum = [torch.zeros_like(p) for p in params]
-        loss_sum = torch.zeros((), device=self.root_device)
-        n_local = _batch_len(batch)
         with self.precision_plugin.train_step_context():
-            for start in range(0, n_local, cfg.max_physical_batch):
-                chunk = _slice(batch, start, start + cfg.max_physical_batch)
-                n = _batch_len(chunk)
-                with engine.capture(n):
-                    losses = module.per_example_loss(chunk)
-                    if losses.dim() != 2 or losses.shape[0] != n:
-                        raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
-                    # Mean over the K copies *before* clipping: the hooks sum rows per example.
-                    torch.autograd.grad(losses.float().mean(1).sum(), params, allow_unused=True)
-                    for acc, g in zip(grad_sum, clipped_sum(params, cfg.max_grad_norm)):
-                        acc.add_(g)
-                    engine.clear()
-                loss_sum += losses.detach().float().mean(1).sum()
+            grad_sum, loss_sum = clipped_gradient_sum(
+                self._engine, module.per_example_loss, batch, cfg.max_grad_norm, cfg.max_physical_batch)
         self._add_noise_and_reduce(grad_sum)
         self._dp_grads = [g / cfg.expected_batch_size for g in grad_sum]
         if self.ledger is not None:
             self.ledger.record(cfg.stage, POISSON_GAUSSIAN, cfg.noise_multiplier, cfg.sample_rate, 1)
         # The mean loss is for progress display only; it never feeds a decision.
+        n_local = _batch_len(batch)
         mean_loss = loss_sum / max(n_local, 1)
         module.log("train/loss", mean_loss, prog_bar=True, batch_size=max(n_local, 1))
         return mean_loss.detach().requires_grad_()
@@ -165,9 +184,7 @@ class _DPSGDMixin:
         if rank == 0 and self._noise_enabled and cfg.noise_multiplier > 0:
             if self.noise_generator is None:
                 self.noise_generator = fresh_generator(self.root_device)
-            std = cfg.noise_multiplier * cfg.max_grad_norm
-            for g in grad_sum:
-                g.add_(torch.randn(g.shape, generator=self.noise_generator, device=g.device, dtype=g.dtype), alpha=std)
+            add_gaussian_noise(grad_sum, cfg.noise_multiplier * cfg.max_grad_norm, self.noise_generator)
         if distributed:
             # One noise draw for the step: rank 0's noise plus every rank's clipped sum.
             flat = torch.cat([g.flatten() for g in grad_sum])

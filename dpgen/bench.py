@@ -1,0 +1,234 @@
+"""``python -m dpgen.bench`` (``make bench``): what privacy costs per training step.
+
+For each model and trainable set, and each multiplicity K, one process times a non-private
+step and a DP-SGD step on the *same* B·K images (the method's real per-example loss, the
+strategy's real clipped sum, noise and optimizer step), interleaved so that machine noise
+hits both alike, and measures the peak memory of each. It prints the ratios and writes
+them to ``bench.output`` (``outputs/bench.json``) as a list of rows.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the profiler's allocation
+events of one step (peak of the running sum), plus what was allocated before the step
+(parameters, optimizer state, the batch), so both numbers are totals.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from diffusers.models.attention_processor import Attention
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from dpgen.io import write_json
+from dpgen.methods.base import DiffusionModule
+from dpgen.models.unet import build_unet
+from dpgen.privacy.mechanisms import fresh_generator
+from dpgen.privacy.per_example import PerExampleGradients
+from dpgen.privacy.strategy import add_gaussian_noise, assert_dp_compatible, clipped_gradient_sum
+
+log = logging.getLogger("dpgen.bench")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TRAINABLE_SETS = ("full", "attention_only")
+
+
+def load_model_config(name: str) -> dict:
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise SystemExit(f"dpgen.bench: bench.models: unknown model {name!r}. Fix: one of {known}")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def restrict_to_attention(module: torch.nn.Module) -> None:
+    """Freeze everything but the attention blocks (their norms and projections)."""
+    module.requires_grad_(False)
+    blocks = [m for m in module.modules() if isinstance(m, Attention)]
+    if not blocks:
+        raise SystemExit("dpgen.bench: attention_only needs a model with attention blocks")
+    for block in blocks:
+        block.requires_grad_(True)
+
+
+def build_module(model_name: str, trainable: str, k: int, cfg: DictConfig, device: torch.device) -> DiffusionModule:
+    torch.manual_seed(0)
+    unet = build_unet(load_model_config(model_name), cfg.image_size, cfg.channels, cfg.num_classes)
+    module = DiffusionModule(unet, cfg.num_classes, {"num_train_timesteps": 1000, "beta_schedule": "linear"},
+                             {"kind": "uniform"}, lr=1e-4, multiplicity=k, label_dropout=0.1)
+    if trainable == "attention_only":
+        restrict_to_attention(module)
+    return module.to(device)
+
+
+def _tensor_bytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _persistent_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: list[Tensor]) -> int:
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+    return _tensor_bytes(list(module.parameters()) + state + batch)
+
+
+def peak_memory_bytes(step: Callable[[], None], module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      batch: list[Tensor], device: torch.device) -> int:
+    """Peak bytes allocated while ``step`` runs, counting what already existed."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    before = _persistent_bytes(module, optimizer, batch)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # The public event list nets allocations inside each op; the raw events keep every
+    # allocation and free in order, which is what a peak needs.
+    running = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+            running += event.nbytes()
+            peak = max(peak, running)
+    return before + peak
+
+
+class StepPair:
+    """A non-private and a DP-SGD step of one module on one fixed batch."""
+
+    def __init__(self, module: DiffusionModule, batch: list[Tensor], clip: float, noise_multiplier: float,
+                 precision: str) -> None:
+        self.module, self.batch = module, batch
+        self.optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+        self.clip, self.std = clip, noise_multiplier * clip
+        self.generator = fresh_generator(batch[0].device)
+        self.autocast = precision == "bf16"
+        assert_dp_compatible(module)
+
+    def _context(self) -> Any:
+        return torch.autocast(self.batch[0].device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def nonprivate(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._context():
+            loss = self.module.per_example_loss(self.batch).float().mean()
+        loss.backward()
+        self.optimizer.step()
+
+    def private(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        # Hooks live only for the DP step, as in training: a non-private run has none.
+        engine = PerExampleGradients(self.module)
+        try:
+            with self._context():
+                grad_sum, _ = clipped_gradient_sum(engine, self.module.per_example_loss, self.batch,
+                                                   self.clip, max_physical_batch=len(self.batch[0]))
+        finally:
+            engine.remove()
+        add_gaussian_noise(grad_sum, self.std, self.generator)
+        for p, g in zip(engine.params, grad_sum):
+            p.grad = g / len(self.batch[0])  # stands in for q·N; the cost is the same
+        self.optimizer.step()
+
+
+def _timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(pair: StepPair, warmup: int, repeats: int, device: torch.device) -> dict:
+    times: dict[str, list[float]] = {"nonprivate": [], "private": []}
+    for i in range(warmup + repeats):
+        # Alternate which goes first, so drift (thermal, other load) hits both alike.
+        order = ("nonprivate", "private") if i % 2 == 0 else ("private", "nonprivate")
+        for name in order:
+            elapsed = _timed(getattr(pair, name), device)
+            if i >= warmup:
+                times[name].append(elapsed)
+    mem = {name: peak_memory_bytes(getattr(pair, name), pair.module, pair.optimizer, pair.batch, device)
+           for name in ("nonprivate", "private")}
+    np_s, dp_s = statistics.median(times["nonprivate"]), statistics.median(times["private"])
+    mb = 2**20
+    return {
+        "dp_step_s": dp_s, "dp_step_min_s": min(times["private"]), "dp_step_max_s": max(times["private"]),
+        "nonprivate_step_s": np_s, "nonprivate_step_min_s": min(times["nonprivate"]),
+        "nonprivate_step_max_s": max(times["nonprivate"]),
+        "time_ratio": dp_s / np_s,
+        "dp_peak_mb": mem["private"] / mb, "nonprivate_peak_mb": mem["nonprivate"] / mb,
+        "memory_ratio": mem["private"] / mem["nonprivate"],
+        "privacy_memory_overhead_mb": (mem["private"] - mem["nonprivate"]) / mb,
+    }
+
+
+def run_bench(cfg: DictConfig) -> list[dict]:
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("dpgen.bench: bench.device=cuda but no CUDA device is visible. Fix: bench.device=cpu")
+    for trainable in cfg.trainable:
+        if trainable not in TRAINABLE_SETS:
+            raise SystemExit(f"dpgen.bench: bench.trainable: unknown {trainable!r}. Fix: one of {TRAINABLE_SETS}")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g)
+    batch = [images.to(device), labels.to(device)]
+    for model_name in cfg.models:
+        for trainable in cfg.trainable:
+            for k in cfg.multiplicities:
+                module = build_module(model_name, trainable, k, cfg, device)
+                total = sum(p.numel() for p in module.parameters())
+                n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+                pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision=str(cfg.precision))
+                row = {"config": f"{model_name}/{trainable}", "K": k, "B": cfg.batch_size,
+                       "image_size": cfg.image_size, "channels": cfg.channels, "device": str(device),
+                       "precision": str(cfg.precision), "threads": torch.get_num_threads(),
+                       "total_parameters": total, "trainable_parameters": n_train}
+                row.update(measure(pair, cfg.warmup, cfg.repeats, device))
+                log.info("%s K=%d: time x%.2f (DP %.3fs, non-private %.3fs), memory x%.2f (%.0f / %.0f MB)",
+                         row["config"], k, row["time_ratio"], row["dp_step_s"], row["nonprivate_step_s"],
+                         row["memory_ratio"], row["dp_peak_mb"], row["nonprivate_peak_mb"])
+                rows.append(row)
+                del module, pair
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| config | params (trainable) | B, K | non-private s | DP s [min–max] | time × "
+            "| non-private MB | DP MB | memory × | DP overhead MB |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['total_parameters'] / 1e6:.2f}M ({r['trainable_parameters'] / 1e6:.2f}M) "
+            f"| {r['B']}, {r['K']} | {r['nonprivate_step_s']:.3f} "
+            f"| {r['dp_step_s']:.3f} [{r['dp_step_min_s']:.3f}–{r['dp_step_max_s']:.3f}] | {r['time_ratio']:.2f} "
+            f"| {r['nonprivate_peak_mb']:.0f} | {r['dp_peak_mb']:.0f} | {r['memory_ratio']:.2f} "
+            f"| {r['privacy_memory_overhead_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    bench = cfg.bench
+    if bench.get("threads"):
+        torch.set_num_threads(int(bench.threads))
+    rows = run_bench(bench)
+    write_json(Path(bench.output), rows)
+    print(format_table(rows))
+    print(f"written to {bench.output}")
+
+
+if __name__ == "__main__":
+    main()
