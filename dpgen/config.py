@@ -6,6 +6,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import validate_data_config, validate_public_config
 from dpgen.errors import ConfigError
+from dpgen.eval.config import validate_eval_config
+from dpgen.loggers import validate_logger_config
 from dpgen.methods import METHODS
 from dpgen.models.unet import validate_model_config
 from dpgen.privacy.strategy import CLIPPING_MODES
@@ -48,8 +50,10 @@ def validate_config(cfg: DictConfig) -> None:
                           f"use stages from {sorted(STAGES)}")
     for key in ("method.train.steps", "method.train.batch_size", "method.pretrain_public.steps",
                 "method.pretrain_public.batch_size", "method.multiplicity", "sample.num_samples",
-                "sample.steps", "sample.batch_size", "eval.epochs", "privacy.max_physical_batch"):
+                "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
+    validate_eval_config(cfg.eval, cfg.sample.num_samples)
+    validate_logger_config(cfg.logger)
 
     if "dp_train" in m.stages:
         _check_dp_model(cfg)

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from dpgen.data import build_dataset
 from dpgen.io import write_json
+from dpgen.loggers import experiment, log_results
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.stages import STAGES
 from dpgen.stages.planning import plan_privacy
@@ -85,19 +86,21 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
     state = _load_state(run_dir)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, wall_s=state["wall_s"])
     ctx.ledger = plan_privacy(ctx)
-    for name in cfg.method.stages:
-        if name in state["completed"]:
-            log.info("stage %s: already complete, skipping", name)
-            continue
-        log.info("stage %s: starting", name)
-        t0 = time.time()
-        STAGES[name](ctx)
-        ctx.wall_s[name] = ctx.wall_s.get(name, 0.0) + time.time() - t0
-        state["completed"].append(name)
-        state["wall_s"] = ctx.wall_s
-        write_json(run_dir / "stages.json", state)
-        log.info("stage %s: done in %.1f s", name, time.time() - t0)
-    _record_total_wall(ctx)
+    with experiment(cfg, run_dir):
+        for name in cfg.method.stages:
+            if name in state["completed"]:
+                log.info("stage %s: already complete, skipping", name)
+                continue
+            log.info("stage %s: starting", name)
+            t0 = time.time()
+            STAGES[name](ctx)
+            ctx.wall_s[name] = ctx.wall_s.get(name, 0.0) + time.time() - t0
+            state["completed"].append(name)
+            state["wall_s"] = ctx.wall_s
+            write_json(run_dir / "stages.json", state)
+            log.info("stage %s: done in %.1f s", name, time.time() - t0)
+        _record_total_wall(ctx)
+        log_results(cfg, run_dir)
     log.info("run finished in %.1f s; results in %s", time.time() - start, run_dir.resolve())
     return ctx
 

@@ -52,6 +52,11 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     ("method.multiplicity=0", "method.multiplicity"),
     ("data.image_size=10", "data.image_size"),
     ("data.name=imagenet1k", "data.name"),
+    ("eval.fid.metrics=[fid,lpips]", "eval.fid.metrics"),
+    ("eval.fid.weights_path=/nonexistent/inception.pth", "eval.fid.weights_path"),
+    ("eval.downstream.classifiers=[cnn,vit]", "eval.downstream.classifiers"),
+    ("eval.downstream.val_fraction=0", "eval.downstream.val_fraction"),
+    ("eval.num_samples=100000", "eval.num_samples"),
 ])
 def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:
@@ -133,3 +138,8 @@ def test_cli_multirun_over_epsilon(tmp_path):
         spent[privacy["epsilon_target"]] = privacy["epsilon_spent"]
         assert (tmp_path / "sweep" / job / "metrics.json").exists()
     assert set(spent) == {2.0, 8.0} and spent[2.0] <= 2.0 < spent[8.0] <= 8.0
+    # The sweep ends with its report (SweepReport, a Hydra callback).
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert report.count("| dpdm |") == 2
+    for name in ("report.csv", "accuracy_vs_epsilon.png", "fid_vs_epsilon.png"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 0, name

@@ -12,7 +12,8 @@ from dpgen.pipeline import run_pipeline
 from dpgen.privacy.ledger import MechanismEvent, compute_epsilon
 
 DESIGN_METRICS_KEYS = {"method", "epsilon", "delta", "num_samples", "downstream_accuracy",
-                       "trainable_parameters", "total_parameters", "train_wall_s", "total_wall_s"}
+                       "trainable_parameters", "total_parameters", "train_wall_s", "total_wall_s",
+                       "fid", "fid_feature_extractor", "kid_mean", "precision", "recall"}
 DESIGN_PRIVACY_KEYS = {"delta", "epsilon_target", "epsilon_spent", "accountant", "epsilon_by_accountant",
                        "dataset_size", "neighbouring", "events"}
 
@@ -26,7 +27,9 @@ def _check_run_dir(run_dir, num_samples=20, num_classes=10):
         assert np.bincount(z["labels"], minlength=num_classes).tolist() == [num_samples // num_classes] * 10
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) >= DESIGN_METRICS_KEYS
+    assert set(metrics["downstream_accuracy"]) == {"cnn", "resnet", "mlp", "mean"}
     assert 0.0 <= metrics["downstream_accuracy"]["mean"] <= 1.0
+    assert metrics["fid_feature_extractor"] == "glyphnet-v1"
     assert not list(run_dir.rglob("*.tmp")), "a temporary file was left behind"
     return metrics
 

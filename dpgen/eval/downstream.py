@@ -1,13 +1,17 @@
-"""Downstream utility: train on labelled synthetic images, test once on held-out real images.
+"""Downstream utility: train classifiers on labelled images, test them once on held-out real images.
 
-Model choice (early stopping) uses a validation split carved from the *synthetic* data only;
-the real held-out split is read exactly once, for the final number.
+Training and testing are separate functions on purpose. :func:`train_classifiers` receives the
+training images only; early stopping and the choice of epoch use a validation split carved
+from *those* images (the synthetic samples, for a generator's utility). The held-out real
+split reaches :func:`final_accuracy` alone, which reads it in one pass for the final numbers.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,11 +21,26 @@ from tqdm.auto import tqdm
 from dpgen.models.classifiers import build_classifier
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 1e-3
+    val_fraction: float = 0.1
+    patience: int | None = None  # epochs without validation gain before stopping; None = never
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> TrainSettings:
+        return cls(**{k: cfg[k] for k in ("epochs", "batch_size", "lr", "val_fraction", "patience")})
+
+
 @dataclass
-class DownstreamResult:
-    accuracy: float
-    val_accuracy: float
+class TrainedClassifier:
+    name: str
+    model: nn.Module
+    val_accuracy: float  # on the validation split carved from the training images
     best_epoch: int
+    epochs_run: int
 
 
 def _accuracy(model: nn.Module, loader: DataLoader) -> float:
@@ -34,40 +53,55 @@ def _accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / max(total, 1)
 
 
-def train_classifier(
-    images: Tensor, labels: Tensor, num_classes: int, classifier: str = "cnn", epochs: int = 8,
-    batch_size: int = 64, lr: float = 1e-3, val_fraction: float = 0.1, seed: int = 0,
-    progress: bool = True,
-) -> tuple[nn.Module, float, int]:
-    """Returns (model at the best synthetic-validation epoch, that accuracy, the epoch)."""
+def train_classifier(images: Tensor, labels: Tensor, num_classes: int, name: str,
+                     settings: TrainSettings, seed: int = 0, progress: bool = True) -> TrainedClassifier:
+    """The model at its best epoch on a validation split of ``images`` (no other data is seen)."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(images), generator=g)
-    n_val = max(1, int(round(val_fraction * len(images))))
+    n_val = max(1, int(round(settings.val_fraction * len(images))))
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
-    model = build_classifier(classifier, images.shape[1], num_classes)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    train_loader = DataLoader(TensorDataset(images[tr], labels[tr]), batch_size=batch_size,
-                              shuffle=True, generator=g)
+    model = build_classifier(name, images.shape[1], num_classes, images.shape[-1])
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    # drop_last: a final batch of one example would break BatchNorm's training statistics.
+    train_loader = DataLoader(TensorDataset(images[tr], labels[tr]), batch_size=settings.batch_size,
+                              shuffle=True, generator=g, drop_last=len(tr) > settings.batch_size)
     val_loader = DataLoader(TensorDataset(images[val], labels[val]), batch_size=256)
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
-    for epoch in tqdm(range(epochs), desc=f"downstream {classifier}", disable=not progress):
+    best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    bar = tqdm(range(settings.epochs), desc=f"downstream {name}", disable=not progress, leave=False)
+    epoch = 0
+    for epoch in bar:
         model.train()
         for x, y in train_loader:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
         val_acc = _accuracy(model, val_loader)
-        if val_acc > best[0]:
-            best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
-    return model, best[0], best[1]
+        bar.set_postfix(val_acc=f"{val_acc:.3f}")
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
+        elif settings.patience is not None and epoch - best_epoch >= settings.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainedClassifier(name, model, best_acc, best_epoch, epoch + 1)
 
 
-def downstream_accuracy(
-    images: Tensor, labels: Tensor, test_set: Dataset, num_classes: int, **kwargs,
-) -> DownstreamResult:
-    """Train on (images, labels); report accuracy on ``test_set`` (read once, at the end)."""
-    model, val_acc, epoch = train_classifier(images, labels, num_classes, **kwargs)
-    test_acc = _accuracy(model, DataLoader(test_set, batch_size=256))
-    return DownstreamResult(accuracy=test_acc, val_accuracy=val_acc, best_epoch=epoch)
+def train_classifiers(images: Tensor, labels: Tensor, num_classes: int, names: Sequence[str],
+                      settings: TrainSettings, seed: int = 0, progress: bool = True) -> list[TrainedClassifier]:
+    return [train_classifier(images, labels, num_classes, n, settings, seed, progress) for n in names]
+
+
+def final_accuracy(classifiers: Sequence[TrainedClassifier], test_set: Dataset) -> dict[str, float]:
+    """Accuracy of each classifier on ``test_set`` and their ``mean``, in a single pass over it."""
+    correct = dict.fromkeys((c.name for c in classifiers), 0)
+    total = 0
+    with torch.no_grad():
+        for x, y in DataLoader(test_set, batch_size=256):
+            for c in classifiers:
+                correct[c.name] += (c.model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    acc = {name: n / max(total, 1) for name, n in correct.items()}
+    if acc:
+        acc["mean"] = sum(acc.values()) / len(acc)
+    return acc

@@ -1,15 +1,31 @@
-"""Evaluate the samples: downstream accuracy on the held-out real split -> ``metrics.json``."""
+"""Evaluate the samples -> ``metrics.json``: downstream utility and fidelity, with references.
+
+Order matters for honesty. Every choice (classifier weights, early-stopping epoch) is made on
+the synthetic samples first; only then is the held-out real split opened, once, and used for
+final numbers that select nothing.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset
 
-from dpgen.eval.downstream import downstream_accuracy
+from dpgen.eval.downstream import (
+    TrainedClassifier,
+    TrainSettings,
+    final_accuracy,
+    train_classifiers,
+)
+from dpgen.eval.fidelity import Fidelity, FidelityImages, resolve_extractor
+from dpgen.eval.reference import NOTE, cached_reference
+from dpgen.eval.threads import cpu_threads
 from dpgen.io import write_json
 from dpgen.stages.sample import from_uint8_hwc
 from dpgen.stages.training import build_module
@@ -20,30 +36,107 @@ if TYPE_CHECKING:
 log = logging.getLogger("dpgen")
 
 
-def evaluate(ctx: RunContext) -> None:
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _downstream(ctx: RunContext, images: torch.Tensor, labels: torch.Tensor) -> list[TrainedClassifier]:
+    d = ctx.cfg.eval.downstream
+    return train_classifiers(images, labels, ctx.cfg.data.num_classes, list(d.classifiers),
+                             TrainSettings.from_config(d), seed=ctx.cfg.seed)
+
+
+def _real_classifiers(ctx: RunContext, held_out: Dataset) -> dict[str, float]:
+    """The ceiling: the same classifiers trained on the real training split."""
     cfg = ctx.cfg
+
+    def compute() -> dict[str, float]:
+        log.info("evaluate: reference classifiers on the real training split (once; cached)")
+        train = ctx.train_set
+        images = torch.stack([train[i][0] for i in range(len(train))])
+        labels = torch.tensor([train[i][1] for i in range(len(train))])
+        return final_accuracy(_downstream(ctx, images, labels), held_out)
+
+    key = {"data": _plain(cfg.data), "downstream": _plain(cfg.eval.downstream), "seed": cfg.seed}
+    return cached_reference(cfg.eval.cache_dir, "downstream", key, compute)
+
+
+def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict[str, Any]:
+    cfg, e = ctx.cfg, ctx.cfg.eval
+    fid_cfg = _plain(e.fid)
+    metrics = list(fid_cfg["metrics"])
+    pairwise = [m for m in metrics if m != "isc"]  # IS looks at the samples alone
+    extractor = resolve_extractor(fid_cfg, e.cache_dir, cfg.seed)
+    out: dict[str, Any] = {"fid_feature_extractor": extractor.name, "feature_extractor": extractor.to_json()}
+    cuda = cfg.trainer.accelerator == "gpu" and torch.cuda.is_available()
+    with Fidelity(extractor, fid_cfg, seed=cfg.seed, cuda=cuda) as fid:
+        fid.add("samples", FidelityImages(samples))
+        fid.add("train", FidelityImages(ctx.train_set))
+        fid.add("heldout", FidelityImages(held_out))
+        log.info("evaluate: %s of the samples vs the real training split (%s)", ", ".join(metrics), extractor.name)
+        out.update(fid.compare("samples", "train", metrics))
+        if fid_cfg["heldout"]:
+            log.info("evaluate: %s of the samples vs the held-out real split", ", ".join(pairwise))
+            out.update({f"{k}_heldout": v for k, v in fid.compare("samples", "heldout", pairwise).items()})
+        if e.reference:
+            key = {"data": _plain(cfg.data), "extractor": extractor.weights_sha256, "seed": cfg.seed,
+                   "settings": {k: v for k, v in fid_cfg.items() if k not in ("glyphs", "glyphnet", "weights_path")}}
+            out["fidelity_reference"] = cached_reference(e.cache_dir, "fidelity", key, lambda: {
+                "compares": "real training split vs real held-out split",
+                "feature_extractor": extractor.name, **fid.compare("train", "heldout", metrics)})
+    return out
+
+
+def evaluate(ctx: RunContext) -> None:
+    start = time.time()
+    with cpu_threads(ctx.cfg.eval.num_threads):
+        metrics = _evaluate(ctx)
+    metrics["evaluate_wall_s"] = time.time() - start
+    write_json(ctx.path("metrics.json"), metrics)
+
+
+def _evaluate(ctx: RunContext) -> dict[str, Any]:
+    cfg, e = ctx.cfg, ctx.cfg.eval
     with np.load(ctx.path("samples.npz")) as z:
-        images, labels = from_uint8_hwc(z["images"]), torch.from_numpy(z["labels"])
-    e = cfg.eval
-    result = downstream_accuracy(
-        images, labels, ctx.held_out_test_set(), cfg.data.num_classes, classifier=e.classifier,
-        epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, val_fraction=e.val_fraction, seed=cfg.seed,
-    )
-    module = build_module(cfg)
-    trainable = [n for n in cfg.method.stages if n in ("train", "dp_train")]
+        stored, labels = z["images"][: e.num_samples], torch.from_numpy(z["labels"][: e.num_samples])
+    samples = torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous()  # uint8 [N, C, H, W]
+    classifiers = list(e.downstream.classifiers)
+
+    log.info("evaluate: training %s on %d synthetic samples (validation split carved from them)",
+             ", ".join(classifiers) or "no classifiers", len(labels))
+    trained = _downstream(ctx, from_uint8_hwc(stored), labels)
+
+    # Every model choice is made: only now is the held-out real split opened, once.
+    held_out = ctx.held_out_test_set()
     privacy = json.loads(ctx.privacy_json.read_text()) if ctx.privacy_json.exists() else {}
-    metrics = {
+    metrics: dict[str, Any] = {
         "method": cfg.method.name,
         "epsilon": privacy.get("epsilon_spent"),
         "delta": privacy.get("delta"),
         "formal_guarantee": privacy.get("formal_guarantee", False),
-        "num_samples": int(len(images)),
-        "downstream_accuracy": {e.classifier: result.accuracy, "mean": result.accuracy},
-        "downstream_val_accuracy": {e.classifier: result.val_accuracy},
+        "num_samples": len(labels),
+    }
+    if trained:
+        metrics["downstream_accuracy"] = final_accuracy(trained, held_out)
+        metrics["downstream_val_accuracy"] = {c.name: c.val_accuracy for c in trained}
+        metrics["downstream_best_epoch"] = {c.name: c.best_epoch for c in trained}
+        log.info("evaluate: downstream accuracy on held-out real data: %s",
+                 ", ".join(f"{k} {v:.3f}" for k, v in metrics["downstream_accuracy"].items()))
+    if e.fid.metrics:
+        metrics.update(_fidelity(ctx, samples, held_out))
+        log.info("evaluate: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("fid", "kid_mean", "precision",
+                 "recall", "inception_score_mean") if k in metrics))
+    if e.reference:
+        if trained:
+            metrics["downstream_accuracy_real"] = _real_classifiers(ctx, held_out)
+        metrics["reference_note"] = NOTE
+
+    module = build_module(cfg)
+    trainable = [n for n in cfg.method.stages if n in ("train", "dp_train")]
+    metrics.update({
         "trainable_parameters": sum(p.numel() for p in module.unet.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in module.unet.parameters()),
         "train_wall_s": sum(ctx.wall_s.get(n, 0.0) for n in trainable),
         "total_wall_s": sum(ctx.wall_s.values()),
-    }
-    write_json(ctx.path("metrics.json"), metrics)
-    log.info("evaluate: downstream accuracy (%s, held-out real) = %.4f", e.classifier, result.accuracy)
+    })
+    return metrics

@@ -5,15 +5,14 @@ Sampling only post-processes the trained (DP) model, so it costs no privacy.
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from dpgen.io import atomic_write
+from dpgen.loggers.grids import save_grid
 from dpgen.stages.training import load_final_module
 
 if TYPE_CHECKING:
@@ -34,22 +33,6 @@ def from_uint8_hwc(images: np.ndarray) -> torch.Tensor:
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     """Class-balanced labels: the sensitive class proportions are private, so never used."""
     return torch.arange(num_samples) % num_classes
-
-
-def save_grid(path, images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_row: int = 10) -> None:
-    rows = []
-    for c in range(num_classes):
-        picked = images[labels == c][:per_row]
-        pad = torch.full((per_row - len(picked), *images.shape[1:]), -1.0)
-        rows.append(torch.cat([picked, pad]))
-    grid = torch.cat(rows)
-
-    def write(f):
-        buf = io.BytesIO()
-        save_image((grid + 1) / 2, buf, nrow=per_row, padding=1, format="png")
-        f.write(buf.getvalue())
-
-    atomic_write(path, write)
 
 
 def sample(ctx: RunContext) -> None:

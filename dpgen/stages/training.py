@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpgen.data import build_public_dataset
 from dpgen.io import AtomicCheckpointIO, save_torch
+from dpgen.loggers import stage_callbacks, stage_loggers
 from dpgen.methods import METHODS, DiffusionModule
 from dpgen.models.unet import build_unet
 from dpgen.privacy.callback import PrivacyAccountantCallback
@@ -55,12 +55,13 @@ def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callba
     if checkpoint_dir is not None:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
                                                  every_n_train_steps=t.checkpoint_every_n_steps)]
+    callbacks = [*callbacks, *stage_callbacks(ctx.cfg, ctx.run_dir, stage)]
     kwargs: dict[str, Any] = {}
     if strategy == "auto":
         kwargs.update(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes)
     return Trainer(
         max_steps=max_steps, max_epochs=-1, strategy=strategy, precision=t.precision,
-        logger=CSVLogger(ctx.run_dir, name="logs", version=stage), callbacks=callbacks,
+        logger=stage_loggers(ctx.cfg, ctx.run_dir, stage), callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], log_every_n_steps=min(t.log_every_n_steps, max_steps),
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         use_distributed_sampler=False, default_root_dir=ctx.run_dir, **kwargs,

@@ -1,0 +1,58 @@
+"""Validation of the ``eval`` config group, before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dpgen.data.config import require_choice, require_int, require_number, to_plain
+from dpgen.errors import ConfigError
+from dpgen.eval.fidelity import METRICS
+from dpgen.models.classifiers import CLASSIFIERS
+
+
+def _subset(cfg: dict[str, Any], prefix: str, key: str, allowed: tuple[str, ...]) -> list[str]:
+    value = cfg.get(key)
+    if not isinstance(value, list) or any(v not in allowed for v in value) or len(set(value)) != len(value):
+        raise ConfigError(f"{prefix}.{key}", value, f"must be a list of distinct names from {', '.join(allowed)}",
+                          f"e.g. {prefix}=[{','.join(allowed)}] (or [] to skip)")
+    return value
+
+
+def _optional_positive(cfg: dict[str, Any], prefix: str, key: str) -> None:
+    if cfg.get(key) is not None:
+        require_int(cfg, prefix, key, minimum=1)
+
+
+def validate_eval_config(cfg: Any, num_samples: int) -> None:
+    """``cfg`` is the ``eval`` node; ``num_samples`` is how many samples the sample stage writes."""
+    e = to_plain(cfg, "eval")
+    _optional_positive(e, "eval", "num_samples")
+    _optional_positive(e, "eval", "num_threads")
+    if (e.get("num_samples") or 0) > num_samples:
+        raise ConfigError("eval.num_samples", e["num_samples"], f"exceeds sample.num_samples={num_samples}",
+                          f"use at most {num_samples}, or null for all")
+
+    fid, p = e["fid"], "eval.fid"
+    if _subset(fid, p, "metrics", METRICS):
+        for key in ("batch_size", "kid_subsets", "prc_neighborhood"):
+            require_int(fid, p, key, minimum=1)
+        require_int(fid, p, "kid_subset_size", minimum=2)
+        weights = fid.get("weights_path")
+        if weights is not None and not Path(weights).is_file():
+            raise ConfigError(f"{p}.weights_path", weights, "is not a file",
+                              "point it at Inception-v3 weights in torch-fidelity's format, or null for glyphnet")
+        if weights is None:
+            from dpgen.data import validate_public_config
+
+            validate_public_config(fid["glyphs"])
+            for key in ("width", "feature_dim", "epochs", "batch_size"):
+                require_int(fid["glyphnet"], f"{p}.glyphnet", key, minimum=1)
+
+    d, p = e["downstream"], "eval.downstream"
+    if _subset(d, p, "classifiers", tuple(CLASSIFIERS)):
+        for key in ("epochs", "batch_size"):
+            require_int(d, p, key, minimum=1)
+        _optional_positive(d, p, "patience")
+        require_number(d, p, "val_fraction", 0.01, 0.9)
+    require_choice(e, "eval", "reference", (True, False))

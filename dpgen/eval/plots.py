@@ -1,0 +1,114 @@
+"""Sweep plots: a metric against ε (log scale), one line per private method, ceilings as lines.
+
+Matplotlib's object-oriented API (``Figure``, no pyplot): no GUI backend, no global state, so
+it is safe inside a Hydra multirun.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import statistics
+from collections import Counter
+from typing import Any
+
+from matplotlib import ticker
+from matplotlib.figure import Figure
+
+from dpgen.io import atomic_write
+
+log = logging.getLogger("dpgen")
+
+Rows = list[dict[str, Any]]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _private_lines(ax: Any, rows: Rows, key: str, scale: float) -> int:
+    """One line per private method; repeats at the same ε target are averaged (± std)."""
+    points = [r for r in rows if r["private"] and r.get(key) is not None and r["epsilon"]]
+    for method in sorted({r["method"] for r in points}):
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for r in points:
+            if r["method"] == method:
+                groups.setdefault(r["epsilon_target"], []).append(r)
+        series = sorted((statistics.fmean(r["epsilon"] for r in g),
+                         statistics.fmean(scale * r[key] for r in g),
+                         statistics.pstdev(scale * r[key] for r in g)) for g in groups.values())
+        xs, ys, errs = zip(*series)
+        repeated = any(len(g) > 1 for g in groups.values())
+        ax.errorbar(xs, ys, yerr=errs if repeated else None, marker="o", capsize=3,
+                    label=f"{method} (mean ± sd of repeats)" if repeated else method)
+    return len(points)
+
+
+def _ceiling(ax: Any, value: float | None, label: str, style: str, color: str, unit: str = "") -> None:
+    if value is not None:
+        ax.axhline(value, linestyle=style, color=color, linewidth=1.5, label=f"{label}: {value:.3g}{unit}")
+
+
+def _axes(title: str, ylabel: str, rows: Rows) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(7, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    deltas = sorted({r["delta"] for r in rows if r["delta"] is not None})
+    delta = f", δ = {deltas[0]:g}" if len(deltas) == 1 else ""
+    ax.set_title(title)
+    ax.set_xlabel(f"ε, privacy budget spent (log scale{delta})")
+    ax.set_ylabel(ylabel)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.grid(True, which="major", alpha=0.3)
+    return fig, ax
+
+
+def _finish(ax: Any, n_private: int) -> None:
+    if not n_private:
+        ax.set_xlim(0.1, 100)  # only ceilings: give the log axis a sensible span
+    handles, labels = ax.get_legend_handles_labels()
+    # Methods first, then the reference lines (matplotlib lists plain lines before error bars).
+    order = sorted(range(len(labels)), key=lambda i: not hasattr(handles[i], "lines"))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="best", fontsize="small")
+
+
+def accuracy_figure(rows: Rows) -> Figure:
+    classifiers = sorted({k[9:] for r in rows for k in r if k.startswith("accuracy_")} - {"mean", "real_mean"})
+    fig, ax = _axes(f"Utility vs privacy (mean of {', '.join(classifiers) or 'no'} classifiers)",
+                    "accuracy on held-out real data (%)", rows)
+    n = _private_lines(ax, rows, "accuracy_mean", 100.0)
+    nonprivate = [100 * r["accuracy_mean"] for r in rows if not r["private"] and r["accuracy_mean"] is not None]
+    _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black", "%")
+    real = [100 * r["accuracy_real_mean"] for r in rows if r["accuracy_real_mean"] is not None]
+    _ceiling(ax, _mean(real), "classifiers trained on real data", ":", "grey", "%")
+    _finish(ax, n)
+    return fig
+
+
+def fid_figure(rows: Rows) -> Figure:
+    extractors = Counter(r["feature_extractor"] for r in rows if r["feature_extractor"])
+    extractor = extractors.most_common(1)[0][0] if extractors else None
+    if len(extractors) > 1:
+        log.warning("report: runs use several feature extractors %s; FID plot shows %s only",
+                    sorted(extractors), extractor)
+    rows = [r for r in rows if r["feature_extractor"] == extractor]
+    fig, ax = _axes(f"Fidelity vs privacy ({extractor or 'no'} features)",
+                    "FID to the real training split (lower is better)", rows)
+    n = _private_lines(ax, rows, "fid", 1.0)
+    nonprivate = [r["fid"] for r in rows if not r["private"] and r["fid"] is not None]
+    _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black")
+    reference = [r["fid_reference"] for r in rows if r["fid_reference"] is not None]
+    _ceiling(ax, _mean(reference), "real held-out vs real train", ":", "grey")
+    _finish(ax, n)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    def write(f):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        f.write(buf.getvalue())
+
+    atomic_write(path, write)

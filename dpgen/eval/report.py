@@ -1,0 +1,129 @@
+"""Sweep reports: every finished run below a directory -> ``report.csv``, ``report.md`` and plots.
+
+A run is finished when its directory holds ``metrics.json``; ``privacy.json`` beside it gives
+the guarantee. Runs of a method without a formal guarantee (``nonprivate``) have no ε and
+are drawn as the ceiling, next to the real-data references.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure
+from dpgen.io import atomic_write
+
+log = logging.getLogger("dpgen")
+
+CSV_NAME, MD_NAME = "report.csv", "report.md"
+ACCURACY_PNG, FID_PNG = "accuracy_vs_epsilon.png", "fid_vs_epsilon.png"
+_FIDELITY = ("fid", "kid_mean", "precision", "recall", "inception_score_mean", "fid_heldout")
+
+
+class ReportError(ValueError):
+    pass
+
+
+def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
+    run_dir = metrics_file.parent
+    m = json.loads(metrics_file.read_text())
+    privacy_file = run_dir / "privacy.json"
+    p = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
+    private = bool(p.get("formal_guarantee", m.get("formal_guarantee", False)))
+    accuracy = m.get("downstream_accuracy", {})
+    row: dict[str, Any] = {
+        "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
+        "method": m.get("method"),
+        "private": private,
+        "epsilon_target": p.get("epsilon_target") if private else None,
+        "epsilon": p.get("epsilon_spent", m.get("epsilon")) if private else None,
+        "delta": p.get("delta") if private else None,
+        "accuracy_mean": accuracy.get("mean"),
+        **{f"accuracy_{k}": v for k, v in accuracy.items() if k != "mean"},
+        "accuracy_real_mean": m.get("downstream_accuracy_real", {}).get("mean"),
+        **{k: m.get(k) for k in _FIDELITY},
+        "fid_reference": m.get("fidelity_reference", {}).get("fid"),
+        "feature_extractor": m.get("fid_feature_extractor"),
+    }
+    return row
+
+
+def collect_runs(root: str | Path) -> list[dict[str, Any]]:
+    """One row per finished run below ``root`` (``root`` itself may be a run)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"{root}: not a directory. Fix: pass a run or multirun directory")
+    rows = [_row(root, f) for f in sorted(root.rglob("metrics.json"))]
+    if not rows:
+        raise ReportError(f"{root}: no finished run (no metrics.json) below it. Fix: pass a run or sweep directory")
+    return sorted(rows, key=lambda r: (not r["private"], r["method"] or "", r["epsilon"] or 0.0, r["run"]))
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return columns
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}" if percent else f"{value:.4g}"
+    return str(value)
+
+
+def _markdown(rows: list[dict[str, Any]]) -> bytes:
+    classifiers = [k for k in _columns(rows) if k.startswith("accuracy_") and k not in ("accuracy_mean", "accuracy_real_mean")]
+    header = (["method", "ε target", "ε spent", "accuracy % (mean)"] + [f"{c[9:]} %" for c in classifiers]
+              + ["real-data ceiling %", "FID ↓", "KID ↓", "precision", "recall", "IS", "FID held-out ↓", "run"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = ([r["method"], _fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
+                 + [_fmt(r.get(c), True) for c in classifiers]
+                 + [_fmt(r["accuracy_real_mean"], True)] + [_fmt(r[k]) for k in _FIDELITY] + [f"`{r['run']}`"])
+        lines.append("| " + " | ".join(cells) + " |")
+    extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
+    references = sorted({r["fid_reference"] for r in rows if r["fid_reference"] is not None})
+    delta = sorted({r["delta"] for r in rows if r["delta"] is not None})
+    notes = [
+        "",
+        f"Accuracy: classifiers trained on each run's synthetic samples, tested once on the held-out real "
+        f"split. ε: add/remove-one DP at δ = {', '.join(f'{d:g}' for d in delta) or '–'}; runs without ε "
+        f"have no formal guarantee (non-private ceiling).",
+        f"Fidelity against the real training split, features: {', '.join(extractors) or '–'}; "
+        f"real held-out vs real train FID (reference): {', '.join(f'{v:.4g}' for v in references) or '–'}.",
+        "The real-data ceiling and fidelity reference are computed on the sensitive data without privacy; "
+        "they are reference points, not released outputs.",
+        "",
+        f"![accuracy vs ε]({ACCURACY_PNG})",
+        f"![FID vs ε]({FID_PNG})",
+        "",
+    ]
+    return ("# dpgen sweep report\n\n" + "\n".join(lines + notes)).encode()
+
+
+def write_report(root: str | Path) -> list[Path]:
+    """Write the CSV, Markdown table and both plots into ``root``; returns their paths."""
+    root = Path(root)
+    rows = collect_runs(root)
+    paths = [root / CSV_NAME, root / MD_NAME, root / ACCURACY_PNG, root / FID_PNG]
+    atomic_write(paths[0], lambda f: f.write(_csv(rows)))
+    atomic_write(paths[1], lambda f: f.write(_markdown(rows)))
+    save_figure(accuracy_figure(rows), paths[2])
+    save_figure(fid_figure(rows), paths[3])
+    log.info("report: %d runs -> %s", len(rows), ", ".join(str(p) for p in paths))
+    return paths

@@ -1,0 +1,123 @@
+"""Where curves and results go: ``logger=csv`` or ``logger=wandb``.
+
+Every training stage writes CSV files under ``<run>/logs/<stage>/`` (training loss, ε spent,
+learning rate). With ``logger=wandb`` the whole dpgen run is also one W&B run, opened by the
+pipeline before the first stage: each stage's Lightning ``WandbLogger`` attaches to it with the
+stage as key prefix, and the final metrics become its summary. ``logger.mode=offline`` writes
+under ``<run>/wandb/`` and needs no account; ``wandb sync`` uploads it later.
+
+The training loss is computed on sensitive batches: like the CSV logs, a W&B run is not part
+of the released output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from dpgen.data.config import require_choice, require_int, to_plain
+from dpgen.errors import ConfigError
+from dpgen.loggers.grids import SampleGridCallback
+
+LOGGERS = ("csv", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def validate_logger_config(cfg: Any) -> None:
+    lg = to_plain(cfg, "logger")
+    if require_choice(lg, "logger", "name", LOGGERS) == "wandb":
+        require_choice(lg, "logger", "mode", WANDB_MODES)
+        if not isinstance(lg.get("tags"), list):
+            raise ConfigError("logger.tags", lg.get("tags"), "must be a list", "e.g. logger.tags=[mnist,dpdm]")
+    require_int(lg, "logger", "sample_every_n_steps", minimum=0)
+    require_int(lg, "logger", "grid_per_class", minimum=1)
+    require_int(lg, "logger", "grid_steps", minimum=1)
+
+
+def _uses_wandb(cfg: DictConfig) -> bool:
+    return cfg.logger.name == "wandb" and rank_zero_only.rank == 0
+
+
+def _sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep directory: W&B then groups the sweep's runs."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return str(HydraConfig.get().sweep.dir)
+    return None
+
+
+def _run_name(cfg: DictConfig) -> str:
+    if not cfg.method.get("formal_guarantee", True):
+        return cfg.method.name
+    return f"{cfg.method.name}-eps{cfg.privacy.eps:g}"
+
+
+@contextmanager
+def experiment(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
+    """The W&B run around all stages of one dpgen run (nothing for ``logger=csv``)."""
+    if not _uses_wandb(cfg):
+        yield
+        return
+    import wandb
+
+    lg = cfg.logger
+    run = wandb.init(
+        dir=str(run_dir), mode=lg.mode, project=lg.project, entity=lg.entity,
+        group=lg.group or _sweep_group(), tags=list(lg.tags), name=lg.run_name or _run_name(cfg),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    # Lightning defines this x axis only for runs it creates itself.
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    exit_code = 1
+    try:
+        yield
+        exit_code = 0
+    finally:
+        run.finish(exit_code=exit_code)
+
+
+def stage_loggers(cfg: DictConfig, run_dir: Path, stage: str) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=stage)]
+    if cfg.logger.name == "wandb":
+        import wandb
+
+        # On rank 0 this attaches to the run of `experiment`; elsewhere Lightning logs nothing.
+        loggers.append(WandbLogger(experiment=wandb.run, prefix=stage, save_dir=run_dir))
+    return loggers
+
+
+def stage_callbacks(cfg: DictConfig, run_dir: Path, stage: str) -> list[Callback]:
+    """Learning rate every step; sample grids every ``logger.sample_every_n_steps`` (0 = off)."""
+    lg = cfg.logger
+    callbacks: list[Callback] = [LearningRateMonitor(logging_interval="step")]
+    if lg.sample_every_n_steps:
+        callbacks.append(SampleGridCallback(run_dir / "logs" / stage / "grids", lg.sample_every_n_steps,
+                                            cfg.data.num_classes, lg.grid_per_class, lg.grid_steps))
+    return callbacks
+
+
+def log_results(cfg: DictConfig, run_dir: Path) -> None:
+    """metrics.json and privacy.json as the W&B run summary, samples.png as an image."""
+    if not _uses_wandb(cfg):
+        return
+    import wandb
+
+    summary: dict[str, Any] = {}
+    for name in ("metrics", "privacy"):
+        path = run_dir / f"{name}.json"
+        if path.exists():
+            summary[name] = json.loads(path.read_text())
+    wandb.run.summary.update({**summary.get("metrics", {}), "privacy": summary.get("privacy", {})})
+    if (run_dir / "samples.png").exists():
+        wandb.run.log({"samples": wandb.Image(str(run_dir / "samples.png"), caption="final samples, one row per class")})

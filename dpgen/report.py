@@ -1,0 +1,45 @@
+"""``python -m dpgen.report <run or multirun dir>``: a sweep's table and plots.
+
+Collects ``metrics.json`` and ``privacy.json`` of every finished run below the directory into
+``report.csv`` and ``report.md`` and draws ``accuracy_vs_epsilon.png`` and
+``fid_vs_epsilon.png`` there. A Hydra multirun calls it on its sweep directory when it ends
+(:class:`SweepReport`, configured under ``hydra.callbacks`` in ``conf/config.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from dpgen.eval.report import ReportError, write_report
+
+log = logging.getLogger("dpgen")
+
+
+class SweepReport(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            write_report(Path(config.hydra.sweep.dir))
+        except ReportError as err:  # e.g. every job failed: the jobs' own errors say why
+            log.warning("report: %s", err)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpgen.report", description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, help="a run directory or a multirun (sweep) directory")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_report(args.directory)
+    except ReportError as err:
+        sys.exit(f"dpgen.report: {err}")
+    print("\n".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

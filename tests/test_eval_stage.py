@@ -1,0 +1,135 @@
+"""The evaluate stage on samples whose quality is known: real digits with their true labels
+(a perfect generator) and with shuffled labels (a useless one)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, tiny_overrides
+
+import dpgen.pipeline
+from dpgen.data import TensorImageDataset
+from dpgen.eval.fidelity import Fidelity
+from dpgen.pipeline import RunContext
+from dpgen.stages.evaluate import evaluate
+from dpgen.stages.sample import to_uint8_hwc
+
+# The module, not the function that dpgen.stages re-exports under the same name.
+evaluate_stage = importlib.import_module("dpgen.stages.evaluate")
+N_SAMPLES, N_REAL_TRAIN = 300, 300
+
+
+def _context(cfg, run_dir, shuffle_labels: bool = False) -> RunContext:
+    """A run whose samples.npz holds real training digits; its training split is made small so
+    that the real-data references train in seconds."""
+    ctx = RunContext(cfg=cfg, run_dir=run_dir)
+    train = ctx.train_set
+    g = torch.Generator().manual_seed(0)
+    picked = torch.randperm(len(train), generator=g)  # the split is class-sorted
+    samples, real = picked[:N_SAMPLES], picked[N_SAMPLES:N_SAMPLES + N_REAL_TRAIN]
+    labels = train.labels[samples]
+    if shuffle_labels:
+        labels = labels[torch.randperm(N_SAMPLES, generator=g)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(run_dir / "samples.npz", images=to_uint8_hwc(train.images[samples]), labels=labels.numpy())
+    ctx.train_set = TensorImageDataset(train.images[real], train.labels[real], train.info)
+    return ctx
+
+
+class _Events:
+    """Records, in order, the classifier trainings, the openings of the held-out split and the
+    fidelity comparisons."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        self.log: list[tuple] = []
+        train, build, compare = evaluate_stage.train_classifiers, dpgen.pipeline.build_dataset, Fidelity.compare
+
+        def spy_train(images, *args, **kwargs):
+            self.log.append(("train", len(images)))
+            return train(images, *args, **kwargs)
+
+        def spy_build(cfg, split):
+            if split == "test":
+                self.log.append(("open", split))
+            return build(cfg, split)
+
+        def spy_compare(fid, generated, real, metrics):
+            self.log.append(("compare", generated, real))
+            return compare(fid, generated, real, metrics)
+
+        mp.setattr(evaluate_stage, "train_classifiers", spy_train)
+        mp.setattr(dpgen.pipeline, "build_dataset", spy_build)
+        mp.setattr(Fidelity, "compare", spy_compare)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Two runs sharing a cache: a perfect generator first, then a useless one."""
+    tmp = tmp_path_factory.mktemp("eval")
+    # Two classifier families keep it quick; every family is tested in test_eval_downstream.
+    cfg = compose_config(tiny_overrides(tmp) + ["method=nonprivate", "eval.reference=true",
+                                                "eval.downstream.classifiers=[cnn,mlp]", "eval.downstream.epochs=6",
+                                                "eval.downstream.batch_size=32", "eval.downstream.lr=0.003"])
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        events = _Events(mp)
+        for name, shuffle in (("perfect", False), ("useless", True)):
+            events.log = []
+            evaluate(_context(cfg, tmp / name, shuffle_labels=shuffle))
+            runs[name] = (json.loads((tmp / name / "metrics.json").read_text()), events.log)
+    return runs
+
+
+def test_heldout_split_is_opened_once_after_every_model_choice(evaluated):
+    _, log = evaluated["perfect"]
+    trainings_and_opening = [e for e in log if e[0] != "compare"]
+    # The synthetic classifiers are trained, and their epochs chosen, before the held-out split
+    # exists; what trains afterwards is the real-data reference (on N_REAL_TRAIN images).
+    assert trainings_and_opening == [("train", N_SAMPLES), ("open", "test"), ("train", N_REAL_TRAIN)]
+    # Second run: the reference comes from the cache; the split still opens once, after training.
+    _, log = evaluated["useless"]
+    assert [e for e in log if e[0] != "compare"] == [("train", N_SAMPLES), ("open", "test")]
+
+
+def test_fidelity_names_its_extractor_and_the_reference_is_computed_once(evaluated):
+    perfect, log = evaluated["perfect"]
+    assert perfect["fid_feature_extractor"] == "glyphnet-v1"
+    assert perfect["feature_extractor"]["weights_sha256"]
+    assert "public glyphs" in perfect["feature_extractor"]["description"]
+    for key in ("fid", "kid_mean", "kid_std", "inception_score_mean", "precision", "recall",
+                "fid_heldout", "kid_mean_heldout", "precision_heldout", "recall_heldout"):
+        assert isinstance(perfect[key], float), key
+    reference = perfect["fidelity_reference"]
+    assert reference["feature_extractor"] == "glyphnet-v1" and reference["fid"] >= 0
+    assert [e for e in log if e[0] == "compare"] == [
+        ("compare", "samples", "train"), ("compare", "samples", "heldout"), ("compare", "train", "heldout")]
+    useless, log = evaluated["useless"]
+    assert ("compare", "train", "heldout") not in log
+    assert useless["fidelity_reference"] == reference
+
+
+def test_downstream_ranks_a_perfect_generator_above_a_useless_one(evaluated):
+    perfect, useless = evaluated["perfect"][0], evaluated["useless"][0]
+    acc = perfect["downstream_accuracy"]
+    assert set(acc) == {"cnn", "mlp", "mean"}
+    assert acc["mean"] == pytest.approx((acc["cnn"] + acc["mlp"]) / 2)
+    assert set(perfect["downstream_val_accuracy"]) == {"cnn", "mlp"}
+    assert acc["mean"] > 0.5 and useless["downstream_accuracy"]["mean"] < 0.3, (acc, useless["downstream_accuracy"])
+    assert perfect["downstream_accuracy_real"]["mean"] > 0.5
+    assert perfect["downstream_accuracy_real"] == useless["downstream_accuracy_real"]  # cached ceiling
+    assert "not part of the released output" in perfect["reference_note"]
+    assert perfect["num_samples"] == N_SAMPLES
+
+
+def test_num_samples_and_metric_selection(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("method=nonprivate", "eval.num_samples=100", "eval.fid.metrics=[fid]",
+                   "eval.fid.heldout=false", "eval.downstream.classifiers=[mlp]")
+    evaluate(_context(cfg, tmp_path / "run"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 100
+    assert set(metrics["downstream_accuracy"]) == {"mlp", "mean"}
+    assert "fid" in metrics and not {"kid_mean", "precision", "inception_score_mean", "fid_heldout"} & set(metrics)

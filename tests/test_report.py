@@ -1,0 +1,125 @@
+"""Sweep reports on a fixture sweep written in the run-directory formats of DESIGN.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from dpgen.eval.plots import accuracy_figure, fid_figure
+from dpgen.eval.report import ACCURACY_PNG, CSV_NAME, FID_PNG, MD_NAME, collect_runs, write_report
+from dpgen.io import write_json
+from dpgen.report import SweepReport, main
+
+# (job, method, ε target, ε spent, mean accuracy, FID); job 2 repeats job 1 with another seed
+RUNS = [
+    ("0", "dpdm", 1.0, 0.99, 0.50, 3.0),
+    ("1", "dpdm", 10.0, 9.96, 0.80, 1.0),
+    ("2", "dpdm", 10.0, 9.94, 0.70, 1.2),
+    ("3", "dpldm", 1.0, 0.98, 0.60, 2.0),
+    ("4", "nonprivate", None, None, 0.90, 0.5),
+]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for job, method, target, spent, acc, fid in RUNS:
+        run = tmp_path / job
+        if target is None:
+            write_json(run / "privacy.json", {"formal_guarantee": False, "method": method, "note": "none"})
+        else:
+            write_json(run / "privacy.json", {
+                "delta": 1e-5, "epsilon_target": target, "epsilon_spent": spent, "accountant": "pld",
+                "epsilon_by_accountant": {"pld": spent}, "dataset_size": 4000, "neighbouring": "add_remove",
+                "events": [], "formal_guarantee": True})
+        write_json(run / "metrics.json", {
+            "method": method, "epsilon": spent, "delta": 1e-5 if target else None,
+            "formal_guarantee": target is not None, "num_samples": 2000,
+            "downstream_accuracy": {"cnn": acc + 0.05, "mlp": acc - 0.05, "mean": acc},
+            "downstream_accuracy_real": {"cnn": 0.97, "mlp": 0.93, "mean": 0.95},
+            "fid": fid, "kid_mean": fid / 10, "precision": 0.6, "recall": 0.5, "inception_score_mean": 5.0,
+            "fid_heldout": fid + 0.1, "fid_feature_extractor": "glyphnet-v1",
+            "fidelity_reference": {"fid": 0.05, "feature_extractor": "glyphnet-v1"}})
+    (tmp_path / "4" / "checkpoints").mkdir()  # unrelated files are ignored
+    (tmp_path / "unfinished").mkdir()  # a run without metrics.json is not in the report
+    return tmp_path
+
+
+def test_collect_runs(sweep):
+    rows = collect_runs(sweep)
+    assert [r["run"] for r in rows] == ["0", "2", "1", "3", "4"]  # private first, by method and ε
+    nonprivate = rows[-1]
+    assert nonprivate["private"] is False and nonprivate["epsilon"] is None
+    assert rows[0]["epsilon_target"] == 1.0 and rows[0]["epsilon"] == 0.99
+    assert rows[0]["accuracy_cnn"] == pytest.approx(0.55) and rows[0]["accuracy_real_mean"] == 0.95
+
+
+def test_report_files(sweep):
+    paths = write_report(sweep)
+    assert [p.name for p in paths] == [CSV_NAME, MD_NAME, ACCURACY_PNG, FID_PNG]
+    with open(sweep / CSV_NAME) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(RUNS)
+    assert {"method", "epsilon_target", "epsilon", "accuracy_mean", "accuracy_cnn", "fid", "kid_mean",
+            "precision", "recall", "fid_reference", "feature_extractor", "run"} <= set(table[0])
+    md = (sweep / MD_NAME).read_text()
+    assert md.count("| dpdm |") == 3 and "| nonprivate |" in md and "glyphnet-v1" in md
+    assert f"({ACCURACY_PNG})" in md and f"({FID_PNG})" in md
+    for name in (ACCURACY_PNG, FID_PNG):
+        with Image.open(sweep / name) as img:
+            assert img.format == "PNG" and img.width > 600 and img.height > 400
+
+
+def _series(ax, label):
+    (container,) = [c for c in ax.containers if c.get_label() == label]
+    line = container.lines[0]
+    return list(line.get_xdata()), list(line.get_ydata())
+
+
+def _hline(ax, prefix):
+    (line,) = [ln for ln in ax.get_lines() if str(ln.get_label()).startswith(prefix)]
+    return line
+
+
+def test_accuracy_plot_is_readable_and_right(sweep):
+    ax = accuracy_figure(collect_runs(sweep)).axes[0]
+    assert ax.get_xscale() == "log" and "ε" in ax.get_xlabel() and "δ = 1e-05" in ax.get_xlabel()
+    assert "%" in ax.get_ylabel() and "held-out real" in ax.get_ylabel()
+    xs, ys = _series(ax, "dpdm (mean ± sd of repeats)")
+    assert xs == pytest.approx([0.99, 9.95]) and ys == pytest.approx([50.0, 75.0])  # repeats averaged
+    assert _series(ax, "dpldm")[1] == pytest.approx([60.0])
+    ceiling = _hline(ax, "non-private generator")
+    assert list(ceiling.get_ydata()) == pytest.approx([90.0, 90.0]) and ceiling.get_linestyle() == "--"
+    assert list(_hline(ax, "classifiers trained on real data").get_ydata()) == pytest.approx([95.0, 95.0])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:2] == ["dpdm (mean ± sd of repeats)", "dpldm"] and len(legend) == 4
+
+
+def test_fid_plot_is_readable_and_right(sweep):
+    ax = fid_figure(collect_runs(sweep)).axes[0]
+    assert ax.get_xscale() == "log" and "FID" in ax.get_ylabel() and "glyphnet-v1" in ax.get_title()
+    assert _series(ax, "dpdm (mean ± sd of repeats)")[1] == pytest.approx([3.0, 1.1])
+    assert list(_hline(ax, "non-private generator").get_ydata()) == pytest.approx([0.5, 0.5])
+    assert list(_hline(ax, "real held-out vs real train").get_ydata()) == pytest.approx([0.05, 0.05])
+
+
+def test_command_line_and_multirun_callback(sweep, tmp_path_factory, capsys):
+    main([str(sweep)])
+    assert capsys.readouterr().out.split() == [str(sweep / n) for n in (CSV_NAME, MD_NAME, ACCURACY_PNG, FID_PNG)]
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(SystemExit, match=r"^dpgen.report: .*no finished run"):
+        main([str(empty)])
+    (sweep / CSV_NAME).unlink()
+    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert (sweep / CSV_NAME).exists()
+    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))  # warns only
+    assert not list(empty.iterdir())
+
+
+def test_a_single_run_is_a_report_too(sweep):
+    rows = collect_runs(sweep / "1")
+    assert len(rows) == 1 and rows[0]["run"] == "."
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["method"] == rows[0]["method"]
