@@ -30,7 +30,7 @@ def evaluate(ctx: RunContext) -> None:
         epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, val_fraction=e.val_fraction, seed=cfg.seed,
     )
     module = build_module(cfg)
-    trainable = [n for n in cfg.method.stages if n in ("train", "dp_train")]
+    trainable = [n for n in cfg.method.stages if n in ("train", "dp_train", "dp_finetune")]
     privacy = json.loads(ctx.privacy_json.read_text()) if ctx.privacy_json.exists() else {}
     metrics = {
         "method": cfg.method.name,
