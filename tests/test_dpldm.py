@@ -89,7 +89,7 @@ def test_per_example_gradients_of_the_attention_set_match_explicit_loop(dpldm_cf
     b = 3
     x = torch.randn(b * k, 2, 4, 4)
     t = torch.randint(0, 1000, (b * k,))
-    y = torch.randint(0, 11, (b,)).repeat_interleave(k)
+    y = torch.randint(0, 11, (b,)).repeat(k)  # copy-major rows: row c*b + i is copy c of example i
     target = torch.randn_like(x)
 
     def row_losses(sl):
@@ -102,12 +102,12 @@ def test_per_example_gradients_of_the_attention_set_match_explicit_loop(dpldm_cf
     assert all(all(p.requires_grad for p in m.parameters(recurse=False)) for m in engine._samplers)
     params = engine.params
     with engine.capture(b):
-        torch.autograd.grad(row_losses(slice(None)).view(b, k).mean(1).sum(), params)
+        engine.backward(row_losses(slice(None)).view(k, b).mean(0).sum())
         per_example = [p.grad_sample.clone() for p in params]
+        assert all(getattr(p, "grad_sample", None) is None for p in denoiser.parameters() if not p.requires_grad)
     engine.remove()
-    assert all(getattr(p, "grad_sample", None) is None for p in denoiser.parameters() if not p.requires_grad)
     for i in range(b):
-        ref = torch.autograd.grad(row_losses(slice(i * k, (i + 1) * k)).mean(), params)
+        ref = torch.autograd.grad(row_losses(torch.arange(k) * b + i).mean(), params)
         got = torch.cat([g[i].flatten() for g in per_example])
         want = torch.cat([r.flatten() for r in ref])
         assert (got - want).norm() <= 1e-4 * want.norm()
@@ -128,6 +128,17 @@ def test_class_embedder_is_fresh_where_label_spaces_differ(dpldm_cfg):
     assert torch.equal(weight[others], before[others])
     unet_before = {n: p for n, p in public.items() if not n.startswith("class_embedder")}
     assert all(torch.equal(p, unet_before[f"unet.{n}"]) for n, p in module.unet.unet.state_dict().items())
+
+
+def test_sampling_clips_predictions_to_the_public_latent_range(dpldm_cfg, monkeypatch):
+    torch.manual_seed(0)
+    module = DPLDMModule.from_config(dpldm_cfg())
+    module.set_autoencoder(module.autoencoder.state_dict(), latent_scale=1.0, latent_range=0.5)
+    monkeypatch.setattr(module, "decode", lambda latents, batch_size: latents)
+    latents = module.sample(torch.arange(10), num_inference_steps=3, guidance_scale=1.0, progress=False)
+    assert latents.shape == (10, 2, 4, 4)
+    # An untrained denoiser's predictions leave the box; the sampler keeps them in it.
+    assert latents.abs().max() <= 0.5 and latents.abs().max() > 0.45
 
 
 @pytest.mark.parametrize("override,key", [
@@ -176,19 +187,18 @@ def test_dp_finetune_end_to_end(dpldm_cfg, tmp_path, caplog, monkeypatch):
     pretraining, per-example work touched only trainable layers, and a second run reuses the
     cached pretraining."""
     models, processed = [], set()
-    original_init, original_grad = PerExampleGradients.__init__, PerExampleGradients._per_example_grad
+    original_init, original_accumulate = PerExampleGradients.__init__, PerExampleGradients._accumulate
 
     def init_spy(self, model):
         models.append(model)
         original_init(self, model)
 
-    def grad_spy(self, module, grad_in, grad_out):
-        if self._batch is not None:
-            processed.add(module)
-        return original_grad(self, module, grad_in, grad_out)
+    def accumulate_spy(self, key, module, *args):
+        processed.add(module)
+        return original_accumulate(self, key, module, *args)
 
     monkeypatch.setattr(PerExampleGradients, "__init__", init_spy)
-    monkeypatch.setattr(PerExampleGradients, "_per_example_grad", grad_spy)
+    monkeypatch.setattr(PerExampleGradients, "_accumulate", accumulate_spy)
     cfg = dpldm_cfg("privacy.eps=5")
     run_dir = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="dpgen")
@@ -203,6 +213,7 @@ def test_dp_finetune_end_to_end(dpldm_cfg, tmp_path, caplog, monkeypatch):
     assert frozen and all(torch.equal(final[f"unet.{n}"], pretrained[n]) for n in frozen)
     assert all(torch.equal(final[f"autoencoder.{n}"], p) for n, p in ae_cache["state_dict"].items())
     assert final["latent_scale"].item() == pytest.approx(ae_cache["latent_scale"])
+    assert final["latent_range"].item() == pytest.approx(ae_cache["latent_range"])
     changed = [n for n in trainable if not torch.equal(final[f"unet.{n}"], pretrained[n])]
     assert len(changed) == len(trainable)  # DP noise moves every trainable weight
 

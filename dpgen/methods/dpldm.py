@@ -93,12 +93,12 @@ class DPLDMModule(DiffusionModule):
         trainable: str = "all",
         blocks: Sequence[str] | None = None,
     ) -> None:
-        # Latents are unbounded: DDIM must not clip its predictions to the pixel range.
-        super().__init__(unet=denoiser, num_classes=num_classes, diffusion={**diffusion, "clip_sample": False},
-                         timesteps=timesteps, lr=lr, multiplicity=multiplicity, label_dropout=label_dropout,
-                         hflip=False)
+        super().__init__(unet=denoiser, num_classes=num_classes, diffusion=diffusion, timesteps=timesteps,
+                         lr=lr, multiplicity=multiplicity, label_dropout=label_dropout, hflip=False)
         self.autoencoder = autoencoder.requires_grad_(False)
+        # Set from public data with the autoencoder: the scaling factor, and the largest |latent|.
         self.register_buffer("latent_scale", torch.ones(()))
+        self.register_buffer("latent_range", torch.ones(()))
         names = trainable_parameter_names(denoiser, trainable, blocks)
         for name, p in denoiser.named_parameters():
             p.requires_grad_(name in names)
@@ -155,9 +155,10 @@ class DPLDMModule(DiffusionModule):
     def load_generator_state_dict(self, state: dict[str, Tensor]) -> None:
         self.load_state_dict(state)
 
-    def set_autoencoder(self, state: dict[str, Tensor], latent_scale: float) -> None:
+    def set_autoencoder(self, state: dict[str, Tensor], latent_scale: float, latent_range: float) -> None:
         self.autoencoder.load_state_dict(state)
         self.latent_scale.fill_(latent_scale)
+        self.latent_range.fill_(latent_range)
 
     def init_from_public(self, state: dict[str, Tensor], public_class_names: Sequence[str],
                          class_names: Sequence[str]) -> list[str]:
@@ -194,10 +195,15 @@ class DPLDMModule(DiffusionModule):
     def sample(self, labels: Tensor, num_inference_steps: int, guidance_scale: float,
                generator: torch.Generator | None = None, batch_size: int = 250,
                progress: bool = True) -> Tensor:
-        """Latents from the diffusion model, decoded to images by the public decoder."""
+        """Latents from the diffusion model, decoded to images by the public decoder.
+
+        DDIM clips its x0 predictions to the box the public latents occupy, as pixel models clip
+        to [-1, 1]; without it, a few early predictions far outside that box decode to blobs.
+        """
         cfg = self.unet.unet.config
+        scheduler = make_sample_scheduler({**self.diffusion_cfg, "clip_sample_range": self.latent_range.item()})
         latents = sample_images(
-            self.unet, make_sample_scheduler(self.diffusion_cfg), labels, num_inference_steps,
+            self.unet, scheduler, labels, num_inference_steps,
             guidance_scale, self.null_label, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
             generator=generator, batch_size=batch_size, progress=progress,
         )

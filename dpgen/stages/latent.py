@@ -62,7 +62,7 @@ def ldm_cache_path(cfg: DictConfig) -> Path:
 
 def _load_autoencoder(cfg: DictConfig, module: DPLDMModule) -> None:
     saved = torch.load(autoencoder_cache_path(cfg), map_location="cpu")
-    module.set_autoencoder(saved["state_dict"], saved["latent_scale"])
+    module.set_autoencoder(saved["state_dict"], saved["latent_scale"], saved["latent_range"])
 
 
 def pretrain_autoencoder(ctx: RunContext) -> None:
@@ -80,12 +80,13 @@ def pretrain_autoencoder(ctx: RunContext) -> None:
     # Latent diffusion's scaling factor: unit-variance latents suit the noise schedule.
     latents = encode_latents(autoencoder, public.images, 1.0)
     scale = 1.0 / latents.std().item()
+    latent_range = latents.abs().max().item() * scale  # where sampling clips its predictions
     with torch.no_grad():
         recon = autoencoder.eval().decode(latents[:1000]).sample
     mse = (recon - public.images[:1000]).pow(2).mean().item()
-    save_torch(cache, {"state_dict": autoencoder.state_dict(), "latent_scale": scale})
-    log.info("pretrain_autoencoder: latents %s, scaling factor %.4f, public reconstruction MSE %.4f; cached %s",
-             tuple(latents.shape[1:]), scale, mse, cache)
+    save_torch(cache, {"state_dict": autoencoder.state_dict(), "latent_scale": scale, "latent_range": latent_range})
+    log.info("pretrain_autoencoder: latents %s, scaling factor %.4f, scaled range +-%.2f, public reconstruction "
+             "MSE %.4f; cached %s", tuple(latents.shape[1:]), scale, latent_range, mse, cache)
 
 
 def pretrain_ldm(ctx: RunContext) -> None:
