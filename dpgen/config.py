@@ -9,6 +9,7 @@ from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_eval_config
 from dpgen.loggers import validate_logger_config
 from dpgen.methods import METHODS
+from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
 from dpgen.privacy.strategy import CLIPPING_MODES
 from dpgen.stages import STAGES
@@ -39,23 +40,30 @@ def validate_config(cfg: DictConfig) -> None:
     validate_data_config(cfg.data)
     if "public" in cfg.method.get("pretrain", "none"):
         validate_public_config(cfg.public)
-    validate_model_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.image_size)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if is_latent_model(model):
+        validate_ldm_config(model, cfg.data.image_size)
+    else:
+        validate_model_config(model, cfg.data.image_size)
 
     m = cfg.method
     if m.name not in METHODS:
         raise ConfigError("method.name", m.name, "unknown method", f"use one of {sorted(METHODS)}")
+    METHODS[m.name].check_config(cfg)
     unknown = [s for s in m.stages if s not in STAGES]
     if unknown:
         raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
                           f"use stages from {sorted(STAGES)}")
     for key in ("method.train.steps", "method.train.batch_size", "method.pretrain_public.steps",
-                "method.pretrain_public.batch_size", "method.multiplicity", "sample.num_samples",
+                "method.pretrain_public.batch_size", "method.pretrain_autoencoder.steps",
+                "method.pretrain_autoencoder.batch_size", "method.pretrain_ldm.steps",
+                "method.pretrain_ldm.batch_size", "method.multiplicity", "sample.num_samples",
                 "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
     validate_eval_config(cfg.eval, cfg.sample.num_samples)
     validate_logger_config(cfg.logger)
 
-    if "dp_train" in m.stages:
+    if {"dp_train", "dp_finetune"} & set(m.stages):
         _check_dp_model(cfg)
     if m.get("formal_guarantee", True):
         p = cfg.privacy

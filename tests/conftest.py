@@ -44,6 +44,14 @@ def tiny_overrides(tmp: Path) -> list[str]:
     ]
 
 
+def tiny_dpldm_overrides(tmp: Path) -> list[str]:
+    """The tiny run for ``method=dpldm``: a latent model, public pretraining of a few steps."""
+    base = [o for o in tiny_overrides(tmp) if not o.startswith(("model=", "method.pretrain_public."))]
+    return [*base, "method=dpldm", "model=ldm_tiny",
+            "method.pretrain_autoencoder.steps=3", "method.pretrain_autoencoder.batch_size=16",
+            "method.pretrain_ldm.steps=3", "method.pretrain_ldm.batch_size=16"]
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     def make(*extra: str) -> DictConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, ROOT, compose_config, tiny_overrides
+from conftest import CONF, ROOT, compose_config, tiny_dpldm_overrides, tiny_overrides
 
 from dpgen.config import validate_config
 from dpgen.errors import ConfigError
@@ -29,7 +29,9 @@ def test_every_group_option_composes(group, option, tmp_path):
     # Drop the tiny overrides of the group under test (paths stay: ${hydra:runtime.cwd} only
     # resolves under the real entry point, which test_cli_* covers).
     prefixes = (f"{group}=",) if group == "paths" else (f"{group}=", f"{group}.")
-    base = [o for o in tiny_overrides(tmp_path) if not o.startswith(prefixes)]
+    # Latent models and the latent method only go together.
+    latent = (group, option) == ("method", "dpldm") or (group == "model" and option.startswith("ldm"))
+    base = [o for o in (tiny_dpldm_overrides if latent else tiny_overrides)(tmp_path) if not o.startswith(prefixes)]
     extra = ["method.pretrain=none"] if (group, option) == ("public", "none") else []
     cfg = compose_config([*base, f"{group}={option}", *extra])
     assert cfg[group] is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 
@@ -12,13 +12,15 @@ def make_train_scheduler(cfg: dict) -> DDPMScheduler:
 
 
 def make_sample_scheduler(cfg: dict) -> DDIMScheduler:
+    """x0 predictions are clipped to ``[-clip_sample_range, clip_sample_range]``: by default
+    [-1, 1], where pixels live; latent models pass the range of their latents."""
     return DDIMScheduler(num_train_timesteps=cfg["num_train_timesteps"], beta_schedule=cfg["beta_schedule"],
-                         clip_sample=True)
+                         clip_sample=True, clip_sample_range=cfg.get("clip_sample_range", 1.0))
 
 
 @torch.no_grad()
 def sample_images(
-    unet: UNet2DModel,
+    unet: torch.nn.Module,
     scheduler: DDIMScheduler,
     labels: torch.Tensor,
     num_inference_steps: int,
@@ -29,7 +31,8 @@ def sample_images(
     batch_size: int = 250,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Images in [-1, 1], one per label. Classifier-free guidance when ``guidance_scale != 1``:
+    """One sample per label, in the scheduler's clipping range ([-1, 1] for pixels).
+    Classifier-free guidance when ``guidance_scale != 1``:
     eps = eps_uncond + w · (eps_cond − eps_uncond), with ``null_label`` as the unconditional class."""
     device = next(unet.parameters()).device
     was_training = unet.training
@@ -52,7 +55,8 @@ def sample_images(
                 eps = unet(x, t, class_labels=y).sample
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
             bar.update(1)
-        out.append(x.clamp(-1, 1).cpu())
+        r = scheduler.config.clip_sample_range
+        out.append(x.clamp(-r, r).cpu())
     bar.close()
     unet.train(was_training)
     return torch.cat(out) if out else torch.empty((0, *image_shape))

@@ -2,8 +2,9 @@
 
 from dpgen.methods.base import DiffusionModule
 from dpgen.methods.dpdm import DPDMModule
+from dpgen.methods.dpldm import DPLDMModule
 from dpgen.methods.nonprivate import NonPrivateDiffusion
 
-METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule}
+METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule}
 
-__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "NonPrivateDiffusion"]
+__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "NonPrivateDiffusion"]

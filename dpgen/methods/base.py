@@ -13,10 +13,14 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 from lightning.pytorch import LightningModule
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dpgen.diffusion.sampling import make_sample_scheduler, make_train_scheduler, sample_images
 from dpgen.diffusion.timesteps import build_timestep_sampler
+from dpgen.errors import ConfigError
+from dpgen.models.ldm import is_latent_model
+from dpgen.models.unet import build_unet
 
 
 class DiffusionModule(LightningModule):
@@ -44,6 +48,31 @@ class DiffusionModule(LightningModule):
         self.multiplicity = multiplicity
         self.label_dropout = label_dropout
         self.hflip = hflip
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Refuse a model this method cannot train, before any work starts."""
+        if is_latent_model(cfg.model):
+            raise ConfigError("model", cfg.model.name, f"method {cfg.method.name} denoises pixels, not latents",
+                              "use a pixel-space model such as model=unet_small, or method=dpldm")
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> DiffusionModule:
+        """The untrained module a run's config describes."""
+        data, m = cfg.data, cfg.method
+        unet = build_unet(OmegaConf.to_container(cfg.model), data.image_size, data.channels, data.num_classes)
+        return cls(
+            unet=unet, num_classes=data.num_classes, diffusion=OmegaConf.to_container(cfg.diffusion),
+            timesteps=OmegaConf.to_container(m.timesteps), lr=m.train.lr, multiplicity=m.multiplicity,
+            label_dropout=m.label_dropout, hflip=m.hflip,
+        )
+
+    def generator_state_dict(self) -> dict[str, Tensor]:
+        """What ``model.pt`` holds: every weight that sampling needs."""
+        return self.unet.state_dict()
+
+    def load_generator_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.unet.load_state_dict(state)
 
     def per_example_loss(self, batch: Any) -> Tensor:
         x, y = batch[0], batch[1]

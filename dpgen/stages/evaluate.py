@@ -132,7 +132,7 @@ def _evaluate(ctx: RunContext) -> dict[str, Any]:
         metrics["reference_note"] = NOTE
 
     module = build_module(cfg)
-    trainable = [n for n in cfg.method.stages if n in ("train", "dp_train")]
+    trainable = [n for n in cfg.method.stages if n in ("train", "dp_train", "dp_finetune")]
     metrics.update({
         "trainable_parameters": sum(p.numel() for p in module.unet.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in module.unet.parameters()),

@@ -27,17 +27,24 @@ NO_GUARANTEE = ("This run carries no formal differential-privacy guarantee: it t
                 "sensitive data without clipping or noise.")
 
 
-def _plan_dp_train(cfg: DictConfig, n: int) -> list[PlannedStage]:
-    batch = cfg.method.train.batch_size
-    if batch > n:
-        raise ConfigError("method.train.batch_size", batch, f"exceeds the training split (N={n})",
-                          f"use at most {n}")
-    return [PlannedStage(stage="dp_train", mechanism="poisson_subsampled_gaussian",
-                         sample_rate=batch / n, count=cfg.method.train.steps)]
+def _plan_dp_sgd(stage: str) -> Callable[[DictConfig, int], list[PlannedStage]]:
+    """A DP-SGD stage: ``method.train.steps`` Poisson-subsampled Gaussian steps at q = batch/N."""
+
+    def plan(cfg: DictConfig, n: int) -> list[PlannedStage]:
+        batch = cfg.method.train.batch_size
+        if batch > n:
+            raise ConfigError("method.train.batch_size", batch, f"exceeds the training split (N={n})",
+                              f"use at most {n}")
+        return [PlannedStage(stage=stage, mechanism="poisson_subsampled_gaussian",
+                             sample_rate=batch / n, count=cfg.method.train.steps)]
+
+    return plan
 
 
+# Stages not listed here (public pretraining, sampling, evaluation) cost nothing.
 STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
-    "dp_train": _plan_dp_train,
+    "dp_train": _plan_dp_sgd("dp_train"),
+    "dp_finetune": _plan_dp_sgd("dp_finetune"),
 }
 
 

@@ -19,7 +19,6 @@ from dpgen.data import build_public_dataset
 from dpgen.io import AtomicCheckpointIO, save_torch
 from dpgen.loggers import stage_callbacks, stage_loggers
 from dpgen.methods import METHODS, DiffusionModule
-from dpgen.models.unet import build_unet
 from dpgen.privacy.callback import PrivacyAccountantCallback
 from dpgen.privacy.sampling import PoissonDataModule
 from dpgen.privacy.strategy import DPSGDConfig, DPSGDStrategy
@@ -33,19 +32,12 @@ FINAL_WEIGHTS = "model.pt"
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
-    data = cfg.data
-    unet = build_unet(OmegaConf.to_container(cfg.model), data.image_size, data.channels, data.num_classes)
-    m = cfg.method
-    return METHODS[m.name](
-        unet=unet, num_classes=data.num_classes, diffusion=OmegaConf.to_container(cfg.diffusion),
-        timesteps=OmegaConf.to_container(m.timesteps), lr=m.train.lr, multiplicity=m.multiplicity,
-        label_dropout=m.label_dropout, hflip=m.hflip,
-    )
+    return METHODS[cfg.method.name].from_config(cfg)
 
 
 def load_final_module(ctx: RunContext) -> DiffusionModule:
     module = build_module(ctx.cfg)
-    module.unet.load_state_dict(torch.load(ctx.path(FINAL_WEIGHTS), map_location="cpu"))
+    module.load_generator_state_dict(torch.load(ctx.path(FINAL_WEIGHTS), map_location="cpu"))
     return module
 
 
@@ -82,7 +74,7 @@ def _resume_path(checkpoint_dir: Path) -> str | None:
 
 
 def _save_final(ctx: RunContext, module: DiffusionModule) -> None:
-    save_torch(ctx.path(FINAL_WEIGHTS), module.unet.state_dict())
+    save_torch(ctx.path(FINAL_WEIGHTS), module.generator_state_dict())
 
 
 def _shuffled_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
@@ -102,10 +94,24 @@ def _relabel_public(ctx: RunContext) -> TensorDataset:
     return TensorDataset(public.images, mapping[public.labels])
 
 
+def hashed_cache_path(cfg: DictConfig, prefix: str, key: dict) -> Path:
+    """``<cache_dir>/pretrained/<prefix>-<hash of key>.pt``: public pretraining depends on no
+    sensitive data, so it is keyed by everything that determines its weights and reused."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.paths.cache_dir) / "pretrained" / f"{prefix}-{digest}.pt"
+
+
+def public_config_key(cfg: DictConfig) -> dict:
+    """The public set's generating config (where it is cached does not change it)."""
+    public = OmegaConf.to_container(cfg.public, resolve=True)
+    public.pop("cache_dir", None)
+    return public
+
+
 def pretrain_cache_path(cfg: DictConfig) -> Path:
-    """Public pretraining depends on no sensitive data: key it by the config that produces it."""
+    """Where ``pretrain_public`` caches the pixel UNet it trains on the public set."""
     key = {
-        "public": OmegaConf.to_container(cfg.public, resolve=True),
+        "public": public_config_key(cfg),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
         "pretrain": OmegaConf.to_container(cfg.method.pretrain_public, resolve=True),
@@ -113,9 +119,7 @@ def pretrain_cache_path(cfg: DictConfig) -> Path:
         "classes": cfg.data.num_classes,
         "seed": cfg.seed,
     }
-    key["public"].pop("cache_dir", None)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.paths.cache_dir) / "pretrained" / f"unet-{cfg.model.name}-{digest}.pt"
+    return hashed_cache_path(cfg, f"unet-{cfg.model.name}", key)
 
 
 def pretrain_public(ctx: RunContext) -> None:
@@ -170,19 +174,24 @@ def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy:
     return DPSGDStrategy(dp, ledger=ledger, device=device)
 
 
-def dp_train(ctx: RunContext) -> None:
+def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: str) -> None:
+    """DP-SGD on ``dataset`` (the sensitive training split, or a public function of each of
+    its examples) for ``method.train.steps`` logical steps, as planned for ``stage``; resumes
+    from the last checkpoint; writes the final weights."""
     cfg = ctx.cfg
-    module = build_module(cfg)
-    _init_from_pretraining(ctx, module)
-    strategy = dp_strategy(ctx)
-    remaining = ctx.ledger.remaining_steps("dp_train")
-    total = cfg.method.train.steps
-    accountant = PrivacyAccountantCallback(ctx.ledger, "dp_train", ctx.privacy_json,
-                                           cfg.privacy.log_every_n_steps)
+    strategy = dp_strategy(ctx, stage)
+    remaining = ctx.ledger.remaining_steps(stage)
+    accountant = PrivacyAccountantCallback(ctx.ledger, stage, ctx.privacy_json, cfg.privacy.log_every_n_steps)
     ckpt_dir = ctx.path("checkpoints")
-    trainer = _trainer(ctx, "dp_train", total, [accountant, *_ema(cfg.method.get("ema_decay"))], strategy=strategy,
-                       checkpoint_dir=ckpt_dir)
-    data = PoissonDataModule(ctx.train_set, strategy.dp_config.sample_rate, steps=max(remaining, 1))
+    trainer = _trainer(ctx, stage, cfg.method.train.steps, [accountant, *_ema(cfg.method.get("ema_decay"))],
+                       strategy=strategy, checkpoint_dir=ckpt_dir)
+    data = PoissonDataModule(dataset, strategy.dp_config.sample_rate, steps=max(remaining, 1))
     trainer.fit(module, datamodule=data, ckpt_path=_resume_path(ckpt_dir))
     ctx.ledger.write(ctx.privacy_json)
     _save_final(ctx, module)
+
+
+def dp_train(ctx: RunContext) -> None:
+    module = build_module(ctx.cfg)
+    _init_from_pretraining(ctx, module)
+    fit_dp(ctx, module, ctx.train_set, "dp_train")
