@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpgen.data import build_public_dataset
@@ -61,8 +62,13 @@ def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callba
 
 
 def _ema(decay: float | None) -> list[Callback]:
-    """EMA of weights, updated once per optimizer step (= once per logical DP step)."""
-    return [EMAWeightAveraging(decay=decay)] if decay else []
+    """EMA of weights, updated once per optimizer step (= once per logical DP step).
+
+    torch's multi-tensor EMA is a lerp, which leaves a weight that did not move bit-identical;
+    Lightning's ``EMAWeightAveraging`` computes ``decay*avg + (1-decay)*w``, which drifts by
+    rounding, and frozen weights (DP-LDM fine-tunes a subset) must stay the pretrained ones.
+    """
+    return [WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(decay))] if decay else []
 
 
 def _resume_path(checkpoint_dir: Path) -> str | None:
