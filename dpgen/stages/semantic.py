@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpgen.data import TensorImageDataset, build_public_dataset
 from dpgen.eval.downstream import TrainSettings, train_classifier
+from dpgen.eval.threads import cpu_threads
 from dpgen.io import save_torch, write_json
 from dpgen.models.classifiers import build_classifier
 from dpgen.privacy.ledger import GAUSSIAN
@@ -59,8 +60,9 @@ SELECTION_FILE = "selection.json"
 
 # -- 1. the query classifier (public data only) ---------------------------------------------
 def query_classifier_cache_path(cfg: DictConfig) -> Path:
-    key = {"public": public_config_key(cfg), "classifier": OmegaConf.to_container(cfg.method.query_classifier),
-           "seed": cfg.seed}
+    classifier = OmegaConf.to_container(cfg.method.query_classifier)
+    classifier.pop("num_threads", None)  # how fast, not what it learns
+    key = {"public": public_config_key(cfg), "classifier": classifier, "seed": cfg.seed}
     return hashed_cache_path(cfg, f"query-classifier-{cfg.method.query_classifier.name}", key)
 
 
@@ -77,8 +79,9 @@ def train_query_classifier(ctx: RunContext) -> None:
     public = build_public_dataset(cfg.public)
     # The validation split (of public glyphs) picks the epoch; no sensitive data is seen.
     settings = TrainSettings(epochs=q.epochs, batch_size=q.batch_size, lr=q.lr, val_fraction=0.1)
-    trained = train_classifier(public.images, public.labels, public.info.num_classes, q.name, settings,
-                               seed=cfg.seed, progress=False)
+    with cpu_threads(q.get("num_threads")):
+        trained = train_classifier(public.images, public.labels, public.info.num_classes, q.name, settings,
+                                   seed=cfg.seed, progress=False)
     save_torch(cache, {"state_dict": trained.model.state_dict(), "class_names": list(public.info.class_names),
                        "val_accuracy": trained.val_accuracy})
     log.info("train_query_classifier: %s over %d public classes, %.1f %% on held-out public images; cached %s",
@@ -154,7 +157,8 @@ def dp_semantic_query(ctx: RunContext, generator: torch.Generator | None = None)
 
     classifier, public_names = load_query_classifier(cfg)
     sensitive_names = [str(n) for n in ctx.train_set.info.class_names]
-    votes, labels = top_k_votes(classifier, ctx.train_set, m.query_top_k)
+    with cpu_threads(m.query_classifier.get("num_threads")):
+        votes, labels = top_k_votes(classifier, ctx.train_set, m.query_top_k)
     sigma = ledger.planned_noise_multiplier(QUERY_STAGE)
     ledger.record(QUERY_STAGE, GAUSSIAN, sigma)  # charged before the noise is drawn
     ledger.write(ctx.privacy_json)
