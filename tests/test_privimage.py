@@ -229,9 +229,12 @@ def test_privimage_without_public_data_is_refused(tmp_path):
 def test_privimage_end_to_end_composes_query_and_training(privimage_cfg, tmp_path):
     cfg = privimage_cfg("privacy.eps=1", "method.query_classifier.epochs=1")
     run_dir = tmp_path / "run"
-    run_pipeline(cfg, run_dir)
+    ctx = run_pipeline(cfg, run_dir)
     for name in ("selection.json", "samples.npz", "metrics.json", "model.pt"):
         assert (run_dir / name).exists(), name
+    selected = json.loads((run_dir / "selection.json").read_text())["selected"]
+    assert sorted(selected) == [str(d) for d in range(10)] and all(len(c) == 3 for c in selected.values())
+    assert selected_pretraining_path(ctx).exists()  # pretrained on this selection, then fine-tuned
     stages = json.loads((run_dir / "stages.json").read_text())["completed"]
     assert stages == list(cfg.method.stages)
     assert json.loads((run_dir / "metrics.json").read_text())["method"] == "privimage"
