@@ -4,7 +4,9 @@ from dpgen.methods.base import DiffusionModule
 from dpgen.methods.dpdm import DPDMModule
 from dpgen.methods.dpldm import DPLDMModule
 from dpgen.methods.nonprivate import NonPrivateDiffusion
+from dpgen.methods.privimage import PrivImageModule
 
-METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule}
+METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule,
+           "privimage": PrivImageModule}
 
-__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "NonPrivateDiffusion"]
+__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "NonPrivateDiffusion", "PrivImageModule"]

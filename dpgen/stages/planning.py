@@ -41,10 +41,22 @@ def _plan_dp_sgd(stage: str) -> Callable[[DictConfig, int], list[PlannedStage]]:
     return plan
 
 
+def _plan_semantic_query(cfg: DictConfig, n: int) -> list[PlannedStage]:
+    """PrivImage's vote histogram: one Gaussian release, with a fixed ``method.query_sigma`` or
+    calibrated alone to ``method.query_budget_fraction`` of the target; training gets the rest."""
+    m = cfg.method
+    if m.selection != "semantic":
+        return []  # selection=all: no query, nothing to charge
+    sigma = m.get("query_sigma")
+    return [PlannedStage(stage="dp_semantic_query", mechanism="gaussian", count=1, noise_multiplier=sigma,
+                         budget_fraction=m.query_budget_fraction if sigma is None else None)]
+
+
 # Stages not listed here (public pretraining, sampling, evaluation) cost nothing.
 STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
     "dp_train": _plan_dp_sgd("dp_train"),
     "dp_finetune": _plan_dp_sgd("dp_finetune"),
+    "dp_semantic_query": _plan_semantic_query,
 }
 
 

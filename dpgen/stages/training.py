@@ -114,8 +114,9 @@ def public_config_key(cfg: DictConfig) -> dict:
     return public
 
 
-def pretrain_cache_path(cfg: DictConfig) -> Path:
-    """Where ``pretrain_public`` caches the pixel UNet it trains on the public set."""
+def pretrain_cache_path(cfg: DictConfig, selection: list[list[str]] | None = None) -> Path:
+    """Where ``pretrain_public`` caches the pixel UNet it trains on the public set; with a
+    ``selection`` (public class names per sensitive class), the UNet trained on that subset."""
     key = {
         "public": public_config_key(cfg),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -125,6 +126,8 @@ def pretrain_cache_path(cfg: DictConfig) -> Path:
         "classes": cfg.data.num_classes,
         "seed": cfg.seed,
     }
+    if selection is not None:
+        key["selection"] = selection
     return hashed_cache_path(cfg, f"unet-{cfg.model.name}", key)
 
 
@@ -137,22 +140,37 @@ def pretrain_public(ctx: RunContext) -> None:
     if cache.exists():
         log.info("pretrain_public: reusing cached public pretraining %s", cache)
         return
+    pretrain_unet(ctx, "pretrain_public", _relabel_public(ctx), cache)
+
+
+def pretrain_unet(ctx: RunContext, stage: str, data: Dataset, cache: Path) -> None:
+    """Non-private training of the method's UNet on public ``data`` (labels in the sensitive
+    label space) as ``method.pretrain_public`` says; the weights go to ``cache``."""
+    cfg = ctx.cfg
     p = cfg.method.pretrain_public
     module = build_module(cfg)
     module.lr = p.lr
     # Multiplicity reduces the variance of *clipped, noised* gradients; without privacy it is
     # just a larger batch, so public pretraining uses K=1 and spends its compute on steps.
     module.multiplicity = 1
-    data = _relabel_public(ctx)
-    trainer = _trainer(ctx, "pretrain_public", p.steps, _ema(p.get("ema_decay")))
+    trainer = _trainer(ctx, stage, p.steps, _ema(p.get("ema_decay")))
     trainer.fit(module, _shuffled_loader(data, p.batch_size, cfg.seed))
     save_torch(cache, module.unet.state_dict())
-    log.info("pretrain_public: cached %s", cache)
+    log.info("%s: cached %s", stage, cache)
 
 
 def _init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
-    if ctx.cfg.method.get("pretrain", "none") == "public":
-        module.unet.load_state_dict(torch.load(pretrain_cache_path(ctx.cfg), map_location="cpu"))
+    source = ctx.cfg.method.get("pretrain", "none")
+    if source == "public":
+        weights = pretrain_cache_path(ctx.cfg)
+    elif source == "selection":
+        # PrivImage: the stages that select and pretrain build on this module.
+        from dpgen.stages.semantic import selected_pretraining_path
+
+        weights = selected_pretraining_path(ctx)
+    else:
+        return
+    module.unet.load_state_dict(torch.load(weights, map_location="cpu"))
 
 
 # -- non-private training on the sensitive data ---------------------------------------------
