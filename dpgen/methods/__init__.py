@@ -3,8 +3,9 @@
 from dpgen.methods.base import DiffusionModule
 from dpgen.methods.dpdm import DPDMModule
 from dpgen.methods.dpldm import DPLDMModule
+from dpgen.methods.feta import FETAModule
 from dpgen.methods.nonprivate import NonPrivateDiffusion
 
-METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule}
+METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule, "feta": FETAModule}
 
-__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "NonPrivateDiffusion"]
+__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "FETAModule", "NonPrivateDiffusion"]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dpgen")
 
 FINAL_WEIGHTS = "model.pt"
+WARMUP_WEIGHTS = "warmup.pt"  # written by the warm-up stage (dpgen/stages/central.py)
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
@@ -150,16 +151,25 @@ def pretrain_public(ctx: RunContext) -> None:
     log.info("pretrain_public: cached %s", cache)
 
 
-def _init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
+def init_from_public(ctx: RunContext, module: DiffusionModule) -> None:
     if ctx.cfg.method.get("pretrain", "none") == "public":
         module.unet.load_state_dict(torch.load(pretrain_cache_path(ctx.cfg), map_location="cpu"))
+
+
+def _init_weights(ctx: RunContext, module: DiffusionModule) -> None:
+    """Training starts from the run's warm-up when the method has one (the warm-up itself
+    started from the public pretraining), else from the public pretraining if configured."""
+    if "warmup" in ctx.cfg.method.stages:
+        module.load_generator_state_dict(torch.load(ctx.path(WARMUP_WEIGHTS), map_location="cpu"))
+    else:
+        init_from_public(ctx, module)
 
 
 # -- non-private training on the sensitive data ---------------------------------------------
 def train(ctx: RunContext) -> None:
     cfg = ctx.cfg
     module = build_module(cfg)
-    _init_from_pretraining(ctx, module)
+    _init_weights(ctx, module)
     ckpt_dir = ctx.path("checkpoints")
     trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg.method.get("ema_decay")), checkpoint_dir=ckpt_dir)
     trainer.fit(module, _shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed),
@@ -199,5 +209,5 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
 
 def dp_train(ctx: RunContext) -> None:
     module = build_module(ctx.cfg)
-    _init_from_pretraining(ctx, module)
+    _init_weights(ctx, module)
     fit_dp(ctx, module, ctx.train_set, "dp_train")
