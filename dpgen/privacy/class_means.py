@@ -63,12 +63,15 @@ class CentralImageQuery:
         return range_bound if self.clip_norm is None else min(float(self.clip_norm), range_bound)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, C, S, S]`` model images -> ``[N, C, r, r]`` in [0, 1] with L2 norm <= sensitivity."""
-        x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        x = F.adaptive_avg_pool2d(x, self.resolution)
+        """``[N, C, S, S]`` model images -> float64 ``[N, C, r, r]`` in [0, 1], L2 norm <= sensitivity."""
+        x = ((images.double() + 1.0) / 2.0).clamp(0.0, 1.0)
+        # Clamped again: rounding in the average must not push an entry past 1.
+        x = F.adaptive_avg_pool2d(x, self.resolution).clamp(0.0, 1.0)
         if self.clip_norm is not None:
+            # Scaled to just inside the bound, so that rounding cannot leave a norm above it.
+            target = float(self.clip_norm) * (1.0 - 1e-9)
             norms = x.flatten(1).norm(dim=1).clamp_min(1e-12)
-            x = x * (self.clip_norm / norms).clamp(max=1.0)[:, None, None, None]
+            x = x * (target / norms).clamp(max=1.0)[:, None, None, None]
         return x
 
     def class_sums(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,7 +81,7 @@ class CentralImageQuery:
         """
         x = self.preprocess(images)
         sums = torch.zeros((self.num_classes, *x.shape[1:]), dtype=torch.float64)
-        return sums.index_add_(0, labels.long(), x.double())
+        return sums.index_add_(0, labels.long(), x)
 
     def release(
         self,
