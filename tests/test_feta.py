@@ -13,7 +13,7 @@ from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation
 
 from dpgen.config import validate_config
-from dpgen.data.curriculum import CurriculumBatches, Phase
+from dpgen.data.curriculum import CurriculumBatches, Phase, random_affine
 from dpgen.errors import ConfigError
 from dpgen.pipeline import RunContext, run_pipeline
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts
@@ -109,13 +109,24 @@ def test_curriculum_goes_from_blurred_to_sharp():
     g = seeded(2)
     images = (torch.rand(6, 1, 16, 16, generator=g) > 0.7).float() * 2 - 1
     batches = list(CurriculumBatches(images, torch.arange(6), [Phase(3, 1.5), Phase(3, 0.0)], 8,
-                                     augment=lambda x: x, seed=0))
+                                     augment=lambda x, g: x, seed=0))
     assert len(batches) == 6 and all(x.shape == (8, 1, 16, 16) for x, _ in batches)
 
     def roughness(x):  # mean absolute difference of horizontal neighbours
         return (x[..., 1:] - x[..., :-1]).abs().mean().item()
 
     assert max(roughness(x) for x, _ in batches[:3]) < 0.5 * min(roughness(x) for x, _ in batches[3:])
+
+
+def test_random_affine_distorts_each_image_on_its_own():
+    x = -torch.ones(8, 1, 16, 16)
+    x[:, :, 4:12, 6:10] = 1.0
+    g = seeded(3)
+    assert torch.allclose(random_affine(0, 0, [1, 1], 0)(x, g), x, atol=1e-5)
+    y = random_affine(15, 0.12, [0.85, 1.15], 10)(x, g)
+    assert y.shape == x.shape and y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5
+    assert all(not torch.allclose(y[0], y[i], atol=1e-3) for i in range(1, 8))
+    assert torch.allclose(y[:, :, 0, 0], torch.full((8, 1), -1.0))  # background fill stays background
 
 
 def test_feta_end_to_end(tiny_cfg, tmp_path, monkeypatch):

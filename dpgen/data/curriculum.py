@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import IterableDataset
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 
@@ -33,19 +33,38 @@ def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def random_affine(degrees: float, translate: float, scale: Sequence[float], shear: float,
-                  fill: float = -1.0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-image random affine distortion of a ``[N, C, S, S]`` batch (background ``fill``)."""
-    transform = v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale),
-                                shear=shear, fill=fill)
-    # torchvision draws one set of parameters per call, so a batch is distorted image by image.
-    return lambda batch: torch.stack([transform(x) for x in batch])
+                  fill: float = -1.0) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """Per-image random affine distortion of a ``[N, C, S, S]`` batch, in one resampling.
+
+    Rotation in [-degrees, degrees], horizontal shear angle in [-shear, shear] degrees, zoom in
+    ``scale``, shift up to ``translate`` of the image size; pixels from outside are ``fill``.
+    (torchvision's RandomAffine draws one set of parameters per call, i.e. per batch.)
+    """
+    lo, hi = scale
+
+    def apply(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        u = torch.rand(len(x), 5, generator=g, dtype=torch.float64) * 2 - 1
+        angle, sh = torch.deg2rad(u[:, 0] * degrees), torch.deg2rad(u[:, 1] * shear)
+        zoom = lo + (hi - lo) * (u[:, 2] + 1) / 2
+        cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
+        rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        shearing = torch.stack([torch.stack([one, sh.tan()], -1), torch.stack([zero, one], -1)], -2)
+        forward = rot @ shearing * zoom[:, None, None]
+        shift = 2 * translate * u[:, 3:5]  # normalised coordinates span 2 per image side
+        # grid_sample pulls: output point p reads the input at forward^-1 (p - shift).
+        inverse = torch.linalg.inv(forward)
+        theta = torch.cat([inverse, -(inverse @ shift[:, :, None])], -1).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x - fill, grid, align_corners=False, padding_mode="zeros") + fill
+
+    return apply
 
 
 class CurriculumBatches(IterableDataset):
     """``sum(phase.steps)`` batches ``(images, labels)``: each phase's images blurred by its sigma."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, phases: Sequence[Phase], batch_size: int,
-                 augment: Callable[[torch.Tensor], torch.Tensor], seed: int) -> None:
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], seed: int) -> None:
         self.images = images
         self.labels = labels
         self.phases = list(phases)
@@ -62,4 +81,4 @@ class CurriculumBatches(IterableDataset):
             blurred = blur(self.images, phase.blur)
             for _ in range(phase.steps):
                 idx = torch.randint(len(self.images), (self.batch_size,), generator=g)
-                yield self.augment(blurred[idx]), self.labels[idx]
+                yield self.augment(blurred[idx], g), self.labels[idx]
