@@ -1,5 +1,6 @@
 """Stages a run is made of; ``method.stages`` names them in order."""
 
+from dpgen.stages.central import dp_central_images, warmup
 from dpgen.stages.evaluate import evaluate
 from dpgen.stages.latent import dp_finetune, pretrain_autoencoder, pretrain_ldm
 from dpgen.stages.sample import sample
@@ -10,6 +11,8 @@ STAGES = {
     "pretrain_public": pretrain_public,
     "train": train,
     "dp_train": dp_train,
+    "dp_central_images": dp_central_images,
+    "warmup": warmup,
     "pretrain_autoencoder": pretrain_autoencoder,
     "pretrain_ldm": pretrain_ldm,
     "dp_finetune": dp_finetune,

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dpgen")
 
 FINAL_WEIGHTS = "model.pt"
+WARMUP_WEIGHTS = "warmup.pt"  # written by the warm-up stage (dpgen/stages/central.py)
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
@@ -159,7 +160,9 @@ def pretrain_unet(ctx: RunContext, stage: str, data: Dataset, cache: Path) -> No
     log.info("%s: cached %s", stage, cache)
 
 
-def _init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
+def init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
+    """Load the run's non-private pretraining, if the method has one: the public set's
+    (``method.pretrain=public``) or PrivImage's selected subset (``method.pretrain=selection``)."""
     source = ctx.cfg.method.get("pretrain", "none")
     if source == "public":
         weights = pretrain_cache_path(ctx.cfg)
@@ -173,11 +176,20 @@ def _init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
     module.unet.load_state_dict(torch.load(weights, map_location="cpu"))
 
 
+def _init_weights(ctx: RunContext, module: DiffusionModule) -> None:
+    """Training starts from the run's warm-up when the method has one (the warm-up itself
+    started from the public pretraining), else from the public pretraining if configured."""
+    if "warmup" in ctx.cfg.method.stages:
+        module.load_generator_state_dict(torch.load(ctx.path(WARMUP_WEIGHTS), map_location="cpu"))
+    else:
+        init_from_pretraining(ctx, module)
+
+
 # -- non-private training on the sensitive data ---------------------------------------------
 def train(ctx: RunContext) -> None:
     cfg = ctx.cfg
     module = build_module(cfg)
-    _init_from_pretraining(ctx, module)
+    _init_weights(ctx, module)
     ckpt_dir = ctx.path("checkpoints")
     trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg.method.get("ema_decay")), checkpoint_dir=ckpt_dir)
     trainer.fit(module, _shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed),
@@ -217,5 +229,5 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
 
 def dp_train(ctx: RunContext) -> None:
     module = build_module(ctx.cfg)
-    _init_from_pretraining(ctx, module)
+    _init_weights(ctx, module)
     fit_dp(ctx, module, ctx.train_set, "dp_train")
