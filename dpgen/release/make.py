@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _identity(run: SourceRun, spec: ReleaseSpec) -> dict[str, Any]:
-    """What a resumed release must share with the one it continues."""
-    return {"model_sha256": _sha256(run.weights), **spec.to_json()}
+def generator_identity(weights: Path, spec: ReleaseSpec) -> dict[str, Any]:
+    """What a resumed set of shards must share with the one it continues: the generator's
+    weights and the request."""
+    return {"model_sha256": _sha256(weights), **spec.to_json()}
 
 
 def _existing_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -85,38 +88,37 @@ def _training_split_size(run: SourceRun) -> int:
     return int(size) if size is not None else len(build_dataset(run.cfg.data, "train"))
 
 
-def make_release(run_dir: str | Path, out: str | Path, spec: ReleaseSpec, device: str = "cpu",
-                 progress: bool = True) -> Path:
-    """Write (or finish) the release; returns the output directory."""
-    out = Path(out)
-    run = open_run(run_dir)
-    names = run.class_names
-    spec.check(len(names))
-    identity = _identity(run, spec)
-    manifest = _existing_manifest(out, identity)
-    if manifest is not None and manifest.get("complete"):
-        log.info("release: %s is already complete", out)
-        return out
-
+def write_shards(module: DiffusionModule, sample_cfg: DictConfig, out: Path, spec: ReleaseSpec,
+                 identity: dict[str, Any], class_names: Sequence[str], progress: bool = True,
+                 replace_other: bool = False) -> dict[str, Any]:
+    """Sample and write every shard of ``spec`` that ``out``'s manifest does not list as done
+    (creating the manifest for a fresh directory); returns the manifest. ``out`` must be empty
+    or hold a release with this ``identity``; with ``replace_other``, any other content of
+    ``out`` is deleted first (for samples dpgen itself keeps, never for a user's release)."""
+    try:
+        manifest = _existing_manifest(out, identity)
+    except ReleaseError:
+        if not replace_other:
+            raise
+        log.info("release: %s holds samples of another configuration; replacing them", out)
+        shutil.rmtree(out)
+        manifest = None
+    manifest = manifest or {"release": identity, "shards": {}, "complete": False}
     out.mkdir(parents=True, exist_ok=True)
-    if manifest is None:
-        manifest = {"release": identity, "source_run": str(run.run_dir.resolve()), "shards": {}, "complete": False}
-        write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     remove_partial_files(out)
-
     shards = spec.shards
-    labels = release_labels(spec.num_samples, len(names), spec.class_prior)
+    labels = release_labels(spec.num_samples, len(class_names), spec.class_prior)
     done = manifest["shards"]
-    module = run.generator.to(device)
     bar = tqdm(total=spec.num_samples, initial=sum(b - a for i, (a, b) in enumerate(shards) if str(i) in done),
                desc="release", unit="img", disable=not progress)
     for i, (a, b) in enumerate(shards):
         if str(i) in done:
             continue
-        images = sample_shard(module, labels[a:b], run.cfg.sample, shard_seed(spec.seed, i), spec.batch_size)
+        images = sample_shard(module, labels[a:b], sample_cfg, shard_seed(spec.seed, i), spec.batch_size)
         entry: dict[str, Any] = {"start": a, "stop": b}  # imagefolder names follow from the range
         if spec.format == "imagefolder":
-            write_imagefolder_shard(out, a, images, labels[a:b], names, spec.num_samples)
+            write_imagefolder_shard(out, a, images, labels[a:b], class_names, spec.num_samples)
         else:
             write_npz_shard(out, i, len(shards), images, labels[a:b])
             entry["file"] = npz_name(i, len(shards))
@@ -124,10 +126,37 @@ def make_release(run_dir: str | Path, out: str | Path, spec: ReleaseSpec, device
         write_json(out / MANIFEST, manifest)
         bar.update(b - a)
     bar.close()
+    return manifest
 
+
+def read_npz_shards(out: Path, spec: ReleaseSpec) -> tuple[np.ndarray, np.ndarray]:
+    """A finished npz release as one array of images (uint8 [N, H, W, C]) and one of labels."""
+    images, labels = [], []
+    for i in range(len(spec.shards)):
+        with np.load(out / npz_name(i, len(spec.shards))) as z:
+            images.append(z["images"])
+            labels.append(z["labels"])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def make_release(run_dir: str | Path, out: str | Path, spec: ReleaseSpec, device: str = "cpu",
+                 progress: bool = True) -> Path:
+    """Write (or finish) the release; returns the output directory."""
+    out = Path(out)
+    run = open_run(run_dir)
+    names = run.class_names
+    spec.check(len(names))
+    identity = generator_identity(run.weights, spec)
+    manifest = _existing_manifest(out, identity)
+    if manifest is not None and manifest.get("complete"):
+        log.info("release: %s is already complete", out)
+        return out
+
+    manifest = write_shards(run.generator.to(device), run.cfg.sample, out, spec, identity, names, progress)
     counts = class_counts(spec.num_samples, len(names), spec.class_prior)
+    n_shards = len(spec.shards)
     files = ("one folder per class of PNGs, <class>/<sample index>.png" if spec.format == "imagefolder"
-             else f"{len(shards)} npz shards samples-*-of-{len(shards):05d}.npz, each with images uint8 "
+             else f"{n_shards} npz shards samples-*-of-{n_shards:05d}.npz, each with images uint8 "
                   "[n, H, W, C] and labels int64 [n]")
     write_datacard(out, build_datacard(run, spec, counts, _training_split_size(run), device, files))
     manifest["complete"] = True
