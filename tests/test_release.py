@@ -147,10 +147,11 @@ def test_refuses_a_run_it_cannot_release(case, run_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("num", "fmt", "expected"), [(0, "npz", "must be > 0"), (-3, "imagefolder", "must be > 0"),
-                                                      (5, "tfrecord", "unknown format")])
-def test_refuses_a_bad_request(num, fmt, expected, run_dir, tmp_path):
-    assert expected in _refused([run_dir, "--num-samples", num, "--format", fmt, "--out", tmp_path / "out"])
+@pytest.mark.parametrize(("num", "fmt", "extra", "expected"), [
+    (0, "npz", [], "must be > 0"), (-3, "imagefolder", [], "must be > 0"), (5, "tfrecord", [], "unknown format"),
+    (5, "npz", ["--precision", "fp8"], "--precision=fp8: unknown")])
+def test_refuses_a_bad_request(num, fmt, extra, expected, run_dir, tmp_path):
+    assert expected in _refused([run_dir, "--num-samples", num, "--format", fmt, "--out", tmp_path / "out", *extra])
     assert not (tmp_path / "out").exists()
 
 

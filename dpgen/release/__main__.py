@@ -9,7 +9,7 @@ import sys
 import torch
 
 from dpgen.release.make import make_release
-from dpgen.release.shards import FORMATS, ReleaseSpec
+from dpgen.release.shards import FORMATS, PRECISIONS, ReleaseSpec
 from dpgen.release.source import ReleaseError, open_run
 
 
@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--class-prior", type=_prior, default=None,
                    help="public class weights, comma-separated, one per class (default: class-balanced). "
                         "Never the sensitive proportions: those are private")
+    p.add_argument("--precision", default="32",
+                   help=f"one of {', '.join(PRECISIONS)}: bf16 autocasts the networks, ~1.7x faster on CPUs "
+                        "with bf16 units, pixels within a few grey levels of fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         batch = args.batch_size if args.batch_size is not None else int(open_run(args.run_dir).cfg.sample.batch_size)
         spec = ReleaseSpec(num_samples=args.num_samples, format=args.format, seed=args.seed,
-                           shard_size=args.shard_size, batch_size=batch, class_prior=args.class_prior)
+                           shard_size=args.shard_size, batch_size=batch, class_prior=args.class_prior,
+                           precision=args.precision)
         out = make_release(args.run_dir, args.out, spec, device=args.device)
     except ReleaseError as err:
         sys.exit(f"dpgen.release: {err}")

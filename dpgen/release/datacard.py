@@ -99,7 +99,8 @@ def build_datacard(run: SourceRun, spec: ReleaseSpec, class_counts: list[int], t
         "public_data": _public_data(run),
         "model": {"name": cfg.model.name, **_parameters(run)},
         "sampler": {"name": "ddim", "eta": 0.0, "steps": cfg.sample.steps,
-                    "guidance_scale": cfg.sample.guidance_scale, "batch_size": spec.batch_size, "device": device},
+                    "guidance_scale": cfg.sample.guidance_scale, "batch_size": spec.batch_size, "precision": spec.precision,
+                    "device": device},
         "num_samples": spec.num_samples,
         "class_prior": "public" if spec.class_prior is not None else "uniform",
         "per_class_counts": dict(zip(run.class_names, class_counts)),
@@ -176,7 +177,8 @@ def card_markdown(card: dict[str, Any]) -> str:
              if public else "none"),
         _row("model", f"{m['name']}: {m['trainable_parameters']:,} trainable of {m['total_parameters']:,} "
                       f"parameters ({m['sampling_parameters']:,} used for sampling)"),
-        _row("sampler", f"{smp['name']}, {smp['steps']} steps, guidance scale {smp['guidance_scale']}, eta 0"),
+        _row("sampler", f"{smp['name']}, {smp['steps']} steps, guidance scale {smp['guidance_scale']}, eta 0, "
+                        f"{'bfloat16 autocast' if smp['precision'] == 'bf16' else 'fp32'}"),
         _row("samples", card["num_samples"]),
         _row("class prior", card["class_prior"] + (f" {card['class_prior_weights']}" if "class_prior_weights" in card else "")),
         _row("per-class counts", ", ".join(f"{k}: {v}" for k, v in card["per_class_counts"].items())),

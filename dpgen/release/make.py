@@ -74,10 +74,12 @@ def _existing_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | 
 
 
 def sample_shard(module: DiffusionModule, labels: np.ndarray, sample_cfg: DictConfig, seed: int,
-                 batch_size: int) -> np.ndarray:
-    """uint8 [n, H, W, C] samples for ``labels`` with the run's sampler settings."""
+                 batch_size: int, precision: str = "32") -> np.ndarray:
+    """uint8 [n, H, W, C] samples for ``labels`` with the run's sampler settings; ``bf16`` runs
+    the networks under bfloat16 autocast (the sampler's arithmetic and the noise stay fp32)."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
+    device = next(module.parameters()).device.type
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
         images = module.sample(torch.from_numpy(labels), sample_cfg.steps, sample_cfg.guidance_scale,
                                generator=generator, batch_size=batch_size, progress=False)
     return to_uint8_hwc(images)
@@ -115,7 +117,8 @@ def write_shards(module: DiffusionModule, sample_cfg: DictConfig, out: Path, spe
     for i, (a, b) in enumerate(shards):
         if str(i) in done:
             continue
-        images = sample_shard(module, labels[a:b], sample_cfg, shard_seed(spec.seed, i), spec.batch_size)
+        images = sample_shard(module, labels[a:b], sample_cfg, shard_seed(spec.seed, i), spec.batch_size,
+                              spec.precision)
         entry: dict[str, Any] = {"start": a, "stop": b}  # imagefolder names follow from the range
         if spec.format == "imagefolder":
             write_imagefolder_shard(out, a, images, labels[a:b], class_names, spec.num_samples)

@@ -22,6 +22,7 @@ from dpgen.io import atomic_write
 from dpgen.release.source import ReleaseError
 
 FORMATS = ("imagefolder", "npz")
+PRECISIONS = ("32", "bf16")  # bf16: autocast, ~1.7x faster on CPUs with bf16 units (README)
 MANIFEST = "manifest.json"
 
 
@@ -33,12 +34,15 @@ class ReleaseSpec:
     shard_size: int = 1000
     batch_size: int = 250
     class_prior: tuple[float, ...] | None = None  # public class weights; None = class-balanced
+    precision: str = "32"
 
     def check(self, num_classes: int) -> None:
         if self.num_samples <= 0:
             raise ReleaseError(f"--num-samples={self.num_samples}: must be > 0. Fix: ask for at least one sample")
         if self.format not in FORMATS:
             raise ReleaseError(f"--format={self.format}: unknown format. Fix: use one of {', '.join(FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise ReleaseError(f"--precision={self.precision}: unknown. Fix: use one of {', '.join(PRECISIONS)}")
         for flag, value in (("--shard-size", self.shard_size), ("--batch-size", self.batch_size)):
             if value <= 0:
                 raise ReleaseError(f"{flag}={value}: must be > 0. Fix: use e.g. 1000")
