@@ -122,3 +122,21 @@ def test_concurrent_jobs_pretrain_once(tmp_path, caplog):
     assert sum(m.startswith("pretrain_public: reusing cached") for m in messages) == 1
     assert any("waiting for another job" in m for m in messages)
     assert pretrain_cache_path(cfg).exists()
+
+
+def test_tune_config_selects_optuna_and_returns_the_objective(tmp_path, monkeypatch):
+    """+tune=proxy puts Optuna in charge of the sweep, and a run returns its metric to it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    import dpgen.__main__ as entry
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+tune=proxy"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    assert "method.train.lr" in cfg.hydra.sweeper.params
+    (tmp_path / "metrics.json").write_text(json.dumps({"downstream_accuracy": {"mean": 0.875}}))
+    assert entry.objective(cfg, tmp_path) == 0.875
+    with open_dict(cfg):
+        cfg.objective = None
+    assert entry.objective(cfg, tmp_path) is None
