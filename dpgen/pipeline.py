@@ -117,6 +117,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
             if rank != 0:
                 if name in DDP_STAGES:
                     _wait_for_rank_zero(run_dir, stages[:i], since=start)
+                    if ctx.ledger is not None:  # rank 0's ledger, with what earlier stages spent
+                        ctx.ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
                     log.info("stage %s: rank %d joins", name, rank)
                     STAGES[name](ctx)
                 continue
