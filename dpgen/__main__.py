@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -12,29 +13,52 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
 from dpgen.config import validate_config
+from dpgen.distributed import export_submitit_local_ranks
 from dpgen.errors import ConfigError
 from dpgen.privacy.ledger import BudgetError
 
 log = logging.getLogger("dpgen")
 
 
-def main(cfg: DictConfig) -> None:
+TUNING_NOTE = ("hyperparameter search: every trial trains and evaluates on data=%s. If that is the "
+               "sensitive data, the choice among trials leaks privacy that privacy.json does not "
+               "account for; tune on public data or a non-private proxy (experiments/README.md)")
+
+
+def objective(cfg: DictConfig, run_dir: Path) -> float | None:
+    """The ``objective`` metric of a finished run, e.g. ``downstream_accuracy.mean``: what a
+    sweeper such as Optuna optimises (the value ``python -m dpgen`` returns to Hydra)."""
+    key = cfg.get("objective")
+    if not key:
+        return None
+    value = json.loads((run_dir / "metrics.json").read_text())
+    for part in str(key).split("."):
+        value = value[part]
+    return float(value)
+
+
+def main(cfg: DictConfig) -> float | None:
     # Configuration and budget problems end the run with one line, before any work starts
     # (the privacy plan, which needs N, is the pipeline's first step and touches no stage).
+    export_submitit_local_ranks()
     try:
         validate_config(cfg)
         from dpgen.pipeline import run_pipeline
 
+        if cfg.get("objective"):
+            log.warning(TUNING_NOTE, cfg.data.name)
         seed_everything(cfg.seed, workers=True, verbose=False)
-        run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_pipeline(cfg, run_dir)
+        return objective(cfg, run_dir)
     except (ConfigError, BudgetError) as err:
         log.error("%s", err)
         sys.exit(f"dpgen: {err}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    main(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return main(cfg)
 
 
 if __name__ == "__main__":

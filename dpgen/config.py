@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import validate_data_config, validate_public_config
+from dpgen.distributed import validate_trainer_config
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_eval_config
 from dpgen.loggers import validate_logger_config
@@ -62,6 +63,7 @@ def validate_config(cfg: DictConfig) -> None:
         _positive_int(cfg, key)
     validate_eval_config(cfg.eval, cfg.sample.num_samples)
     validate_logger_config(cfg.logger)
+    validate_trainer_config(cfg.trainer)
 
     if {"dp_train", "dp_finetune"} & set(m.stages):
         _check_dp_model(cfg)

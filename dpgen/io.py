@@ -1,16 +1,22 @@
-"""Atomic file writes: a crash mid-write leaves the previous file, never a truncated one."""
+"""Atomic file writes: a crash mid-write leaves the previous file, never a truncated one.
+Cache locks: two jobs of a sweep that need the same cache entry compute it once."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger("dpgen")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
@@ -42,3 +48,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
         save_torch(path, checkpoint)
+
+
+@contextmanager
+def cache_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``<path>.lock`` around "reuse the entry, else compute and save it atomically".
+
+    A second job that wants the same entry waits here and then finds it saved, so a sweep
+    computes each entry once. The lock is an OS file lock (released if the holder dies); the
+    ``.lock`` file itself stays behind, empty and harmless.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: waiting for another job that is computing %s", what, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from dpgen.data import build_dataset
-from dpgen.io import write_json
+from dpgen.distributed import process_rank
+from dpgen.io import atomic_write, write_json
 from dpgen.loggers import experiment, log_results
 from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.stages import STAGES
+from dpgen.stages import DDP_STAGES, STAGES
 from dpgen.stages.planning import plan_privacy
 
 log = logging.getLogger("dpgen")
@@ -77,30 +78,65 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
+def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: float = 2.0) -> None:
+    """Under an external launcher, ranks > 0 wait here until rank 0 has finished ``stages``
+    (or failed after ``since``, this attempt's start: older failures were resumed from)."""
+    while True:
+        state = _load_state(run_dir)
+        if state.get("failed_at", 0.0) >= since:
+            raise RuntimeError(f"rank 0 failed in stage {state['failed']}; see its log")
+        if set(stages) <= set(state["completed"]):
+            return
+        time.sleep(poll_s)
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
+    """Run (or resume) the method's stages in ``run_dir``.
+
+    When a cluster launcher started several ranks (dpgen/distributed.py), rank 0 runs every
+    stage and writes every file; the other ranks only join the DP-SGD stages.
+    """
     start = time.time()
+    rank = process_rank()
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run directory: %s", run_dir.resolve())
+    log.info("run directory: %s%s", run_dir.resolve(), f" (rank {rank})" if rank else "")
     _check_resume_config(cfg, run_dir)
-    OmegaConf.save(cfg, run_dir / "run_config.yaml", resolve=True)
+    if rank == 0:
+        atomic_write(run_dir / "run_config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode()))
     state = _load_state(run_dir)
+    for key in ("failed", "failed_at"):  # an earlier attempt's failure; this one resumes it
+        state.pop(key, None)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, wall_s=state["wall_s"])
     ctx.ledger = plan_privacy(ctx)
+    stages = list(cfg.method.stages)
     with experiment(cfg, run_dir):
-        for name in cfg.method.stages:
+        for i, name in enumerate(stages):
             if name in state["completed"]:
                 log.info("stage %s: already complete, skipping", name)
                 continue
+            if rank != 0:
+                if name in DDP_STAGES:
+                    _wait_for_rank_zero(run_dir, stages[:i], since=start)
+                    if ctx.ledger is not None:  # rank 0's ledger, with what earlier stages spent
+                        ctx.ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
+                    log.info("stage %s: rank %d joins", name, rank)
+                    STAGES[name](ctx)
+                continue
             log.info("stage %s: starting", name)
             t0 = time.time()
-            STAGES[name](ctx)
+            try:
+                STAGES[name](ctx)
+            except BaseException:
+                write_json(run_dir / "stages.json", {**state, "failed": name, "failed_at": time.time()})
+                raise
             ctx.wall_s[name] = ctx.wall_s.get(name, 0.0) + time.time() - t0
             state["completed"].append(name)
             state["wall_s"] = ctx.wall_s
             write_json(run_dir / "stages.json", state)
             log.info("stage %s: done in %.1f s", name, time.time() - t0)
-        _record_total_wall(ctx)
-        log_results(cfg, run_dir)
+        if rank == 0:
+            _record_total_wall(ctx)
+            log_results(cfg, run_dir)
     log.info("run finished in %.1f s; results in %s", time.time() - start, run_dir.resolve())
     return ctx
 

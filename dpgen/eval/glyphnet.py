@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 from dpgen.data import build_public_dataset
 from dpgen.data.cache import config_key
 from dpgen.data.transforms import resize_square
-from dpgen.io import save_torch
+from dpgen.io import cache_lock, save_torch
 
 log = logging.getLogger("dpgen")
 
@@ -148,7 +148,10 @@ def glyphnet_weights(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]
     glyphs = {k: v for k, v in glyphs_cfg.items() if k != "cache_dir"}
     key = config_key({"name": NAME, "glyphs": glyphs, "train": dict(train_cfg), "seed": seed})
     path = Path(cache_dir) / f"{NAME}-{key}.pt"
-    if not path.exists():
+    with cache_lock(path, "evaluate"):
+        if path.exists():
+            log.info("evaluate: reusing cached %s feature extractor %s", NAME, path)
+            return path
         log.info("evaluate: training the %s feature extractor on public glyphs (once; cached at %s)", NAME, path)
         start = time.time()
         saved = train_glyphnet(glyphs_cfg, train_cfg, seed)

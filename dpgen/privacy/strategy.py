@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.strategies.ddp import _sync_module_states
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
 
 from dpgen.privacy.ledger import PrivacyLedger
@@ -234,12 +235,32 @@ class DPSGDStrategy(_DPSGDMixin, SingleDeviceStrategy):
         self._attach_engine()
 
 
+class _LedgerReturningLauncher(_MultiProcessingLauncher):
+    """Spawned ranks record their steps in their own copies of the ledger; rank 0's copy is
+    sent back with its weights, so the process that started them holds the one ledger that
+    it writes to ``privacy.json`` and that later stages continue."""
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        ledger = self._strategy.ledger
+        extra["ledger"] = ledger.state_dict() if ledger is not None else None
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        if extra.get("ledger") is not None:
+            self._strategy.ledger.load_state_dict(extra["ledger"])
+
+
 class DDPDPSGDStrategy(_DPSGDMixin, DDPStrategy):
     """DP-SGD over DDP ranks: each rank samples its shard at the global rate q.
 
     The model is *not* wrapped in DistributedDataParallel: DDP would all-reduce raw,
     unclipped gradients during backward. We all-reduce the clipped, noised sum once per
     logical step instead; identical updates keep the replicas identical.
+
+    With ``start_method="spawn"`` the ledger passed in is updated from rank 0 when training
+    ends; with ``"popen"`` (processes started by srun/torchrun) each process keeps its own.
     """
 
     def __init__(self, config: DPSGDConfig, ledger: PrivacyLedger | None = None, **kwargs: Any) -> None:
@@ -250,6 +271,15 @@ class DDPDPSGDStrategy(_DPSGDMixin, DDPStrategy):
         self._check_trainer(trainer)
         super().setup(trainer)
         self._attach_engine()
+        # Every rank starts from the run seed; offset it so that ranks do not repeat each
+        # other's diffusion noise and timesteps. (DP noise and Poisson sampling use OS entropy.)
+        torch.manual_seed((torch.initial_seed() + self.global_rank) % 2**63)
 
     def configure_ddp(self) -> None:
         _sync_module_states(self.model)
+
+    def _configure_launcher(self) -> None:
+        if self._start_method == "popen":
+            super()._configure_launcher()
+        else:
+            self._launcher = _LedgerReturningLauncher(self, start_method=self._start_method)

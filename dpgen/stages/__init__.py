@@ -22,3 +22,7 @@ STAGES = {
     "sample": sample,
     "evaluate": evaluate,
 }
+
+# Stages that train through ``fit_dp`` (DP-SGD, DDP-capable). When a cluster launcher starts
+# one process per device, every rank runs these; every other stage runs on rank 0 alone.
+DDP_STAGES = frozenset({"dp_train", "dp_finetune"})

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpgen.data import build_public_dataset
-from dpgen.io import save_torch
+from dpgen.io import cache_lock, save_torch
 from dpgen.methods.autoencoder import KLAutoencoderModule
 from dpgen.methods.dpldm import DPLDMModule
 from dpgen.models.ldm import build_autoencoder, encode_latents
@@ -68,9 +68,15 @@ def _load_autoencoder(cfg: DictConfig, module: DPLDMModule) -> None:
 def pretrain_autoencoder(ctx: RunContext) -> None:
     cfg = ctx.cfg
     cache = autoencoder_cache_path(cfg)
-    if cache.exists():
-        log.info("pretrain_autoencoder: reusing cached public autoencoder %s", cache)
-        return
+    with cache_lock(cache, "pretrain_autoencoder"):
+        if cache.exists():
+            log.info("pretrain_autoencoder: reusing cached public autoencoder %s", cache)
+            return
+        _pretrain_autoencoder(ctx, cache)
+
+
+def _pretrain_autoencoder(ctx: RunContext, cache: Path) -> None:
+    cfg = ctx.cfg
     p = cfg.method.pretrain_autoencoder
     public = build_public_dataset(cfg.public)
     autoencoder = build_autoencoder(_plain(cfg.model), cfg.data.channels, cfg.data.image_size)
@@ -92,9 +98,15 @@ def pretrain_autoencoder(ctx: RunContext) -> None:
 def pretrain_ldm(ctx: RunContext) -> None:
     cfg = ctx.cfg
     cache = ldm_cache_path(cfg)
-    if cache.exists():
-        log.info("pretrain_ldm: reusing cached public latent diffusion model %s", cache)
-        return
+    with cache_lock(cache, "pretrain_ldm"):
+        if cache.exists():
+            log.info("pretrain_ldm: reusing cached public latent diffusion model %s", cache)
+            return
+        _pretrain_ldm(ctx, cache)
+
+
+def _pretrain_ldm(ctx: RunContext, cache: Path) -> None:
+    cfg = ctx.cfg
     p = cfg.method.pretrain_ldm
     public = build_public_dataset(cfg.public)
     # Pretrained in the public label space; dp_finetune maps it to the sensitive one.

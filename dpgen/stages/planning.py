@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.privacy.ledger import POISSON_GAUSSIAN, PlannedStage, PrivacyLedger, compute_epsilon
@@ -74,8 +75,9 @@ STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
 def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     cfg = ctx.cfg
     if not cfg.method.get("formal_guarantee", True):
-        write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name,
-                                      "note": NO_GUARANTEE})
+        if is_rank_zero():
+            write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name,
+                                          "note": NO_GUARANTEE})
         log.warning(NO_GUARANTEE)
         return None
     n = len(ctx.train_set)
@@ -85,7 +87,8 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     ledger.plan(stages)
     if ctx.privacy_json.exists():  # resuming: what earlier attempts spent stays spent
         ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
-    ledger.write(ctx.privacy_json)
+    if is_rank_zero():  # one ledger file: other ranks (external launch) keep theirs in memory
+        ledger.write(ctx.privacy_json)
     for ev in ledger.planned:
         log.info("privacy plan: %s %s sigma=%.4f q=%.4g count=%d", ev.stage, ev.mechanism,
                  ev.noise_multiplier, ev.sample_rate, ev.count)

@@ -17,12 +17,13 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpgen.data import build_public_dataset
-from dpgen.io import AtomicCheckpointIO, save_torch
+from dpgen.distributed import ddp_strategy_kwargs, is_ddp, is_rank_zero
+from dpgen.io import AtomicCheckpointIO, cache_lock, save_torch
 from dpgen.loggers import stage_callbacks, stage_loggers
 from dpgen.methods import METHODS, DiffusionModule
 from dpgen.privacy.callback import PrivacyAccountantCallback
 from dpgen.privacy.sampling import PoissonDataModule
-from dpgen.privacy.strategy import DPSGDConfig, DPSGDStrategy
+from dpgen.privacy.strategy import DDPDPSGDStrategy, DPSGDConfig, DPSGDStrategy
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
@@ -51,8 +52,11 @@ def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callba
                                                  every_n_train_steps=t.checkpoint_every_n_steps)]
     callbacks = [*callbacks, *stage_callbacks(ctx.cfg, ctx.run_dir, stage)]
     kwargs: dict[str, Any] = {}
-    if strategy == "auto":
+    if isinstance(strategy, DDPDPSGDStrategy):
         kwargs.update(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes)
+    elif strategy == "auto":
+        # Non-private stages run in one process on one device (see dpgen/distributed.py).
+        kwargs.update(accelerator=t.accelerator, devices=1, num_nodes=1)
     return Trainer(
         max_steps=max_steps, max_epochs=-1, strategy=strategy, precision=t.precision,
         logger=stage_loggers(ctx.cfg, ctx.run_dir, stage), callbacks=callbacks,
@@ -69,7 +73,17 @@ def _ema(decay: float | None) -> list[Callback]:
     Lightning's ``EMAWeightAveraging`` computes ``decay*avg + (1-decay)*w``, which drifts by
     rounding, and frozen weights (DP-LDM fine-tunes a subset) must stay the pretrained ones.
     """
-    return [WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(decay))] if decay else []
+    return [WeightAveraging(multi_avg_fn=_EMAUpdate(decay))] if decay else []
+
+
+class _EMAUpdate:
+    """``get_ema_multi_avg_fn(decay)`` as a picklable object: DDP spawn pickles callbacks."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        get_ema_multi_avg_fn(self.decay)(averaged, current, num_averaged)
 
 
 def _resume_path(checkpoint_dir: Path) -> str | None:
@@ -138,15 +152,17 @@ def pretrain_public(ctx: RunContext) -> None:
         log.info("pretrain_public: method.pretrain=%s, nothing to do", cfg.method.get("pretrain"))
         return
     cache = pretrain_cache_path(cfg)
-    if cache.exists():
-        log.info("pretrain_public: reusing cached public pretraining %s", cache)
-        return
-    pretrain_unet(ctx, "pretrain_public", _relabel_public(ctx), cache)
+    with cache_lock(cache, "pretrain_public"):
+        if cache.exists():
+            log.info("pretrain_public: reusing cached public pretraining %s", cache)
+            return
+        pretrain_unet(ctx, "pretrain_public", _relabel_public(ctx), cache)
 
 
 def pretrain_unet(ctx: RunContext, stage: str, data: Dataset, cache: Path) -> None:
     """Non-private training of the method's UNet on public ``data`` (labels in the sensitive
-    label space) as ``method.pretrain_public`` says; the weights go to ``cache``."""
+    label space) as ``method.pretrain_public`` says; the weights go to ``cache``. Callers hold
+    ``cache_lock(cache)`` so that concurrent jobs of a sweep train it once."""
     cfg = ctx.cfg
     p = cfg.method.pretrain_public
     module = build_module(cfg)
@@ -198,7 +214,7 @@ def train(ctx: RunContext) -> None:
 
 
 # -- DP-SGD training --------------------------------------------------------------------------
-def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy:
+def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy | DDPDPSGDStrategy:
     cfg, ledger = ctx.cfg, ctx.ledger
     assert ledger is not None, "dp_train needs a privacy plan"
     event = next(e for e in ledger.planned if e.stage == stage)
@@ -206,6 +222,8 @@ def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy:
                      sample_rate=event.sample_rate, dataset_size=ledger.dataset_size,
                      max_physical_batch=cfg.privacy.max_physical_batch, clipping=cfg.privacy.clipping,
                      stage=stage)
+    if is_ddp(cfg.trainer):
+        return DDPDPSGDStrategy(dp, ledger=ledger, **ddp_strategy_kwargs(cfg.trainer))
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     return DPSGDStrategy(dp, ledger=ledger, device=device)
 
@@ -223,8 +241,9 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
                        strategy=strategy, checkpoint_dir=ckpt_dir)
     data = PoissonDataModule(dataset, strategy.dp_config.sample_rate, steps=max(remaining, 1))
     trainer.fit(module, datamodule=data, ckpt_path=_resume_path(ckpt_dir))
-    ctx.ledger.write(ctx.privacy_json)
-    _save_final(ctx, module)
+    if is_rank_zero():  # under DDP spawn this process is rank 0 and holds rank 0's results
+        ctx.ledger.write(ctx.privacy_json)
+        _save_final(ctx, module)
 
 
 def dp_train(ctx: RunContext) -> None:

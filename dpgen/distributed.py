@@ -1,0 +1,108 @@
+"""Which processes a run has, and which of them does what.
+
+``trainer.strategy=ddp`` runs the DP-SGD stages on ``trainer.devices`` processes per node
+(``trainer.num_nodes`` nodes). The processes come from one of two launch modes:
+
+- **spawn** (one ``python -m dpgen`` process, the default): each DP-SGD stage starts its
+  worker processes with ``torch.multiprocessing`` (start method ``spawn``), and rank 0's
+  weights and ledger come back to the process that started them. Everything else (planning,
+  public pretraining, sampling, evaluation, every file) happens once, in that one process.
+  This works inside any Hydra launcher, ``-m`` included: a spawned worker imports
+  ``dpgen.__main__`` without running it. Lightning's default DDP launch re-executes
+  ``sys.argv`` once per extra rank, which under ``-m`` would start the whole sweep again in
+  every rank, so it is never used.
+- **external**: a cluster launcher already started one process per device (``srun`` under
+  SLURM, which Lightning reads through its SLURM environment; ``torchrun``; submitit's local
+  executor with ``tasks_per_node > 1``). Every process runs the pipeline, but rank 0 alone
+  runs the stages that are not DP-SGD stages and writes every file; the other ranks wait
+  for those stages to finish (``stages.json``), then join the DP-SGD stages.
+
+Non-private stages (public pretraining, non-private training) always run in one process on
+one device: they are cached or cheap next to DP-SGD, and one process keeps batch sizes and
+the cache simple.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+
+from dpgen.errors import ConfigError
+
+STRATEGIES = ("single_device", "ddp")
+
+
+def is_ddp(trainer_cfg: DictConfig) -> bool:
+    return trainer_cfg.get("strategy", "single_device") == "ddp"
+
+
+def external_world() -> tuple[int, int] | None:
+    """``(rank, world size)`` when a launcher started this process as one of several ranks."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def export_submitit_local_ranks() -> None:
+    """submitit's local executor starts ``tasks_per_node`` processes but tells only submitit
+    which rank each is; export torch.distributed's variables so that Lightning sees them too.
+    (Under SLURM, Lightning reads SLURM's own variables.)"""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "local" or int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    rank_zero_only.rank = env.rank
+
+
+def process_rank() -> int:
+    """This process's rank: 0 unless an external launcher started several."""
+    world = external_world()
+    return world[0] if world else 0
+
+
+def is_rank_zero() -> bool:
+    return process_rank() == 0
+
+
+def validate_trainer_config(t: DictConfig) -> None:
+    strategy = t.get("strategy", "single_device")
+    if strategy not in STRATEGIES:
+        raise ConfigError("trainer.strategy", strategy, "unknown strategy", f"use one of {', '.join(STRATEGIES)}")
+    for key in ("devices", "num_nodes"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise ConfigError(f"trainer.{key}", t[key], "must be a positive integer", f"set trainer.{key}=1 or more")
+    if strategy != "ddp":
+        if t.devices * t.num_nodes > 1:
+            raise ConfigError("trainer.devices", t.devices, "several devices need trainer.strategy=ddp",
+                              "use trainer=ddp (GPUs) or trainer=ddp_cpu, or trainer.devices=1")
+        return
+    world = external_world()
+    if world is None and t.num_nodes > 1:
+        raise ConfigError("trainer.num_nodes", t.num_nodes, "several nodes need one process per device, "
+                          "started by the cluster", "launch with hydra/launcher=submitit_slurm (or srun/torchrun)")
+    if world is not None and world[1] != t.devices * t.num_nodes:
+        raise ConfigError("trainer.devices", t.devices, f"the launcher started {world[1]} processes, but "
+                          f"trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes}",
+                          "set hydra.launcher.tasks_per_node=trainer.devices and nodes=trainer.num_nodes")
+
+
+def ddp_strategy_kwargs(t: DictConfig) -> dict[str, Any]:
+    """Keyword arguments of Lightning's ``DDPStrategy`` for this launch mode."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    kwargs: dict[str, Any] = {"process_group_backend": t.process_group_backend}
+    if external_world() is None:
+        # Our own environment: under a one-task SLURM allocation Lightning would otherwise
+        # read SLURM's (single) rank in every spawned worker.
+        kwargs.update(start_method="spawn", cluster_environment=LightningEnvironment())
+    else:
+        kwargs.update(start_method="popen")  # processes exist already: Lightning launches none
+    return kwargs

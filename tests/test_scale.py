@@ -1,0 +1,142 @@
+"""Sweeps and scale: DDP inside a Hydra multirun, SLURM/submitit launchers, cache locks.
+
+The DDP and submitit tests start real processes (spawned ranks, submitit tasks) and are
+marked slow; they still run in `make test`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose_config, tiny_overrides
+
+from dpgen.pipeline import RunContext
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.stages.planning import plan_privacy
+from dpgen.stages.training import pretrain_cache_path, pretrain_public
+
+
+def _dpgen(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "dpgen", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out
+
+
+def _small_run(tmp: Path) -> list[str]:
+    """The tiny run without evaluation: the processes, not the metrics, are under test."""
+    return [*tiny_overrides(tmp), "method.stages=[pretrain_public,dp_train,sample]"]
+
+
+def _expected_ledger(tmp: Path) -> list[dict]:
+    """The events a single process records for the tiny run: every planned step, once."""
+    cfg = compose_config(_small_run(tmp))
+    ctx = RunContext(cfg=cfg, run_dir=tmp / "plan")
+    ctx.run_dir.mkdir()
+    planned: PrivacyLedger = plan_privacy(ctx)
+    (event,) = planned.planned
+    return [{"stage": "dp_train", "mechanism": event.mechanism, "noise_multiplier": event.noise_multiplier,
+             "sample_rate": event.sample_rate, "steps": event.count}]
+
+
+@pytest.mark.slow
+def test_ddp_cpu_inside_multirun_keeps_one_ledger(tmp_path):
+    """`-m trainer=ddp_cpu,cpu`: the 2-process job spawns its ranks under Hydra's multirun
+    (no re-launch of the sweep), writes every file once, and its ledger equals the
+    single-process job's."""
+    sweep = tmp_path / "sweep"
+    out = _dpgen("-m", "trainer=ddp_cpu,cpu", *_small_run(tmp_path), f"hydra.sweep.dir={sweep}", tmp=tmp_path)
+    logs = out.stdout + out.stderr
+    assert "Starting with 2 processes" in logs  # job 0 really ran on two ranks
+    assert logs.count("Launching 2 jobs locally") == 1  # ...and did not start the sweep again
+    ddp, single = (json.loads((sweep / job / "privacy.json").read_text()) for job in ("0", "1"))
+    assert ddp["events"] == single["events"] == _expected_ledger(tmp_path)
+    assert ddp["epsilon_by_accountant"] == single["epsilon_by_accountant"]
+    for job in ("0", "1"):
+        for name in ("model.pt", "samples.npz", "checkpoints/last.ckpt", "stages.json"):
+            assert (sweep / job / name).exists(), (job, name)
+        assert sorted(p.name for p in (sweep / job).iterdir() if p.suffix == ".json") == ["privacy.json", "stages.json"]
+    # Public pretraining ran in job 0 only; job 1 found it in the cache.
+    assert logs.count("pretrain_public: cached") == 1 and logs.count("pretrain_public: reusing cached") == 1
+
+
+def test_slurm_launcher_matches_trainer_geometry(tmp_path):
+    """hydra/launcher=slurm asks SLURM for one task per device, on trainer.num_nodes nodes.
+    (``--cfg all``: the launcher reads trainer.*, which ``--cfg hydra`` alone cannot resolve.)"""
+    out = _dpgen("--cfg", "all", "--resolve", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                 "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", tmp=tmp_path)
+    launcher = out.stdout.split("  launcher:\n", 1)[1]
+    for line in ("_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                 "partition: gpu", "tasks_per_node: 4", "nodes: 2", "gpus_per_node: 4"):
+        assert line in launcher, line
+
+
+@pytest.mark.slow
+def test_submitit_local_job_runs_ddp_with_one_process_per_task(tmp_path):
+    """hydra/launcher=slurm_local starts trainer.devices processes for the job, as srun would:
+    both ranks train, rank 0 alone writes the run directory."""
+    sweep = tmp_path / "sweep"
+    _dpgen("-m", "hydra/launcher=slurm_local", "trainer=ddp_cpu", *_small_run(tmp_path),
+           f"hydra.sweep.dir={sweep}", tmp=tmp_path)
+    logs = {p.name: p.read_text() for p in sweep.glob(".submitit/*/*_log.*")}
+    rank1 = next(text for name, text in logs.items() if name.endswith("_1_log.out"))
+    assert "stage dp_train: rank 1 joins" in rank1 and "stage sample" not in rank1
+    assert any("MEMBER: 2/2" in text for text in logs.values())
+    privacy = json.loads((sweep / "0" / "privacy.json").read_text())
+    assert privacy["events"] == _expected_ledger(tmp_path)
+    assert (sweep / "0" / "samples.npz").exists() and (sweep / "0" / "model.pt").exists()
+
+
+def test_concurrent_jobs_pretrain_once(tmp_path, caplog):
+    """Two jobs that need the same public model at once: one trains it, the other waits for the
+    cache lock and reuses the saved weights."""
+    cfg = compose_config(tiny_overrides(tmp_path))
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def job(i: int) -> None:
+        try:
+            ctx = RunContext(cfg=cfg, run_dir=tmp_path / f"run{i}")
+            start.wait()
+            pretrain_public(ctx)
+        except BaseException as err:  # surfaced below: a thread's exception would be lost
+            errors.append(err)
+
+    with caplog.at_level(logging.INFO, logger="dpgen"):
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("pretrain_public: cached") for m in messages) == 1
+    assert sum(m.startswith("pretrain_public: reusing cached") for m in messages) == 1
+    assert any("waiting for another job" in m for m in messages)
+    assert pretrain_cache_path(cfg).exists()
+
+
+def test_tune_config_selects_optuna_and_returns_the_objective(tmp_path, monkeypatch):
+    """+tune=proxy puts Optuna in charge of the sweep, and a run returns its metric to it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    import dpgen.__main__ as entry
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+tune=proxy"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    assert "method.train.lr" in cfg.hydra.sweeper.params
+    (tmp_path / "metrics.json").write_text(json.dumps({"downstream_accuracy": {"mean": 0.875}}))
+    assert entry.objective(cfg, tmp_path) == 0.875
+    with open_dict(cfg):
+        cfg.objective = None
+    assert entry.objective(cfg, tmp_path) is None
