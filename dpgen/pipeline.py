@@ -1,4 +1,5 @@
-"""The stage runner: a run is the ordered list of stages in ``method.stages``.
+"""The stage runner: a run is the ordered list of stages in ``method.stages`` (plus the stages
+``sampling.stages`` inserts before ``sample``).
 
 Each stage reads what earlier stages wrote into the run directory and writes its own files, so
 an interrupted run resumes stage by stage (``stages.json`` lists the finished ones) and, inside
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +25,7 @@ from dpgen.data import build_dataset
 from dpgen.io import write_json
 from dpgen.loggers import experiment, log_results
 from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.stages import STAGES
+from dpgen.stages import STAGES, run_stages
 from dpgen.stages.planning import plan_privacy
 
 log = logging.getLogger("dpgen")
@@ -77,7 +79,13 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
+def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = None,
+                 train_set: Dataset | None = None) -> RunContext:
+    """Run ``stages`` (default: :func:`dpgen.stages.run_stages`) in ``run_dir``.
+
+    ``train_set`` replaces the configured training split; only the canary audit
+    (``python -m dpgen.audit``) passes one, so canaries never enter an ordinary run.
+    """
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir.resolve())
@@ -85,9 +93,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
     OmegaConf.save(cfg, run_dir / "run_config.yaml", resolve=True)
     state = _load_state(run_dir)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, wall_s=state["wall_s"])
+    if train_set is not None:
+        ctx.train_set = train_set
     ctx.ledger = plan_privacy(ctx)
     with experiment(cfg, run_dir):
-        for name in cfg.method.stages:
+        for name in run_stages(cfg) if stages is None else stages:
             if name in state["completed"]:
                 log.info("stage %s: already complete, skipping", name)
                 continue

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
 from dpgen.eval.downstream import (
     TrainedClassifier,
     TrainSettings,
@@ -27,13 +28,15 @@ from dpgen.eval.fidelity import Fidelity, FidelityImages, resolve_extractor
 from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.eval.threads import cpu_threads
 from dpgen.io import write_json
-from dpgen.stages.sample import from_uint8_hwc
-from dpgen.stages.training import build_module
+from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
+from dpgen.stages.training import build_module, load_final_module
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
 
 log = logging.getLogger("dpgen")
+
+REPLICATION_PNG = "replication_pairs.png"
 
 
 def _plain(node: Any) -> Any:
@@ -87,6 +90,26 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
     return out
 
 
+def _audit(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict[str, Any]:
+    """Replication and membership inference (``eval.audit``): see :mod:`dpgen.eval.audit`."""
+    cfg, a = ctx.cfg, ctx.cfg.audit
+    extractor = resolve_extractor(_plain(cfg.eval.fid), cfg.eval.cache_dir, cfg.seed)
+    cuda = cfg.trainer.accelerator == "gpu" and torch.cuda.is_available()
+    log.info("evaluate: audit: replication of the samples in the %s feature space", extractor.name)
+    out = replication(samples, ctx.train_set, held_out, extractor, a.replication.threshold, a.replication.pairs,
+                      ctx.path(REPLICATION_PNG), cuda=cuda)
+    log.info("evaluate: audit: loss-based membership inference (training split vs held-out split)")
+    module = load_final_module(ctx)
+    if cuda:
+        module = module.cuda()
+    out.update(membership_inference(module, ctx.train_set, held_out, LossScoreSettings.from_config(a.loss_score),
+                                    a.mia.max_examples, seed=cfg.seed))
+    log.info("evaluate: audit: replication rate %.3f (held-out reference %.3f), MIA AUC %.3f, TPR@1%%FPR %.3f",
+             out["replication_rate"], out["replication_rate_heldout_reference"], out["mia_auc"],
+             out["mia_tpr_at_fpr_1pct"])
+    return out
+
+
 def evaluate(ctx: RunContext) -> None:
     start = time.time()
     with cpu_threads(ctx.cfg.eval.num_threads):
@@ -130,6 +153,12 @@ def _evaluate(ctx: RunContext) -> dict[str, Any]:
         if trained:
             metrics["downstream_accuracy_real"] = _real_classifiers(ctx, held_out)
         metrics["reference_note"] = NOTE
+    if e.audit:
+        metrics.update(_audit(ctx, samples, held_out))
+    if privacy.get("note"):
+        metrics["privacy_note"] = privacy["note"]
+    if ctx.path(PROTECTION_JSON).exists():
+        metrics["cpsample"] = json.loads(ctx.path(PROTECTION_JSON).read_text())
 
     module = build_module(cfg)
     trainable = [n for n in cfg.method.stages if n in ("train", "dp_train", "dp_finetune")]

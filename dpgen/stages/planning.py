@@ -25,6 +25,10 @@ log = logging.getLogger("dpgen")
 
 NO_GUARANTEE = ("This run carries no formal differential-privacy guarantee: it trains on the "
                 "sensitive data without clipping or noise.")
+CPSAMPLE_NO_GUARANTEE = ("This run's samples carry no formal differential-privacy guarantee: CPSample's "
+                         "protection classifier is trained on the sensitive training images without "
+                         "clipping or noise. Any epsilon reported covers the generator's training only; "
+                         "CPSample's protection is empirical (see the audit metrics).")
 
 
 def _plan_dp_sgd(stage: str) -> Callable[[DictConfig, int], list[PlannedStage]]:
@@ -50,10 +54,11 @@ STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
 
 def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     cfg = ctx.cfg
+    sampling_note = None if cfg.sampling.get("formal_guarantee", True) else CPSAMPLE_NO_GUARANTEE
     if not cfg.method.get("formal_guarantee", True):
-        write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name,
-                                      "note": NO_GUARANTEE})
-        log.warning(NO_GUARANTEE)
+        note = " ".join(n for n in (NO_GUARANTEE, sampling_note) if n)
+        write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name, "note": note})
+        log.warning(note)
         return None
     n = len(ctx.train_set)
     ledger = PrivacyLedger(epsilon_target=cfg.privacy.eps, delta=cfg.privacy.delta, dataset_size=n,
@@ -62,6 +67,9 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     ledger.plan(stages)
     if ctx.privacy_json.exists():  # resuming: what earlier attempts spent stays spent
         ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
+    if sampling_note:
+        ledger.void_guarantee(sampling_note)
+        log.warning(sampling_note)
     ledger.write(ctx.privacy_json)
     for ev in ledger.planned:
         log.info("privacy plan: %s %s sigma=%.4f q=%.4g count=%d", ev.stage, ev.mechanism,
