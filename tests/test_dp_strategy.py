@@ -9,7 +9,7 @@ import torch
 from dp_helpers import TinyDPModule, make_batch, one_dp_step, reference_update
 
 from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
-from dpgen.privacy.strategy import DPSGDConfig
+from dpgen.privacy.strategy import CLIPPING_MODES, DPSGDConfig
 
 
 def _config(n: int = 40, q: float = 0.2, clip: float = 0.5, physical: int = 64, sigma: float = 1.0,
@@ -18,7 +18,7 @@ def _config(n: int = 40, q: float = 0.2, clip: float = 0.5, physical: int = 64, 
                        max_physical_batch=physical, clipping=clipping)
 
 
-BOTH_MODES = pytest.mark.parametrize("clipping", ["materialize", "ghost"])
+ALL_MODES = pytest.mark.parametrize("clipping", CLIPPING_MODES)
 
 
 def _assert_close(update, reference, lr=1.0):
@@ -34,7 +34,7 @@ def _per_example_norms(k: int, batch) -> torch.Tensor:
         for i in range(len(batch[0]))])
 
 
-@BOTH_MODES
+@ALL_MODES
 @pytest.mark.parametrize("k", [1, 4])
 def test_update_equals_explicit_per_example_reference(k, clipping):
     batch = make_batch(6)
@@ -49,7 +49,7 @@ def test_update_equals_explicit_per_example_reference(k, clipping):
     _assert_close(update, ref)
 
 
-@BOTH_MODES
+@ALL_MODES
 def test_k_copies_are_averaged_before_clipping(clipping):
     """Clipping each copy separately and averaging gives a different (wrong) update."""
     cfg = _config(clipping=clipping)
@@ -69,7 +69,7 @@ def test_k_copies_are_averaged_before_clipping(clipping):
     assert diff > 1e-3
 
 
-@BOTH_MODES
+@ALL_MODES
 def test_chunking_does_not_change_the_update(clipping):
     batch = make_batch(7)
     whole = one_dp_step(TinyDPModule(2), batch, _config(physical=64, clipping=clipping))
@@ -112,7 +112,7 @@ def test_noise_is_not_reproducible_from_the_run_seed():
     assert not torch.equal(a[0], b[0])
 
 
-@BOTH_MODES
+@ALL_MODES
 def test_frozen_parameters_get_no_per_example_work(clipping):
     module = TinyDPModule(1)
     module.net.conv.requires_grad_(False)

@@ -106,12 +106,20 @@ def test_per_example_gradients_of_the_attention_set_match_explicit_loop(dpldm_cf
         engine.backward(row_losses(slice(None)).view(k, b).mean(0).sum())
         per_example = [p.grad_sample.clone() for p in params]
         assert all(getattr(p, "grad_sample", None) is None for p in denoiser.parameters() if not p.requires_grad)
+    factors = torch.rand(b)
+    with engine.capture(b, mode="mixed"):  # book-keeping on the cross-attention model
+        engine.backward(row_losses(slice(None)).view(k, b).mean(0).sum())
+        sq_norms, weighted = engine.squared_norms(), engine.weighted_sum(factors)
     engine.remove()
-    for i in range(b):
-        ref = torch.autograd.grad(row_losses(torch.arange(k) * b + i).mean(), params)
+    refs = [torch.autograd.grad(row_losses(torch.arange(k) * b + i).mean(), params) for i in range(b)]
+    for i, ref in enumerate(refs):
         got = torch.cat([g[i].flatten() for g in per_example])
         want = torch.cat([r.flatten() for r in ref])
         assert (got - want).norm() <= 1e-4 * want.norm()
+        torch.testing.assert_close(sq_norms[i], want.pow(2).sum(), rtol=1e-4, atol=1e-10)
+    got = torch.cat([g.flatten() for g in weighted])
+    want = torch.cat([sum(f * r for f, r in zip(factors, rs)).flatten() for rs in zip(*refs)])
+    assert (got - want).norm() <= 1e-4 * want.norm()
 
 
 def test_class_embedder_is_fresh_where_label_spaces_differ(dpldm_cfg):

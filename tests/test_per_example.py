@@ -42,6 +42,40 @@ def test_unet_per_example_gradients_match_explicit_loop(k):
         assert (got - want).norm() <= 1e-4 * want.norm()
 
 
+@pytest.mark.parametrize("mode", ["norms", "mixed"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode):
+    """Ghost norms and book-keeping give the same norms and clipped sums as the explicit loop."""
+    torch.manual_seed(0)
+    unet = build_unet(TINY, image_size=8, channels=1, num_classes=3)
+    b = 6
+    x, t = torch.randn(b * k, 1, 8, 8), torch.randint(0, 1000, (b * k,))
+    y = torch.randint(0, 4, (b,)).repeat(k)
+    target = torch.randn_like(x)
+
+    def row_losses(sl):
+        return (unet(x[sl], t[sl], class_labels=y[sl]).sample - target[sl]).pow(2).flatten(1).mean(1)
+
+    engine = PerExampleGradients(unet)
+    params = engine.params
+    factors = torch.rand(b)
+    with engine.capture(b, mode=mode):
+        engine.backward(row_losses(slice(None)).view(k, b).mean(0).sum())
+        sq_norms = engine.squared_norms()
+        if mode == "mixed":
+            weighted = engine.weighted_sum(factors)
+            # Both kinds of layer occur in this UNet: 8x8 layers keep gradients, 4x4 ones activations.
+            assert engine._kept and any(p.grad_sample is not None for p in params)
+    engine.remove()
+    refs = [torch.autograd.grad(row_losses(torch.arange(k) * b + i).mean(), params) for i in range(b)]
+    want_sq = torch.stack([sum(r.pow(2).sum() for r in ref) for ref in refs])
+    torch.testing.assert_close(sq_norms, want_sq, rtol=1e-4, atol=1e-8)
+    if mode == "mixed":
+        for j, got in enumerate(weighted):
+            want = sum(factors[i] * refs[i][j] for i in range(b))
+            assert (got - want).norm() <= 1e-4 * want.norm() + 1e-7
+
+
 class _InPlaceNet(torch.nn.Module):
     """A layer whose output is modified in place downstream, and an embedding root."""
 

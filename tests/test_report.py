@@ -123,3 +123,18 @@ def test_a_single_run_is_a_report_too(sweep):
     rows = collect_runs(sweep / "1")
     assert len(rows) == 1 and rows[0]["run"] == "."
     assert json.loads((sweep / "1" / "metrics.json").read_text())["method"] == rows[0]["method"]
+
+
+def test_a_utility_study_gets_its_own_table(sweep):
+    metrics_file = sweep / "1" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["utility_study"] = {
+        "sizes": [{"multiple": m, "accuracy": {"cnn": a, "mean": a}, "ensemble_accuracy": e, "best_member_accuracy": a}
+                  for m, a, e in ((1, 0.81, 0.78), (10, 0.86, 0.84))],
+        "selection": {"spearman": 0.62, "kendall": 0.45, "selected_real_accuracy": 0.83, "best_real_accuracy": 0.85}}
+    write_json(metrics_file, metrics)
+    (row,) = [r for r in collect_runs(sweep) if r["run"] == "1"]
+    assert row["utility_mean_10x"] == 0.86 and row["utility_ensemble_1x"] == 0.78 and row["utility_kendall"] == 0.45
+    write_report(sweep)
+    md = (sweep / MD_NAME).read_text()
+    assert "Utility study" in md and "| dpdm | 9.96 | 81.0 | 86.0 | 78.0 / 81.0 | 84.0 / 86.0 | 0.62 | 0.45 | 83.0 / 85.0 | `1` |" in md

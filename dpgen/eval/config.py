@@ -57,6 +57,37 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
         require_number(d, p, "val_fraction", 0.01, 0.9)
     require_choice(e, "eval", "reference", (True, False))
     require_choice(e, "eval", "audit", (True, False))
+    if require_choice(e, "eval", "utility_study", (True, False)):
+        if not d["classifiers"]:
+            raise ConfigError("eval.downstream.classifiers", [], "the utility study trains these families",
+                              "name at least one, or set eval.utility_study=false")
+        _validate_utility(e["utility"])
+
+
+def _positive_numbers(cfg: dict[str, Any], prefix: str, key: str, integer: bool = False) -> None:
+    value = cfg.get(key)
+    kinds = (int,) if integer else (int, float)
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, kinds) or v <= 0 for v in value)):
+        kind = "integers" if integer else "numbers"
+        raise ConfigError(f"{prefix}.{key}", value, f"must be a non-empty list of positive {kind}",
+                          f"e.g. {prefix}.{key}=[1,2]")
+
+
+def _validate_utility(u: dict[str, Any]) -> None:
+    p = "eval.utility"
+    _positive_numbers(u, p, "size_multiples")
+    require_number(u, p, "selection_multiple", 1e-9, float("inf"))
+    require_int(u, p, "sample_shard_size", minimum=1)
+    require_choice(u, p, "grid_classifier", tuple(CLASSIFIERS))
+    grid, g = u["grid"], f"{p}.grid"
+    _positive_numbers(grid, g, "lr")
+    _positive_numbers(grid, g, "epochs", integer=True)
+    _positive_numbers(grid, g, "width", integer=True)
+    augment = grid.get("augment")
+    if not isinstance(augment, list) or not augment or any(not isinstance(a, bool) for a in augment):
+        raise ConfigError(f"{g}.augment", augment, "must be a non-empty list of true/false",
+                          f"e.g. {g}.augment=[false,true]")
 
 
 CANARY_KINDS = ("letters", "mislabeled")

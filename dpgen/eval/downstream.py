@@ -28,10 +28,27 @@ class TrainSettings:
     lr: float = 1e-3
     val_fraction: float = 0.1
     patience: int | None = None  # epochs without validation gain before stopping; None = never
+    width: int | None = None  # the family's width (models/classifiers.py); None = its default
+    augment: bool = False  # random shifts of up to MAX_SHIFT pixels during training
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> TrainSettings:
         return cls(**{k: cfg[k] for k in ("epochs", "batch_size", "lr", "val_fraction", "patience")})
+
+
+MAX_SHIFT = 2
+
+
+def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = MAX_SHIFT) -> Tensor:
+    """Each image translated by a whole number of pixels in [-max_shift, max_shift] per axis,
+    borders repeated (so the background stays the background)."""
+    n, _, h, w = x.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).float()
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[:, 0] / w, 2 * shift[:, 1] / h
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
 @dataclass
@@ -61,7 +78,7 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, name: str
     n_val = max(1, int(round(settings.val_fraction * len(images))))
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
-    model = build_classifier(name, images.shape[1], num_classes, images.shape[-1])
+    model = build_classifier(name, images.shape[1], num_classes, images.shape[-1], settings.width)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     # drop_last: a final batch of one example would break BatchNorm's training statistics.
     train_loader = DataLoader(TensorDataset(images[tr], labels[tr]), batch_size=settings.batch_size,
@@ -73,6 +90,8 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, name: str
     for epoch in bar:
         model.train()
         for x, y in train_loader:
+            if settings.augment:
+                x = random_shift(x, g)
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()

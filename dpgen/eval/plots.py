@@ -105,6 +105,27 @@ def fid_figure(rows: Rows) -> Figure:
     return fig
 
 
+def utility_figure(series: dict[str, list[tuple[float, float]]], n_train: int) -> Figure:
+    """Held-out accuracy against the synthetic set's size, one line per classifier family and
+    the ensemble (``dpgen/eval/utility.py``)."""
+    fig = Figure(figsize=(7, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    for name, points in series.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=name,
+                linestyle="--" if name == "ensemble" else "-", color="black" if name == "ensemble" else None)
+    ax.set_title("Utility vs synthetic set size")
+    ax.set_xlabel(f"synthetic samples, multiples of the sensitive training split (N = {n_train}; log scale)")
+    ax.set_ylabel("accuracy on held-out real data (%)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator(sorted({x for pts in series.values() for x, _ in pts})))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
 def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     def write(f):
         buf = io.BytesIO()

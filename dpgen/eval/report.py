@@ -51,7 +51,24 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
         "feature_extractor": m.get("fid_feature_extractor"),
         **{k: m.get(k) for k in _AUDIT},
     }
+    if "utility_study" in m:
+        row.update(_utility_columns(m["utility_study"]))
     return row
+
+
+def _utility_columns(study: dict[str, Any]) -> dict[str, Any]:
+    """The utility study flattened: per size the families' mean, the ensemble and its best member."""
+    cols: dict[str, Any] = {}
+    for s in study["sizes"]:
+        x = f"{s['multiple']:g}x"
+        cols[f"utility_mean_{x}"] = s["accuracy"]["mean"]
+        cols[f"utility_ensemble_{x}"] = s.get("ensemble_accuracy")
+        cols[f"utility_best_member_{x}"] = s["best_member_accuracy"]
+    sel = study["selection"]
+    cols.update({"utility_spearman": sel["spearman"], "utility_kendall": sel["kendall"],
+                 "utility_selected_accuracy": sel["selected_real_accuracy"],
+                 "utility_best_accuracy": sel["best_real_accuracy"]})
+    return cols
 
 
 def collect_runs(root: str | Path) -> list[dict[str, Any]]:
@@ -98,6 +115,7 @@ def _markdown(rows: list[dict[str, Any]]) -> bytes:
                  + [_fmt(r.get(c), True) for c in classifiers]
                  + [_fmt(r["accuracy_real_mean"], True)] + [_fmt(r[k]) for k in _FIDELITY] + [f"`{r['run']}`"])
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _utility_markdown(rows)
     extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
     references = sorted({r["fid_reference"] for r in rows if r["fid_reference"] is not None})
     delta = sorted({r["delta"] for r in rows if r["delta"] is not None})
@@ -116,6 +134,30 @@ def _markdown(rows: list[dict[str, Any]]) -> bytes:
         "",
     ]
     return ("# dpgen sweep report\n\n" + "\n".join(lines + notes)).encode()
+
+
+def _utility_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    studied = [r for r in rows if "utility_spearman" in r]
+    if not studied:
+        return []
+    sizes = [k[len("utility_mean_"):] for k in _columns(studied) if k.startswith("utility_mean_")]
+    header = (["method", "ε spent"] + [f"mean acc % {x}" for x in sizes]
+              + [f"ensemble / best member % {x}" for x in sizes]
+              + ["Spearman", "Kendall", "selected / best-in-hindsight acc %", "run"])
+    lines = ["", "Utility study (eval.utility_study): accuracy on held-out real data against the synthetic set's "
+             "size (multiples of the sensitive training split), the classifier families' averaged-softmax "
+             "ensemble against its best member, and the rank correlation between choosing classifier "
+             "settings on synthetic validation data and on real data.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in studied:
+        cells = ([r["method"], _fmt(r["epsilon"])] + [_fmt(r.get(f"utility_mean_{x}"), True) for x in sizes]
+                 + [f"{_fmt(r.get(f'utility_ensemble_{x}'), True)} / {_fmt(r.get(f'utility_best_member_{x}'), True)}"
+                    for x in sizes]
+                 + [_fmt(r["utility_spearman"]), _fmt(r["utility_kendall"]),
+                    f"{_fmt(r['utility_selected_accuracy'], True)} / {_fmt(r['utility_best_accuracy'], True)}",
+                    f"`{r['run']}`"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(root: str | Path) -> list[Path]:

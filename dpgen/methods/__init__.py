@@ -3,8 +3,12 @@
 from dpgen.methods.base import DiffusionModule
 from dpgen.methods.dpdm import DPDMModule
 from dpgen.methods.dpldm import DPLDMModule
+from dpgen.methods.feta import FETAModule
 from dpgen.methods.nonprivate import NonPrivateDiffusion
+from dpgen.methods.privimage import PrivImageModule
 
-METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule}
+METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule,
+           "privimage": PrivImageModule, "feta": FETAModule}
 
-__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "NonPrivateDiffusion"]
+__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "FETAModule", "NonPrivateDiffusion",
+           "PrivImageModule"]

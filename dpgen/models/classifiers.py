@@ -74,7 +74,11 @@ class MLP(nn.Module):
 CLASSIFIERS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "resnet": SmallResNet, "mlp": MLP}
 
 
-def build_classifier(name: str, channels: int, num_classes: int, image_size: int) -> nn.Module:
+def build_classifier(name: str, channels: int, num_classes: int, image_size: int,
+                     width: int | None = None) -> nn.Module:
+    """``width``: the family's width (CNN/ResNet channels, MLP hidden units); None = its default."""
     if name not in CLASSIFIERS:
         raise ValueError(f"eval.downstream.classifiers: {name!r} is unknown; choose from {sorted(CLASSIFIERS)}")
-    return CLASSIFIERS[name](channels, num_classes, image_size)
+    if width is None:
+        return CLASSIFIERS[name](channels, num_classes, image_size)
+    return CLASSIFIERS[name](channels, num_classes, image_size, width)

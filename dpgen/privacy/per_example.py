@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
@@ -83,6 +84,48 @@ def _fold_after(opacus_fn: Callable) -> FoldedSampler:
     return sampler
 
 
+def _per_example_positions(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """[K*B, T, F] copy-major rows -> [B, K*T, F]: an example's K copies become extra positions."""
+    k = t.shape[0] // batch
+    return t.reshape(k, batch, -1, t.shape[-1]).transpose(0, 1).reshape(batch, -1, t.shape[-1])
+
+
+def _ghost_sq_norms(layer: nn.Module, acts: torch.Tensor, backprops: torch.Tensor, batch: int) -> torch.Tensor:
+    """Squared per-example gradient norms of a Linear or Conv2d layer without forming the gradients.
+
+    The gradient of example b is ``A_b^T G_b`` (A: its inputs at every position of every copy,
+    unfolded for a convolution; G: the output gradients there), so its squared norm is
+    ``<A_b A_b^T, G_b G_b^T>`` (Li et al. 2022, "ghost norm"): ``B (K T)^2`` memory instead of
+    ``B P``, which pays where few positions meet many parameters (low-resolution layers).
+    """
+    dtype = layer.weight.dtype
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(acts.to(dtype), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        a = _per_example_positions(cols.transpose(1, 2), batch)
+        g = _per_example_positions(backprops.to(dtype).flatten(2).transpose(1, 2), batch)
+    else:
+        a = _per_example_positions(acts.to(dtype).reshape(acts.shape[0], -1, acts.shape[-1]), batch)
+        g = _per_example_positions(backprops.to(dtype).reshape(backprops.shape[0], -1, backprops.shape[-1]), batch)
+    sq = torch.zeros(batch, dtype=dtype, device=acts.device)
+    if layer.weight.requires_grad:
+        sq += (a @ a.transpose(1, 2)).mul_(g @ g.transpose(1, 2)).sum((1, 2))
+    if layer.bias is not None and layer.bias.requires_grad:
+        sq += g.sum(1).pow(2).sum(1)
+    return sq.float()
+
+
+def _ghost_pays(layer: nn.Module, acts: torch.Tensor, output: torch.Tensor, batch: int) -> bool:
+    """Whether the ghost norm is cheaper than forming the layer's per-example gradients."""
+    if type(layer) is nn.Conv2d and layer.groups == 1 and not isinstance(layer.padding, str):
+        positions = output.shape[2] * output.shape[3]
+    elif type(layer) is nn.Linear:
+        positions = output[0].numel() // output.shape[-1]
+    else:
+        return False
+    k = acts.shape[0] // batch
+    return 2 * (k * positions) ** 2 < layer.weight.numel()
+
+
 def _sampler_for(layer: nn.Module) -> FoldedSampler:
     if type(layer) is nn.Linear:
         return _linear
@@ -97,6 +140,9 @@ def _sampler_for(layer: nn.Module) -> FoldedSampler:
     return _fold_after(opacus_fn)
 
 
+MODES = ("materialize", "norms", "mixed")
+
+
 class PerExampleGradients:
     """Per-example gradients of every trainable parameter, without the batch gradient.
 
@@ -105,9 +151,20 @@ class PerExampleGradients:
     its output; :meth:`backward` then runs autograd only as far as the *inputs* of the first
     trainable modules (never to the parameters), so torch computes the backpropagated
     gradients each layer needs but not the batch weight gradients, which DP-SGD would throw
-    away. Each output hook turns (input, output gradient) into the layer's per-example
-    gradients as soon as backward reaches it, leaving ``p.grad_sample`` of shape
-    ``[B, *p.shape]``. Frozen parameters get no hooks and no per-example work.
+    away. Each output hook handles its layer as soon as backward reaches it. What it keeps
+    depends on the capture mode:
+
+    * ``materialize``: the layer's per-example gradients, ``p.grad_sample`` ``[B, *p.shape]``.
+    * ``norms``: only their squared norms (for a second, reweighted backward: ghost clipping).
+    * ``mixed`` (book-keeping, Bu et al. 2023): per layer, whichever is smaller to hold until
+      the clip factors are known: the per-example gradients (``B*P`` values), or the layer's
+      input and output gradient (its squared norms are taken at once); the clipped sum of the
+      latter is one ordinary weight gradient with output gradients scaled by the clip factors,
+      so no second backward is needed. High-resolution layers with few parameters keep
+      gradients; low-resolution layers with many parameters keep activations.
+
+    Squared norms are taken by the ghost-norm identity where it is cheaper (``_ghost_pays``).
+    Frozen parameters get no hooks and no per-example work.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -121,9 +178,10 @@ class PerExampleGradients:
         self._pending: dict[int, nn.Module] = {}  # output hooks registered but not yet fired
         self._keys = itertools.count()
         self._batch: int | None = None
-        self._norms_only = False
-        # Squared norm of each example's gradient, summed over layers, in norms-only mode.
-        self.sq_norms: torch.Tensor | None = None
+        self._mode = "materialize"
+        self._calls: dict[nn.Module, int] = {}  # forward calls per module in this capture
+        self._sq_norms: torch.Tensor | None = None  # [B], of layers whose gradients are not kept
+        self._kept: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # book-keeping layers
         for module in model.modules():
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
@@ -137,16 +195,13 @@ class PerExampleGradients:
         self._handles.clear()
 
     @contextmanager
-    def capture(self, batch_size: int, norms_only: bool = False) -> Iterator[None]:
-        """Record per-example gradients for ``batch_size`` examples (``B*K`` rows).
-
-        With ``norms_only``, each layer's per-example gradients are reduced to squared norms
-        as soon as they are formed and then dropped (:attr:`sq_norms`, ``[B]``): memory for
-        one layer at a time instead of ``B*P``, for ghost clipping.
-        """
+    def capture(self, batch_size: int, mode: str = "materialize") -> Iterator[None]:
+        """Record per-example gradients (or what ``mode`` keeps) for ``batch_size`` examples (``B*K`` rows)."""
+        if mode not in MODES:
+            raise ValueError(f"capture mode {mode!r}: use one of {MODES}")
         self.clear()
         self._batch = batch_size
-        self._norms_only = norms_only
+        self._mode = mode
         try:
             yield
         finally:
@@ -156,7 +211,7 @@ class PerExampleGradients:
             self.clear()
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """Fill ``p.grad_sample`` (or :attr:`sq_norms`) for the forward pass that produced ``loss``."""
+        """Process the forward pass that produced ``loss`` (see the class docstring)."""
         if self._roots:
             torch.autograd.grad(loss, self._roots, allow_unused=True, retain_graph=retain_graph)
         self._roots.clear()
@@ -172,8 +227,37 @@ class PerExampleGradients:
                 "inputs that require grad"
             )
 
+    def squared_norms(self) -> torch.Tensor:
+        """``[B]``: each example's squared gradient norm over all trainable parameters."""
+        assert self._batch is not None, "squared_norms() outside capture()"
+        total = torch.zeros(self._batch, device=self.params[0].device if self.params else None)
+        if self._sq_norms is not None:
+            total += self._sq_norms
+        for p in self.params:
+            if p.grad_sample is not None:
+                total += p.grad_sample.flatten(1).float().pow(2).sum(1)
+        return total
+
+    def weighted_sum(self, factors: torch.Tensor) -> list[torch.Tensor]:
+        """``sum_b factors[b] * grad_b`` for every trainable parameter (not in ``norms`` mode)."""
+        assert self._mode != "norms", "norms mode keeps no gradients: backward the reweighted loss"
+        out = {p: torch.zeros_like(p) for p in self.params}
+        for p in self.params:
+            if p.grad_sample is not None:
+                out[p] += torch.einsum("b,b...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
+        for module, acts, backprops in self._kept:
+            # Gradients are linear in the output gradient: scaling each row's output gradient by
+            # its example's factor, then summing over all rows as one "example", is the clipped sum.
+            k = backprops.shape[0] // len(factors)
+            rows = factors.to(backprops.dtype).repeat(k).view(-1, *([1] * (backprops.dim() - 1)))
+            for p, g in self._samplers[module](module, acts, backprops * rows, 1).items():
+                out[p] += g[0]
+        return [out[p] for p in self.params]
+
     def clear(self) -> None:
-        self.sq_norms = None
+        self._sq_norms = None
+        self._kept.clear()
+        self._calls.clear()
         for p in self.params:
             p.grad_sample = None
 
@@ -205,17 +289,44 @@ class PerExampleGradients:
             )
         batch, key = self._batch, next(self._keys)
         self._pending[key] = module
+        self._calls[module] = self._calls.get(module, 0) + 1
+        keep = self._what_to_keep(module, acts, output, batch)
         # A module may run several times per forward pass (weight sharing): each call's
-        # output carries its own input in the closure, and the contributions add up.
-        output.register_hook(lambda grad: self._accumulate(key, module, acts, grad.detach(), batch))
+        # output carries its own input in the closure, and the contributions add up. The
+        # input sits in a box the hook empties: the hook lives as long as the graph, and
+        # holding every layer's input to the end of backward would cost a copy of all
+        # activations that autograd itself frees layer by layer.
+        box = [acts]
+        output.register_hook(lambda grad: self._accumulate(key, module, box, grad.detach(), batch, keep))
 
-    def _accumulate(self, key: int, module: nn.Module, acts: torch.Tensor, backprops: torch.Tensor,
-                    batch: int) -> None:
+    def _what_to_keep(self, module: nn.Module, acts: torch.Tensor, output: torch.Tensor, batch: int) -> str:
+        """"gradients", "norms" or "activations" (input and output gradient) for one layer call."""
+        if self._mode == "materialize":
+            return "gradients"
+        if self._mode == "norms":
+            return "norms"
+        per_example = batch * sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+        return "activations" if acts.numel() + output.numel() < per_example else "gradients"
+
+    def _accumulate(self, key: int, module: nn.Module, box: list[torch.Tensor], backprops: torch.Tensor,
+                    batch: int, keep: str) -> None:
         if self._pending.pop(key, None) is None:
             return  # a later backward through a retained graph (ghost clipping's second pass)
+        acts = box.pop()
+        if self._calls[module] > 1:
+            # Shared weights: an example's gradient is the sum over calls, and the norm of a
+            # sum is not the sum of norms, so keep the gradients and add them up.
+            keep = "gradients"
+        if keep == "activations":
+            self._kept.append((module, acts, backprops))
+        if keep != "gradients" and _ghost_pays(module, acts, backprops, batch):
+            self._add_sq_norms(_ghost_sq_norms(module, acts, backprops, batch))
+            return
         for p, g in self._samplers[module](module, acts, backprops, batch).items():
-            if self._norms_only:
-                sq = g.flatten(1).float().pow(2).sum(1)
-                self.sq_norms = sq if self.sq_norms is None else self.sq_norms + sq
-                continue
-            p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
+            if keep == "gradients":
+                p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
+            else:
+                self._add_sq_norms(g.flatten(1).float().pow(2).sum(1))
+
+    def _add_sq_norms(self, sq: torch.Tensor) -> None:
+        self._sq_norms = sq if self._sq_norms is None else self._sq_norms + sq

@@ -28,7 +28,8 @@ from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
 
 POISSON_GAUSSIAN = "poisson_subsampled_gaussian"
-CLIPPING_MODES = ("materialize", "ghost")
+CLIPPING_MODES = ("materialize", "ghost", "mixed")
+_CAPTURE_MODE = {"materialize": "materialize", "ghost": "norms", "mixed": "mixed"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class DPSGDConfig:
     dataset_size: int  # global N of the sensitive training split
     max_physical_batch: int = 256
     stage: str = "dp_train"
-    clipping: str = "materialize"  # how per-example gradients are clipped; see clipped_gradient_sum
+    clipping: str = "mixed"  # how per-example gradients are clipped; see clipped_gradient_sum
 
     def __post_init__(self) -> None:
         if self.max_grad_norm <= 0:
@@ -75,33 +76,23 @@ def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
     return (max_grad_norm / (sq_norms.sqrt() + 1e-12)).clamp(max=1.0)
 
 
-def clipped_sum(params: list[Tensor], max_grad_norm: float) -> list[Tensor]:
-    """Sum over examples of per-example gradients (``p.grad_sample``) clipped to ``max_grad_norm``.
-
-    Flat clipping: one norm over all trainable parameters of an example.
-    """
-    used = [p.grad_sample for p in params if p.grad_sample is not None]
-    factors = clip_factors(torch.stack([g.flatten(1).pow(2).sum(1) for g in used]).sum(0), max_grad_norm)
-    return [
-        torch.zeros_like(p) if p.grad_sample is None
-        else torch.einsum("b,b...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
-        for p in params
-    ]
-
-
 def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable[[Any], Tensor], batch: Any,
                          max_grad_norm: float, max_physical_batch: int,
-                         clipping: str = "materialize") -> tuple[list[Tensor], Tensor]:
+                         clipping: str = "mixed") -> tuple[list[Tensor], Tensor]:
     """Sum over the batch of per-example gradients clipped to ``max_grad_norm`` (no noise yet).
 
-    The batch is processed in physical chunks of ``max_physical_batch`` examples; chunking
-    changes memory only. ``clipping`` chooses how, with the same result:
+    Flat clipping: one norm over all trainable parameters of an example. The batch is
+    processed in physical chunks of ``max_physical_batch`` examples; chunking changes memory
+    only. ``clipping`` chooses how, with the same result:
 
     - ``materialize``: one backward that leaves every example's gradient (``B*P`` values),
-      then a weighted sum. Fastest; memory grows with B times the trainable parameters.
+      then a weighted sum. Memory grows with B times the trainable parameters.
     - ``ghost``: a first backward keeps only per-example norms (one layer's gradients at a
       time), a second backward of the loss reweighted by the clip factors gives the clipped
       sum directly. About one extra backward pass, no ``B*P`` memory.
+    - ``mixed``: one backward; each layer keeps either its per-example gradients or its
+      input and output gradient, whichever is smaller, and the clipped sum of the latter is
+      one ordinary weight gradient with reweighted output gradients (book-keeping).
 
     Returns the clipped sum (one tensor per trainable parameter) and the sum of per-example
     losses (for display).
@@ -115,21 +106,19 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
     for start in range(0, n_local, max_physical_batch):
         chunk = _slice(batch, start, start + max_physical_batch)
         n = _batch_len(chunk)
-        with engine.capture(n, norms_only=clipping == "ghost"):
+        with engine.capture(n, mode=_CAPTURE_MODE[clipping]):
             losses = per_example_loss(chunk)
             if losses.dim() != 2 or losses.shape[0] != n:
                 raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
             # Mean over the K copies *before* clipping: the engine sums each example's copies.
             per_example = losses.float().mean(1)
-            if clipping == "materialize":
-                engine.backward(per_example.sum())
-                clipped = clipped_sum(params, max_grad_norm)
-            else:
-                engine.backward(per_example.sum(), retain_graph=True)
-                factors = clip_factors(engine.sq_norms, max_grad_norm) if engine.sq_norms is not None \
-                    else torch.ones_like(per_example)
+            engine.backward(per_example.sum(), retain_graph=clipping == "ghost")
+            factors = clip_factors(engine.squared_norms(), max_grad_norm)
+            if clipping == "ghost":
                 grads = torch.autograd.grad((factors.detach() * per_example).sum(), params, allow_unused=True)
                 clipped = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            else:
+                clipped = engine.weighted_sum(factors)
             for acc, g in zip(grad_sum, clipped):
                 acc.add_(g)
         loss_sum += losses.detach().float().mean(1).sum()

@@ -1,8 +1,10 @@
-"""Evaluate the samples -> ``metrics.json``: downstream utility and fidelity, with references.
+"""Evaluate the samples -> ``metrics.json``: downstream utility and fidelity, with references,
+and with ``eval.utility_study`` the utility study (``utility_vs_size.png``).
 
 Order matters for honesty. Every choice (classifier weights, early-stopping epoch) is made on
 the synthetic samples first; only then is the held-out real split opened, once, and used for
-final numbers that select nothing.
+final numbers that select nothing. The utility study receives the opened split and reads it
+only in its reporting step, after all of its own choices (dpgen/eval/utility.py).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from dpgen.eval.downstream import (
     train_classifiers,
 )
 from dpgen.eval.fidelity import Fidelity, FidelityImages, resolve_extractor
+from dpgen.eval.plots import save_figure, utility_figure
 from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.eval.threads import cpu_threads
+from dpgen.eval.utility import size_series, utility_study
 from dpgen.io import write_json
 from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
-from dpgen.stages.training import build_module, load_final_module
+from dpgen.stages.training import FINAL_WEIGHTS, build_module, load_final_module
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dpgen")
 
 REPLICATION_PNG = "replication_pairs.png"
+UTILITY_SAMPLES, UTILITY_PNG = "utility_samples", "utility_vs_size.png"
 
 
 def _plain(node: Any) -> Any:
@@ -110,15 +115,54 @@ def _audit(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict[st
     return out
 
 
+def _utility_samples(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
+    """The utility study's synthetic set: more samples of the trained generator (post-processing,
+    no privacy cost), written as resumable npz shards in ``<run>/utility_samples/``: the same
+    images as ``python -m dpgen.release <run> --format npz --seed <seed> --shard-size <size>``."""
+    # dpgen.release builds on the stages (it opens finished runs): imported here, not at the top.
+    from dpgen.release import ReleaseSpec
+    from dpgen.release.make import generator_identity, read_npz_shards, write_shards
+
+    cfg, u = ctx.cfg, ctx.cfg.eval.utility
+    n = round(max([*u.size_multiples, u.selection_multiple]) * len(ctx.train_set))
+    spec = ReleaseSpec(n, "npz", seed=cfg.seed, shard_size=u.sample_shard_size, batch_size=cfg.sample.batch_size)
+    out = ctx.path(UTILITY_SAMPLES)
+    device = "cuda" if cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu"
+    log.info("evaluate: utility study: %d samples of the generator -> %s", n, out)
+    write_shards(load_final_module(ctx).to(device), cfg.sample, out, spec,
+                 generator_identity(ctx.path(FINAL_WEIGHTS), spec), [str(c) for c in range(cfg.data.num_classes)],
+                 replace_other=True)
+    return read_npz_shards(out, spec)
+
+
+def _utility_study(ctx: RunContext, images: np.ndarray, labels: np.ndarray, held_out: Dataset) -> dict[str, Any]:
+    cfg, u, d = ctx.cfg, ctx.cfg.eval.utility, ctx.cfg.eval.downstream
+    n_train = len(ctx.train_set)
+    study = utility_study(from_uint8_hwc(images), torch.from_numpy(labels), held_out,
+                          num_classes=cfg.data.num_classes, n_train=n_train, multiples=list(u.size_multiples),
+                          classifiers=list(d.classifiers), settings=TrainSettings.from_config(d),
+                          grid_classifier=u.grid_classifier, grid=_plain(u.grid),
+                          selection_multiple=u.selection_multiple, seed=cfg.seed)
+    save_figure(utility_figure(size_series(study), n_train), ctx.path(UTILITY_PNG))
+    sel = study["selection"]
+    log.info("evaluate: utility study: mean accuracy %s; selection on synthetic data: Spearman %s, Kendall %s, "
+             "selected %.3f vs best %.3f", ", ".join(f"{s['multiple']:g}x {s['accuracy']['mean']:.3f}"
+                                                     for s in study["sizes"]),
+             sel["spearman"], sel["kendall"], sel["selected_real_accuracy"], sel["best_real_accuracy"])
+    return study
+
+
 def evaluate(ctx: RunContext) -> None:
     start = time.time()
+    # Sampling is the generator's work: it runs before evaluation's own thread setting applies.
+    synthetic = _utility_samples(ctx) if ctx.cfg.eval.utility_study else None
     with cpu_threads(ctx.cfg.eval.num_threads):
-        metrics = _evaluate(ctx)
+        metrics = _evaluate(ctx, synthetic)
     metrics["evaluate_wall_s"] = time.time() - start
     write_json(ctx.path("metrics.json"), metrics)
 
 
-def _evaluate(ctx: RunContext) -> dict[str, Any]:
+def _evaluate(ctx: RunContext, synthetic: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
     cfg, e = ctx.cfg, ctx.cfg.eval
     with np.load(ctx.path("samples.npz")) as z:
         stored, labels = z["images"][: e.num_samples], torch.from_numpy(z["labels"][: e.num_samples])
@@ -159,6 +203,8 @@ def _evaluate(ctx: RunContext) -> dict[str, Any]:
         metrics["privacy_note"] = privacy["note"]
     if ctx.path(PROTECTION_JSON).exists():
         metrics["cpsample"] = json.loads(ctx.path(PROTECTION_JSON).read_text())
+    if synthetic is not None:
+        metrics["utility_study"] = _utility_study(ctx, *synthetic, held_out)
 
     module = build_module(cfg)
     trainable = [n for n in cfg.method.stages if n in ("train", "dp_train", "dp_finetune")]

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
-from dpgen.privacy.ledger import PlannedStage, PrivacyLedger, compute_epsilon
+from dpgen.privacy.ledger import POISSON_GAUSSIAN, PlannedStage, PrivacyLedger, compute_epsilon
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
@@ -39,16 +39,39 @@ def _plan_dp_sgd(stage: str) -> Callable[[DictConfig, int], list[PlannedStage]]:
         if batch > n:
             raise ConfigError("method.train.batch_size", batch, f"exceeds the training split (N={n})",
                               f"use at most {n}")
-        return [PlannedStage(stage=stage, mechanism="poisson_subsampled_gaussian",
+        return [PlannedStage(stage=stage, mechanism=POISSON_GAUSSIAN,
                              sample_rate=batch / n, count=cfg.method.train.steps)]
 
     return plan
+
+
+def _plan_semantic_query(cfg: DictConfig, n: int) -> list[PlannedStage]:
+    """PrivImage's vote histogram: one Gaussian release, with a fixed ``method.query_sigma`` or
+    calibrated alone to ``method.query_budget_fraction`` of the target; training gets the rest."""
+    m = cfg.method
+    if m.selection != "semantic":
+        return []  # selection=all: no query, nothing to charge
+    sigma = m.get("query_sigma")
+    return [PlannedStage(stage="dp_semantic_query", mechanism="gaussian", count=1, noise_multiplier=sigma,
+                         budget_fraction=m.query_budget_fraction if sigma is None else None)]
+
+
+def _plan_central_images(cfg: DictConfig, n: int) -> list[PlannedStage]:
+    """DP-FETA's central images: ``method.central.rounds`` Poisson-subsampled Gaussian queries at
+    q = ``method.central.sample_rate``, with a fixed sigma or their own share of the budget."""
+    c = cfg.method.central
+    sigma = c.get("noise_multiplier")
+    return [PlannedStage(stage="dp_central_images", mechanism=POISSON_GAUSSIAN, sample_rate=c.sample_rate,
+                         count=c.rounds, noise_multiplier=sigma,
+                         budget_fraction=None if sigma is not None else c.budget_fraction)]
 
 
 # Stages not listed here (public pretraining, sampling, evaluation) cost nothing.
 STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
     "dp_train": _plan_dp_sgd("dp_train"),
     "dp_finetune": _plan_dp_sgd("dp_finetune"),
+    "dp_semantic_query": _plan_semantic_query,
+    "dp_central_images": _plan_central_images,
 }
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dpgen")
 
 FINAL_WEIGHTS = "model.pt"
+WARMUP_WEIGHTS = "warmup.pt"  # written by the warm-up stage (dpgen/stages/central.py)
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
@@ -114,8 +115,9 @@ def public_config_key(cfg: DictConfig) -> dict:
     return public
 
 
-def pretrain_cache_path(cfg: DictConfig) -> Path:
-    """Where ``pretrain_public`` caches the pixel UNet it trains on the public set."""
+def pretrain_cache_path(cfg: DictConfig, selection: list[list[str]] | None = None) -> Path:
+    """Where ``pretrain_public`` caches the pixel UNet it trains on the public set; with a
+    ``selection`` (public class names per sensitive class), the UNet trained on that subset."""
     key = {
         "public": public_config_key(cfg),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -125,6 +127,8 @@ def pretrain_cache_path(cfg: DictConfig) -> Path:
         "classes": cfg.data.num_classes,
         "seed": cfg.seed,
     }
+    if selection is not None:
+        key["selection"] = selection
     return hashed_cache_path(cfg, f"unet-{cfg.model.name}", key)
 
 
@@ -137,29 +141,55 @@ def pretrain_public(ctx: RunContext) -> None:
     if cache.exists():
         log.info("pretrain_public: reusing cached public pretraining %s", cache)
         return
+    pretrain_unet(ctx, "pretrain_public", _relabel_public(ctx), cache)
+
+
+def pretrain_unet(ctx: RunContext, stage: str, data: Dataset, cache: Path) -> None:
+    """Non-private training of the method's UNet on public ``data`` (labels in the sensitive
+    label space) as ``method.pretrain_public`` says; the weights go to ``cache``."""
+    cfg = ctx.cfg
     p = cfg.method.pretrain_public
     module = build_module(cfg)
     module.lr = p.lr
     # Multiplicity reduces the variance of *clipped, noised* gradients; without privacy it is
     # just a larger batch, so public pretraining uses K=1 and spends its compute on steps.
     module.multiplicity = 1
-    data = _relabel_public(ctx)
-    trainer = _trainer(ctx, "pretrain_public", p.steps, _ema(p.get("ema_decay")))
+    trainer = _trainer(ctx, stage, p.steps, _ema(p.get("ema_decay")))
     trainer.fit(module, _shuffled_loader(data, p.batch_size, cfg.seed))
     save_torch(cache, module.unet.state_dict())
-    log.info("pretrain_public: cached %s", cache)
+    log.info("%s: cached %s", stage, cache)
 
 
-def _init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
-    if ctx.cfg.method.get("pretrain", "none") == "public":
-        module.unet.load_state_dict(torch.load(pretrain_cache_path(ctx.cfg), map_location="cpu"))
+def init_from_pretraining(ctx: RunContext, module: DiffusionModule) -> None:
+    """Load the run's non-private pretraining, if the method has one: the public set's
+    (``method.pretrain=public``) or PrivImage's selected subset (``method.pretrain=selection``)."""
+    source = ctx.cfg.method.get("pretrain", "none")
+    if source == "public":
+        weights = pretrain_cache_path(ctx.cfg)
+    elif source == "selection":
+        # PrivImage: the stages that select and pretrain build on this module.
+        from dpgen.stages.semantic import selected_pretraining_path
+
+        weights = selected_pretraining_path(ctx)
+    else:
+        return
+    module.unet.load_state_dict(torch.load(weights, map_location="cpu"))
+
+
+def _init_weights(ctx: RunContext, module: DiffusionModule) -> None:
+    """Training starts from the run's warm-up when the method has one (the warm-up itself
+    started from the public pretraining), else from the public pretraining if configured."""
+    if "warmup" in ctx.cfg.method.stages:
+        module.load_generator_state_dict(torch.load(ctx.path(WARMUP_WEIGHTS), map_location="cpu"))
+    else:
+        init_from_pretraining(ctx, module)
 
 
 # -- non-private training on the sensitive data ---------------------------------------------
 def train(ctx: RunContext) -> None:
     cfg = ctx.cfg
     module = build_module(cfg)
-    _init_from_pretraining(ctx, module)
+    _init_weights(ctx, module)
     ckpt_dir = ctx.path("checkpoints")
     trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg.method.get("ema_decay")), checkpoint_dir=ckpt_dir)
     trainer.fit(module, _shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed),
@@ -199,5 +229,5 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
 
 def dp_train(ctx: RunContext) -> None:
     module = build_module(ctx.cfg)
-    _init_from_pretraining(ctx, module)
+    _init_weights(ctx, module)
     fit_dp(ctx, module, ctx.train_set, "dp_train")

@@ -1,0 +1,79 @@
+"""``python -m dpgen.evaluate <run dir> [eval.key=value ...]``: evaluate a finished run again.
+
+The generator, its samples and everything that made them are the run's own (``run_config.yaml``);
+the evaluation is today's ``conf/eval`` with the given overrides. So a run made before a change
+of the evaluation, or without the utility study, is evaluated without retraining:
+``python -m dpgen.evaluate outputs/<date>/<time> eval.utility_study=true``. Rewrites the run's
+``metrics.json`` and writes the evaluation config it used to ``evaluate_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from dpgen.errors import ConfigError
+from dpgen.eval.config import validate_eval_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+log = logging.getLogger("dpgen")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def evaluation_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The run's config with today's evaluation config (and ``eval.*``/``paths.*`` overrides)."""
+    for o in overrides:
+        key = _key(o)
+        if key != "eval" and not key.startswith(("eval.", "paths.")):
+            raise ConfigError(key, o.split("=", 1)[-1], "only the evaluation (eval.*) and paths.* can change here: "
+                              "the rest of the config made the samples", "train a new run with python -m dpgen")
+    saved = run_dir / "run_config.yaml"
+    if not saved.is_file():
+        raise ConfigError("run_dir", str(run_dir), "is not a dpgen run (no run_config.yaml)",
+                          "pass a run directory such as outputs/<date>/<time>")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        today = compose(config_name="config", overrides=[o for o in overrides if _key(o).startswith("eval")])
+    cfg = OmegaConf.load(saved)
+    cfg.eval = OmegaConf.to_container(today.eval, resolve=False)  # interpolations resolve against the run
+    paths = [o for o in overrides if _key(o).startswith("paths.")]
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(paths)) if paths else cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpgen.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory whose sample stage has finished")
+    parser.add_argument("overrides", nargs="*", help="eval.* or paths.* overrides, e.g. eval.utility_study=true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = evaluation_config(args.run_dir, args.overrides)
+        validate_eval_config(cfg.eval, cfg.sample.num_samples)
+        state_file = args.run_dir / "stages.json"
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {"completed": [], "wall_s": {}}
+        if "sample" not in state["completed"]:
+            raise ConfigError("run_dir", str(args.run_dir), "has no finished sample stage",
+                              f"finish the run first: python -m dpgen +resume={args.run_dir}")
+    except ConfigError as err:
+        sys.exit(f"dpgen.evaluate: {err}")
+
+    from dpgen.pipeline import RunContext
+    from dpgen.stages.evaluate import evaluate
+
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    evaluate(RunContext(cfg=cfg, run_dir=args.run_dir, wall_s=state["wall_s"]))
+    OmegaConf.save(cfg.eval, args.run_dir / "evaluate_config.yaml", resolve=True)
+    print(args.run_dir / "metrics.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``python -m dpgen.evaluate``: a finished run evaluated again with today's evaluation config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, tiny_overrides
+from omegaconf import OmegaConf
+
+from dpgen.evaluate import main
+from dpgen.io import save_torch, write_json
+from dpgen.stages.sample import to_uint8_hwc
+from dpgen.stages.training import build_module
+
+
+@pytest.fixture
+def old_run(tmp_path):
+    """A finished run whose saved config predates today's eval group (as the README's default run)."""
+    cfg = compose_config(tiny_overrides(tmp_path) + ["method=nonprivate"])
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["eval"] = {"classifier": "cnn", "epochs": 8, "batch_size": 64, "lr": 0.001, "val_fraction": 0.1}
+    OmegaConf.save(OmegaConf.create(saved), run / "run_config.yaml")
+    save_torch(run / "model.pt", build_module(cfg).generator_state_dict())
+    np.savez(run / "samples.npz", images=to_uint8_hwc(torch.rand(20, 1, 8, 8) * 2 - 1),
+             labels=(np.arange(20) % 10).astype(np.int64))
+    write_json(run / "stages.json", {"completed": list(cfg.method.stages), "wall_s": {"train": 3.0}})
+    return run
+
+
+def test_reevaluates_a_run_with_todays_evaluation(old_run):
+    main([str(old_run), "eval.fid.metrics=[]", "eval.reference=false", "eval.downstream.classifiers=[mlp]",
+          "eval.downstream.epochs=1"])
+    metrics = json.loads((old_run / "metrics.json").read_text())
+    assert set(metrics["downstream_accuracy"]) == {"mlp", "mean"} and metrics["train_wall_s"] == 3.0
+    used = OmegaConf.load(old_run / "evaluate_config.yaml")
+    assert used.downstream.classifiers == ["mlp"] and used.utility_study is False
+    assert used.cache_dir == f"{OmegaConf.load(old_run / 'run_config.yaml').paths.cache_dir}/eval"
+
+
+@pytest.mark.parametrize(("override", "expected"), [("privacy.eps=1", "only the evaluation"),
+                                                    ("eval.downstream.epochs=0", "eval.downstream.epochs")])
+def test_refuses_changes_beyond_the_evaluation(old_run, override, expected):
+    with pytest.raises(SystemExit) as exc:
+        main([str(old_run), override])
+    assert str(exc.value.code).startswith("dpgen.evaluate: ") and expected in str(exc.value.code)
+    assert not (old_run / "metrics.json").exists()

@@ -1,0 +1,190 @@
+"""``python -m dpgen.release`` on finished tiny runs written in the real run-directory formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import compose_config, tiny_overrides
+from omegaconf import OmegaConf
+from torchvision.datasets import ImageFolder
+
+import dpgen.release.make as make
+from dpgen.io import save_torch, write_json
+from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
+from dpgen.release import ReleaseSpec, class_counts, release_labels
+from dpgen.release.__main__ import main
+from dpgen.stages.training import build_module
+
+N, SHARD = 25, 10  # three shards, the last one short
+
+
+def _finished_run(root, *overrides, private=True):
+    cfg = compose_config(tiny_overrides(root / "work") + list(overrides))
+    run = root / "run"
+    run.mkdir(parents=True)
+    OmegaConf.save(cfg, run / "run_config.yaml", resolve=True)
+    save_torch(run / "model.pt", build_module(cfg).generator_state_dict())
+    write_json(run / "stages.json", {"completed": list(cfg.method.stages), "wall_s": {}})
+    if private:
+        ledger = PrivacyLedger(epsilon_target=5.0, delta=1e-5, dataset_size=4000)
+        ledger.plan([PlannedStage("dp_train", "poisson_subsampled_gaussian", sample_rate=64 / 4000, count=4,
+                                  noise_multiplier=1.0)])
+        ledger.record("dp_train", "poisson_subsampled_gaussian", 1.0, 64 / 4000, count=4)
+        ledger.write(run / "privacy.json")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _finished_run(tmp_path_factory.mktemp("private"))
+
+
+def _release(run, out, fmt="imagefolder", *extra):
+    main([str(run), "--num-samples", str(N), "--format", fmt, "--out", str(out), "--shard-size", str(SHARD),
+          "--batch-size", str(SHARD), *extra])
+
+
+@pytest.fixture(scope="module")
+def released(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("release") / "imagefolder"
+    _release(run_dir, out)
+    return out
+
+
+def _pngs(out):
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def test_imagefolder_release_loads_with_a_card_copied_from_privacy_json(run_dir, released):
+    data = ImageFolder(str(released))
+    assert len(data) == N and data.classes == [str(c) for c in range(10)]
+    assert data[0][0].size == (8, 8)
+    assert np.bincount(data.targets).tolist() == [3] * 5 + [2] * 5
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    card = json.loads((released / "datacard.json").read_text())
+    assert card["epsilon_spent"] == privacy["epsilon_spent"] and card["epsilon_target"] == 5.0
+    assert card["events"] == privacy["events"] and card["delta"] == privacy["delta"]
+    assert card["per_class_counts"] == {str(c): 3 if c < 5 else 2 for c in range(10)}
+    assert card["sensitive_dataset"]["training_split_size"] == 4000 and card["num_samples"] == N
+    assert card["model"]["trainable_parameters"] > 0 and card["sampler"]["steps"] == 2
+    assert card["public_data"]["name"] == "glyphs" and card["dpgen"]["version"]
+    first_lines = [(released / f).read_text().splitlines()[0] for f in ("datacard.json", "DATACARD.md")]
+    assert all("Differentially private" in line and "ε = " in line for line in first_lines)
+    assert json.loads((released / "manifest.json").read_text())["complete"]
+    assert not list(released.rglob("*.tmp"))
+
+
+def test_npz_shards_follow_the_samples_contract_and_depend_on_the_seed(run_dir, tmp_path):
+    def load(out):
+        files = sorted(out.glob("samples-*.npz"))
+        assert [f.name for f in files] == [f"samples-{i:05d}-of-00003.npz" for i in range(3)]
+        arrays = [np.load(f) for f in files]
+        return np.concatenate([a["images"] for a in arrays]), np.concatenate([a["labels"] for a in arrays])
+
+    _release(run_dir, tmp_path / "a", "npz")
+    _release(run_dir, tmp_path / "b", "npz", "--seed", "1")
+    (images, labels), (other, _) = load(tmp_path / "a"), load(tmp_path / "b")
+    assert images.dtype == np.uint8 and images.shape == (N, 8, 8, 1) and labels.dtype == np.int64
+    assert labels.tolist() == release_labels(N, 10).tolist()
+    # Same seed, same bytes: the resume test compares two executions; another seed differs.
+    assert not np.array_equal(images, other)
+
+
+class _Killed(BaseException):
+    """Like a kill: nothing after it runs, and no ``except Exception`` catches it."""
+
+
+def test_a_killed_release_resumes_without_redoing_finished_shards(run_dir, released, tmp_path, monkeypatch):
+    out, sampled = tmp_path / "resumed", []
+    original = make.sample_shard
+
+    def sample(*args, **kwargs):
+        if len(sampled) == 2 and kill:
+            raise _Killed
+        sampled.append(args[1].tolist())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(make, "sample_shard", sample)
+    kill = True
+    with pytest.raises(_Killed):
+        _release(run_dir, out)
+    first = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert len(first) == 2 * SHARD and not (out / "datacard.json").exists()
+    kill = False
+    _release(run_dir, out)
+    assert len(sampled) == 3, "a finished shard was sampled again"
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items()), "a finished shard was rewritten"
+    assert _pngs(out) == _pngs(released), "the resumed release differs from an uninterrupted one"
+
+
+def _refused(argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    message = str(exc.value.code)
+    assert exc.value.code not in (0, None) and message.startswith("dpgen.release: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("case", ["not_a_run", "unfinished", "no_privacy_json", "overspent"])
+def test_refuses_a_run_it_cannot_release(case, run_dir, tmp_path):
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    if case == "not_a_run":
+        (bad / "run_config.yaml").unlink()
+    elif case == "unfinished":
+        write_json(bad / "stages.json", {"completed": ["pretrain_public", "dp_train"], "wall_s": {}})
+    elif case == "no_privacy_json":
+        (bad / "privacy.json").unlink()
+    else:
+        privacy = json.loads((bad / "privacy.json").read_text())
+        write_json(bad / "privacy.json", {**privacy, "epsilon_spent": privacy["epsilon_target"] * 1.01})
+    message = _refused([bad, "--num-samples", 5, "--format", "npz", "--out", tmp_path / "out"])
+    assert {"not_a_run": "not a dpgen run", "unfinished": "not a finished dpgen run",
+            "no_privacy_json": "no privacy.json", "overspent": "above its target"}[case] in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("num", "fmt", "expected"), [(0, "npz", "must be > 0"), (-3, "imagefolder", "must be > 0"),
+                                                      (5, "tfrecord", "unknown format")])
+def test_refuses_a_bad_request(num, fmt, expected, run_dir, tmp_path):
+    assert expected in _refused([run_dir, "--num-samples", num, "--format", fmt, "--out", tmp_path / "out"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_an_output_directory_holding_another_release(run_dir, released, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in released.rglob("*")}
+    message = _refused([run_dir, "--num-samples", N + 1, "--format", "imagefolder", "--out", released,
+                        "--shard-size", SHARD, "--batch-size", SHARD])
+    assert "holds another release" in message and "num_samples 25 vs 26" in message
+    assert {p: p.stat().st_mtime_ns for p in released.rglob("*")} == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a release")
+    assert "not a dpgen release" in _refused([run_dir, "--num-samples", 5, "--format", "npz", "--out",
+                                              tmp_path / "mine"])
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_non_private_run_says_so_on_the_first_line(tmp_path):
+    run = _finished_run(tmp_path, "method=nonprivate", private=False)
+    out = tmp_path / "out"
+    main([str(run), "--num-samples", "4", "--format", "npz", "--out", str(out), "--batch-size", "4"])
+    for name in ("datacard.json", "DATACARD.md"):
+        assert "NO FORMAL PRIVACY GUARANTEE" in (out / name).read_text().splitlines()[0]
+    card = json.loads((out / "datacard.json").read_text())
+    assert card["formal_guarantee"] is False and card["epsilon_spent"] is None and card["events"] == []
+    assert card["sensitive_dataset"]["training_split_size"] == 4000
+
+
+def test_class_counts_use_equal_shares_or_a_public_prior_only():
+    assert class_counts(25, 10) == [3] * 5 + [2] * 5
+    assert class_counts(10, 3, prior=[2, 0, 2]) == [5, 0, 5]
+    assert class_counts(7, 2, prior=[0.75, 0.25]) == [5, 2]
+    labels = release_labels(1000, 10, prior=[1] * 5 + [3] * 5)
+    assert np.bincount(labels).tolist() == [50] * 5 + [150] * 5
+    # spread evenly: each shard of 100 holds every class in proportion
+    assert all(np.bincount(labels[a:a + 100], minlength=10).min() >= 4 for a in range(0, 1000, 100))
+    with pytest.raises(ValueError, match="non-negative"):
+        ReleaseSpec(5, "npz", class_prior=(1.0, -1.0)).check(2)
