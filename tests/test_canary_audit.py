@@ -10,7 +10,13 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from dpgen.audit import CANARY_JSON, WithCanaries, build_canaries, canary_audit_result, run_canary_audit
+from dpgen.audit import (
+    CANARY_JSON,
+    WithCanaries,
+    build_canaries,
+    canary_audit_result,
+    run_canary_audit,
+)
 from dpgen.pipeline import RunContext
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.sampling import PoissonDataModule

@@ -6,12 +6,21 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dpgen.config import validate_config
 from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.errors import ConfigError
 from dpgen.pipeline import run_pipeline
-from dpgen.sampling import ProtectionGuidance, ProtectionSettings, random_labels, train_protection_classifier
+from dpgen.release import ReleaseSpec, make_release
+from dpgen.sampling import (
+    ProtectionGuidance,
+    ProtectionSettings,
+    random_labels,
+    train_protection_classifier,
+)
+from dpgen.sampling.__main__ import main as resample
+from dpgen.sampling.__main__ import resampling_config
 from dpgen.stages import run_stages
 from dpgen.stages.planning import CPSAMPLE_NO_GUARANTEE
 
@@ -57,12 +66,15 @@ def test_guidance_pushes_away_from_the_predicted_label_only_when_confident():
     # logits 4, 0.4, -4: only the first and the last are confident (sigmoid(4) = 0.982)
     assert torch.equal(out[1], eps[1])
     sigma = (1 - ALPHAS[500]).sqrt()
-    # d/dx log sigmoid(|w·x|) = sign(w·x) (1 - sigmoid(|w·x|)) w
-    expected = 2.0 * sigma * (1 - torch.sigmoid(torch.tensor(4.0))) * w
+    # d/dx log sigmoid(-|w·x|) = -sign(w·x) sigmoid(|w·x|) w: it does not vanish when confident
+    expected = 2.0 * sigma * torch.sigmoid(torch.tensor(4.0)) * w
     torch.testing.assert_close(out[0], expected)
     torch.testing.assert_close(out[2], -expected)
-    # x0 = (x - sigma eps) / sqrt(alpha): the correction lowers |w·x0|, the confidence
-    assert guidance.guided == 2 and guidance.total == 3
+    # the predicted clean image x0 = (x - sigma eps) / sqrt(alpha) moves towards the other label
+    x0 = lambda e: (x - sigma * e) / ALPHAS[500].sqrt()  # noqa: E731
+    logit_x0 = lambda e: (x0(e).flatten(1) * w.flatten()).sum(1)  # noqa: E731
+    assert logit_x0(out)[0] < logit_x0(eps)[0] and logit_x0(out)[2] > logit_x0(eps)[2]
+    assert guidance.guided == 2 and guidance.total == 3 and guidance.guided_fraction == pytest.approx(2 / 3)
 
 
 def test_cpsample_inserts_its_stage_and_refuses_latent_models(tiny_cfg):
@@ -84,23 +96,41 @@ def test_bad_sampling_config_is_refused(tiny_cfg, override, key):
     assert str(err.value).startswith(key) and "Fix:" in str(err.value)
 
 
-def test_cpsample_run_states_no_formal_guarantee(tiny_cfg, tmp_path, caplog):
-    """A DP run sampled with CPSample: ε of the DP training is still tracked, but privacy.json,
-    metrics.json and the log say the outputs carry no formal guarantee; the audit runs."""
-    run_dir = tmp_path / "run"
-    cfg = tiny_cfg("sampling=cpsample", "sampling.classifier.max_steps=3", "sampling.classifier.width=8",
-                   "eval.audit=true", "audit.mia.max_examples=20", "audit.loss_score.noise_draws=1",
-                   "eval.downstream.classifiers=[cnn]", "eval.fid.metrics=[fid]")
+def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_path, caplog):
+    """A finished DP run sampled again with CPSample (``python -m dpgen.sampling``): the same
+    generator, ε of its DP training still tracked, but privacy.json, metrics.json, protection.json,
+    the log and a release's data card say the outputs carry no formal guarantee; the audit runs."""
+    source = tmp_path / "run"
+    plain = tiny_cfg("eval.downstream.classifiers=[]", "eval.fid.metrics=[]", "eval.reference=false")
+    run_pipeline(plain, source)
+    out = tmp_path / "cpsample"
     with caplog.at_level("WARNING", logger="dpgen"):
-        run_pipeline(cfg, run_dir)
-    privacy = json.loads((run_dir / "privacy.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+        resample([str(source), "--out", str(out), "sampling.classifier.max_steps=3", "sampling.classifier.width=8",
+                  "eval=fast", "eval.audit=true", "audit.mia.max_examples=20", "audit.loss_score.noise_draws=1",
+                  "eval.downstream.classifiers=[cnn]", "eval.fid.metrics=[fid]"])
+    cfg = OmegaConf.load(out / "run_config.yaml")
+    assert cfg.sampling.name == "cpsample" and cfg.method == plain.method
+    assert (out / "model.pt").read_bytes() == (source / "model.pt").read_bytes()
+    privacy = json.loads((out / "privacy.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert privacy["formal_guarantee"] is False and privacy["note"] == CPSAMPLE_NO_GUARANTEE
     assert privacy["events"][0]["steps"] == 4  # the DP training is still accounted
+    assert json.loads((source / "privacy.json").read_text())["formal_guarantee"] is True  # source untouched
     assert metrics["formal_guarantee"] is False and metrics["privacy_note"] == CPSAMPLE_NO_GUARANTEE
     assert CPSAMPLE_NO_GUARANTEE in caplog.text
     assert metrics["cpsample"]["classifier"]["steps"] == 3 and 0 <= metrics["cpsample"]["guided_fraction"] <= 1
     assert 0 <= metrics["replication_rate"] <= 1 and 0 <= metrics["mia_auc"] <= 1
     assert metrics["mia_members"] == metrics["mia_non_members"] == 20
-    assert (run_dir / "replication_pairs.png").stat().st_size > 0
-    assert json.loads((run_dir / "stages.json").read_text())["completed"] == run_stages(cfg)
+    assert (out / "replication_pairs.png").stat().st_size > 0
+    assert json.loads((out / "stages.json").read_text())["completed"] == run_stages(cfg)
+    assert json.loads((out / "protection.json").read_text())["note"] == CPSAMPLE_NO_GUARANTEE
+    # a release samples through the same protection, and its data card states the missing guarantee
+    release = make_release(out, tmp_path / "release", ReleaseSpec(6, "npz", shard_size=6), progress=False)
+    card = json.loads((release / "datacard.json").read_text())
+    assert card["formal_guarantee"] is False and card["statement"].startswith("NO FORMAL PRIVACY GUARANTEE")
+    assert card["note"] == CPSAMPLE_NO_GUARANTEE and card["sampler"]["name"] == "ddim + cpsample"
+
+
+def test_resampling_refuses_changes_to_the_generator(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"^privacy.eps='1': only sampling"):
+        resampling_config(tmp_path, ["privacy.eps=1"])

@@ -35,7 +35,8 @@ def test_clopper_pearson_edge_cases_in_closed_form():
 def test_clopper_pearson_covers_at_its_level():
     rng = np.random.default_rng(0)
     p, n = 0.3, 40
-    hits = [lo <= p <= hi for lo, hi in (clopper_pearson(int(k), n, 0.9) for k in rng.binomial(n, p, 2000))]
+    interval = {k: clopper_pearson(k, n, 0.9) for k in range(n + 1)}
+    hits = [interval[int(k)][0] <= p <= interval[int(k)][1] for k in rng.binomial(n, p, 2000)]
     assert np.mean(hits) >= 0.9  # exact intervals are conservative
 
 
@@ -78,10 +79,9 @@ def test_one_run_bound_is_valid_for_randomized_response(eps):
     rng = np.random.default_rng(1)
     m, trials = 1000, 200
     q = math.exp(eps) / (1 + math.exp(eps))
-    bounds = []
-    for _ in range(trials):
-        v = rng.binomial(m, q)
-        bounds.append(one_run_epsilon_lower_bound(m, m, int(v), 1e-5, 0.95))
+    correct = rng.binomial(m, q, trials)
+    bound = {int(v): one_run_epsilon_lower_bound(m, m, int(v), 1e-5, 0.95) for v in np.unique(correct)}
+    bounds = [bound[int(v)] for v in correct]
     assert np.mean(np.array(bounds) > eps) <= 0.08
     assert np.median(bounds) > 0.6 * eps
 
@@ -97,13 +97,16 @@ def test_one_run_audit_bonferroni_and_separation():
     rng = np.random.default_rng(2)
     included = rng.random(256) < 0.5
     separated = np.where(included, 1.0, 0.0) + rng.random(256) * 0.1
-    audit = one_run_audit(separated, included, 1e-5, [64, 256], 0.95)
+    audit = one_run_audit(separated, included, 0.0, [64, 256], 0.95)
     assert audit["epsilon_lower_bound"] > 2.5
-    # each guess count is tested at 97.5 %: the all-correct bound for r = 256 at that level
+    # each guess count is tested at 97.5 %: the all-correct bound for r = 256 at that level (δ = 0)
     q = 0.025 ** (1 / 256)
     assert audit["by_guesses"][1]["epsilon_lower_bound"] == pytest.approx(math.log(q / (1 - q)), abs=0.02)
     noise = one_run_audit(rng.random(256), included, 1e-5, [64, 256], 0.95)
     assert noise["epsilon_lower_bound"] < 0.5
+    # δ > 0 only weakens what the same outcome proves
+    with_delta = one_run_audit(separated, included, 1e-5, [64, 256], 0.95)
+    assert 2.5 < with_delta["epsilon_lower_bound"] < audit["epsilon_lower_bound"]
 
 
 def test_roc_summary_against_a_brute_force_threshold_scan():

@@ -2,14 +2,16 @@
 
 Where the protection classifier is confident about the partially denoised image — its
 probability of either random label above ``threshold`` — the trajectory is near a memorised
-training image. There the predicted noise is corrected by classifier guidance *away* from the
-predicted label:
+training image. There the predicted noise gets Dhariwal & Nichol's classifier guidance towards
+the *other* label, the one the classifier finds unlikely:
 
-    ε̂ = ε + s · sqrt(1 − ᾱ_t) · ∇_x log p(ŷ | x_t, t),   ŷ = the label the classifier predicts,
+    ε̂ = ε − s · sqrt(1 − ᾱ_t) · ∇_x log p(1 − ŷ | x_t, t),   ŷ = the label the classifier predicts,
 
-the sign-flipped form of Dhariwal & Nichol's classifier guidance, so each step lowers the
-classifier's confidence. Elsewhere ε is left untouched, which keeps the fidelity cost small.
-The sampler calls an instance once per step (:func:`dpgen.diffusion.sampling.sample_images`).
+so each step lowers the classifier's confidence. Guiding towards the unlikely label rather than
+away from the likely one keeps the gradient from vanishing where the classifier is most
+confident (log p(ŷ) saturates there; log p(1 − ŷ) does not). Elsewhere ε is left untouched,
+which keeps the fidelity cost small. The sampler calls an instance once per step
+(:func:`dpgen.diffusion.sampling.sample_images`).
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ class ProtectionGuidance:
         with torch.enable_grad():
             x_in = x.detach().requires_grad_()
             logit = self.classifier(x_in, t)
-            # log-probability of the predicted label: log sigmoid(|logit|) >= log 0.5
-            log_confidence = nn.functional.logsigmoid(logit.abs())
-            grad = torch.autograd.grad(log_confidence.sum(), x_in)[0]
-        guided = log_confidence.detach().exp() > self.threshold
+            # log p(1 − ŷ | x_t) = log sigmoid(−|logit|); its gradient points towards the other label
+            log_other = nn.functional.logsigmoid(-logit.abs())
+            grad = torch.autograd.grad(log_other.sum(), x_in)[0]
+        guided = 1 - log_other.detach().exp() > self.threshold
         self.guided += int(guided.sum())
         self.total += len(x)
         sigma = (1 - self.alphas_cumprod[t.long().cpu()]).sqrt().to(eps)
-        return eps + self.scale * sigma * grad * guided.view(-1, 1, 1, 1).to(eps)
+        return eps - self.scale * sigma * grad * guided.view(-1, 1, 1, 1).to(eps)

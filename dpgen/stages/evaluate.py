@@ -32,6 +32,7 @@ from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.eval.threads import cpu_threads
 from dpgen.eval.utility import size_series, utility_study
 from dpgen.io import write_json
+from dpgen.stages.protection import load_protection_guidance
 from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
 from dpgen.stages.training import FINAL_WEIGHTS, build_module, load_final_module
 
@@ -131,7 +132,7 @@ def _utility_samples(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
     log.info("evaluate: utility study: %d samples of the generator -> %s", n, out)
     write_shards(load_final_module(ctx).to(device), cfg.sample, out, spec,
                  generator_identity(ctx.path(FINAL_WEIGHTS), spec), [str(c) for c in range(cfg.data.num_classes)],
-                 replace_other=True)
+                 replace_other=True, eps_correction=load_protection_guidance(ctx.run_dir, cfg, device))
     return read_npz_shards(out, spec)
 
 

@@ -9,10 +9,11 @@ released output.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.io import save_torch
@@ -28,8 +29,8 @@ log = logging.getLogger("dpgen")
 CLASSIFIER_FILE = "protection_classifier.pt"
 
 
-def _alphas_cumprod(ctx: RunContext) -> torch.Tensor:
-    return make_train_scheduler(OmegaConf.to_container(ctx.cfg.diffusion, resolve=True)).alphas_cumprod
+def _alphas_cumprod(cfg: DictConfig) -> torch.Tensor:
+    return make_train_scheduler(OmegaConf.to_container(cfg.diffusion, resolve=True)).alphas_cumprod
 
 
 def train_protection_classifier_stage(ctx: RunContext) -> None:
@@ -37,19 +38,24 @@ def train_protection_classifier_stage(ctx: RunContext) -> None:
     settings = ProtectionSettings.from_config(ctx.cfg.sampling.classifier)
     train = ctx.train_set
     images = torch.stack([train[i][0] for i in range(len(train))])
-    classifier, info = train_protection_classifier(images, _alphas_cumprod(ctx), settings, ctx.cfg.seed)
+    classifier, info = train_protection_classifier(images, _alphas_cumprod(ctx.cfg), settings, ctx.cfg.seed)
     save_torch(ctx.path(CLASSIFIER_FILE), {"state_dict": classifier.state_dict(), "channels": images.shape[1],
                                            "width": settings.width, "info": info})
     log.info("train_protection_classifier: %d steps, accuracy on the random labels %.3f -> %s",
              info["steps"], info["train_accuracy_low_noise"], ctx.path(CLASSIFIER_FILE))
 
 
-def load_protection_guidance(ctx: RunContext, device: torch.device) -> ProtectionGuidance:
-    saved = torch.load(ctx.path(CLASSIFIER_FILE), map_location="cpu", weights_only=True)
+def load_protection_guidance(run_dir: Path, cfg: DictConfig, device: torch.device | str) -> ProtectionGuidance | None:
+    """The run's CPSample guidance, or None where the run samples plainly (``sampling=default``,
+    or a run made before the ``sampling`` group existed). Every sampler of a finished run (the
+    sample stage, the utility study, ``python -m dpgen.release``) samples through this."""
+    s = cfg.get("sampling")
+    if s is None or s.name != "cpsample":
+        return None
+    saved = torch.load(run_dir / CLASSIFIER_FILE, map_location="cpu", weights_only=True)
     classifier = ProtectionClassifier(saved["channels"], saved["width"])
     classifier.load_state_dict(saved["state_dict"])
-    s = ctx.cfg.sampling
-    return ProtectionGuidance(classifier.to(device), _alphas_cumprod(ctx), s.threshold, s.scale)
+    return ProtectionGuidance(classifier.to(device), _alphas_cumprod(cfg), s.threshold, s.scale)
 
 
 def protection_summary(ctx: RunContext, guidance: ProtectionGuidance) -> dict:

@@ -15,6 +15,7 @@ import torch
 
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers.grids import save_grid
+from dpgen.stages.planning import CPSAMPLE_NO_GUARANTEE
 from dpgen.stages.protection import load_protection_guidance, protection_summary
 from dpgen.stages.training import load_final_module
 
@@ -45,13 +46,11 @@ def sample(ctx: RunContext) -> None:
     module = load_final_module(ctx)
     labels = balanced_labels(cfg.sample.num_samples, cfg.data.num_classes)
     generator = torch.Generator().manual_seed(cfg.seed)
-    protection = None
-    if cfg.sampling.name == "cpsample":
-        protection = load_protection_guidance(ctx, next(module.parameters()).device)
+    protection = load_protection_guidance(ctx.run_dir, cfg, next(module.parameters()).device)
     images = module.sample(labels, cfg.sample.steps, cfg.sample.guidance_scale, generator=generator,
                            batch_size=cfg.sample.batch_size, eps_correction=protection)
     if protection is not None:
-        summary = protection_summary(ctx, protection)
+        summary = {"note": CPSAMPLE_NO_GUARANTEE, **protection_summary(ctx, protection)}
         write_json(ctx.path(PROTECTION_JSON), summary)
         log.info("sample: CPSample guided %.1f %% of the (sample, step) pairs", 100 * summary["guided_fraction"])
 
