@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import compose_config, tiny_dpldm_overrides
 from omegaconf import OmegaConf
 
 from dpgen.config import validate_config
@@ -77,12 +78,12 @@ def test_guidance_pushes_away_from_the_predicted_label_only_when_confident():
     assert guidance.guided == 2 and guidance.total == 3 and guidance.guided_fraction == pytest.approx(2 / 3)
 
 
-def test_cpsample_inserts_its_stage_and_refuses_latent_models(tiny_cfg):
+def test_cpsample_inserts_its_stage_and_refuses_latent_models(tiny_cfg, tmp_path):
     assert run_stages(tiny_cfg("sampling=cpsample")) == ["pretrain_public", "dp_train",
                                                          "train_protection_classifier", "sample", "evaluate"]
     assert "train_protection_classifier" not in run_stages(tiny_cfg())
     with pytest.raises(ConfigError, match=r"^sampling='cpsample'.*latents.*Fix:"):
-        validate_config(tiny_cfg("sampling=cpsample", "method=dpldm", "model=ldm_tiny"))
+        validate_config(compose_config([*tiny_dpldm_overrides(tmp_path), "sampling=cpsample"]))
 
 
 @pytest.mark.parametrize("override,key", [

@@ -95,7 +95,8 @@ def test_guesses_take_top_and_bottom_scores():
 
 def test_one_run_audit_bonferroni_and_separation():
     rng = np.random.default_rng(2)
-    included = rng.random(256) < 0.5
+    included = np.zeros(256, dtype=bool)
+    included[rng.permutation(256)[:128]] = True  # exactly half in: 256 guesses can all be right
     separated = np.where(included, 1.0, 0.0) + rng.random(256) * 0.1
     audit = one_run_audit(separated, included, 0.0, [64, 256], 0.95)
     assert audit["epsilon_lower_bound"] > 2.5
