@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a finished run directory")
     parser.add_argument("--out", type=Path, help="the new run directory (default: <run dir>-<sampling name>)")
     parser.add_argument("overrides", nargs="*", help="sampling.*, eval.* or audit.* overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         open_run(args.run_dir)  # finished, with its weights and an intact ledger
