@@ -7,13 +7,14 @@ from omegaconf import DictConfig, OmegaConf
 from dpgen.data import validate_data_config, validate_public_config
 from dpgen.distributed import validate_trainer_config
 from dpgen.errors import ConfigError
-from dpgen.eval.config import validate_eval_config
+from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.loggers import validate_logger_config
 from dpgen.methods import METHODS
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
 from dpgen.privacy.strategy import CLIPPING_MODES
-from dpgen.stages import STAGES
+from dpgen.sampling.config import validate_sampling_config
+from dpgen.stages import STAGES, run_stages
 
 ACCOUNTANTS = ("pld", "rdp", "prv")
 
@@ -55,6 +56,11 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
                           f"use stages from {sorted(STAGES)}")
+    validate_sampling_config(cfg.sampling, is_latent_model(model))
+    unknown = [s for s in run_stages(cfg) if s not in STAGES]
+    if unknown:
+        raise ConfigError("sampling.stages", list(cfg.sampling.stages), f"unknown stage {unknown[0]!r}",
+                          f"use stages from {sorted(STAGES)}")
     for key in ("method.train.steps", "method.train.batch_size", "method.pretrain_public.steps",
                 "method.pretrain_public.batch_size", "method.pretrain_autoencoder.steps",
                 "method.pretrain_autoencoder.batch_size", "method.pretrain_ldm.steps",
@@ -62,6 +68,11 @@ def validate_config(cfg: DictConfig) -> None:
                 "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
     validate_eval_config(cfg.eval, cfg.sample.num_samples)
+    validate_audit_config(cfg.audit)
+    if max(cfg.audit.loss_score.timesteps) >= cfg.diffusion.num_train_timesteps:
+        raise ConfigError("audit.loss_score.timesteps", list(cfg.audit.loss_score.timesteps),
+                          f"must lie below diffusion.num_train_timesteps={cfg.diffusion.num_train_timesteps}",
+                          "use smaller timesteps")
     validate_logger_config(cfg.logger)
     validate_trainer_config(cfg.trainer)
 

@@ -1,9 +1,10 @@
 """``python -m dpgen.evaluate <run dir> [eval.key=value ...]``: evaluate a finished run again.
 
 The generator, its samples and everything that made them are the run's own (``run_config.yaml``);
-the evaluation is today's ``conf/eval`` with the given overrides. So a run made before a change
-of the evaluation, or without the utility study, is evaluated without retraining:
-``python -m dpgen.evaluate outputs/<date>/<time> eval.utility_study=true``. Rewrites the run's
+the evaluation is today's ``conf/eval`` and ``conf/audit`` with the given overrides. So a run made
+before a change of the evaluation, or without the utility study or the privacy audits, is
+evaluated without retraining: ``python -m dpgen.evaluate outputs/<date>/<time> eval.audit=true``.
+Rewrites the run's
 ``metrics.json`` and writes the evaluation config it used to ``evaluate_config.yaml``.
 """
 
@@ -20,7 +21,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.errors import ConfigError
-from dpgen.eval.config import validate_eval_config
+from dpgen.eval.config import validate_audit_config, validate_eval_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger("dpgen")
@@ -31,20 +32,24 @@ def _key(override: str) -> str:
 
 
 def evaluation_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The run's config with today's evaluation config (and ``eval.*``/``paths.*`` overrides)."""
+    """The run's config with today's evaluation and audit config (and ``eval.*``/``audit.*``/
+    ``paths.*`` overrides)."""
     for o in overrides:
         key = _key(o)
-        if key != "eval" and not key.startswith(("eval.", "paths.")):
-            raise ConfigError(key, o.split("=", 1)[-1], "only the evaluation (eval.*) and paths.* can change here: "
-                              "the rest of the config made the samples", "train a new run with python -m dpgen")
+        if key not in ("eval", "audit") and not key.startswith(("eval.", "audit.", "paths.")):
+            raise ConfigError(key, o.split("=", 1)[-1], "only the evaluation (eval.*, audit.*) and paths.* can "
+                              "change here: the rest of the config made the samples",
+                              "train a new run with python -m dpgen")
     saved = run_dir / "run_config.yaml"
     if not saved.is_file():
         raise ConfigError("run_dir", str(run_dir), "is not a dpgen run (no run_config.yaml)",
                           "pass a run directory such as outputs/<date>/<time>")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        today = compose(config_name="config", overrides=[o for o in overrides if _key(o).startswith("eval")])
+        today = compose(config_name="config",
+                        overrides=[o for o in overrides if _key(o).startswith(("eval", "audit"))])
     cfg = OmegaConf.load(saved)
     cfg.eval = OmegaConf.to_container(today.eval, resolve=False)  # interpolations resolve against the run
+    cfg.audit = OmegaConf.to_container(today.audit, resolve=False)
     paths = [o for o in overrides if _key(o).startswith("paths.")]
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(paths)) if paths else cfg
 
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = evaluation_config(args.run_dir, args.overrides)
         validate_eval_config(cfg.eval, cfg.sample.num_samples)
+        validate_audit_config(cfg.audit)
         state_file = args.run_dir / "stages.json"
         state = json.loads(state_file.read_text()) if state_file.is_file() else {"completed": [], "wall_s": {}}
         if "sample" not in state["completed"]:

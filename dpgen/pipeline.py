@@ -1,4 +1,5 @@
-"""The stage runner: a run is the ordered list of stages in ``method.stages``.
+"""The stage runner: a run is the ordered list of stages in ``method.stages`` (plus the stages
+``sampling.stages`` inserts before ``sample``).
 
 Each stage reads what earlier stages wrote into the run directory and writes its own files, so
 an interrupted run resumes stage by stage (``stages.json`` lists the finished ones) and, inside
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +26,7 @@ from dpgen.distributed import process_rank
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers import experiment, log_results
 from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.stages import DDP_STAGES, STAGES
+from dpgen.stages import DDP_STAGES, STAGES, run_stages
 from dpgen.stages.planning import plan_privacy
 
 log = logging.getLogger("dpgen")
@@ -90,11 +92,14 @@ def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: 
         time.sleep(poll_s)
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
-    """Run (or resume) the method's stages in ``run_dir``.
+def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = None,
+                 train_set: Dataset | None = None) -> RunContext:
+    """Run (or resume) ``stages`` (default: :func:`dpgen.stages.run_stages`) in ``run_dir``.
 
-    When a cluster launcher started several ranks (dpgen/distributed.py), rank 0 runs every
-    stage and writes every file; the other ranks only join the DP-SGD stages.
+    ``train_set`` replaces the configured training split; only the canary audit
+    (``python -m dpgen.audit``) passes one, so canaries never enter an ordinary run. When a
+    cluster launcher started several ranks (dpgen/distributed.py), rank 0 runs every stage and
+    writes every file; the other ranks only join the DP-SGD stages.
     """
     start = time.time()
     rank = process_rank()
@@ -107,8 +112,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunContext:
     for key in ("failed", "failed_at"):  # an earlier attempt's failure; this one resumes it
         state.pop(key, None)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, wall_s=state["wall_s"])
+    if train_set is not None:
+        ctx.train_set = train_set
     ctx.ledger = plan_privacy(ctx)
-    stages = list(cfg.method.stages)
+    stages = list(run_stages(cfg) if stages is None else stages)
     with experiment(cfg, run_dir):
         for i, name in enumerate(stages):
             if name in state["completed"]:

@@ -10,7 +10,7 @@ import torch
 from conftest import compose_config, tiny_overrides
 from omegaconf import OmegaConf
 
-from dpgen.evaluate import main
+from dpgen.evaluate import evaluation_config, main
 from dpgen.io import save_torch, write_json
 from dpgen.stages.sample import to_uint8_hwc
 from dpgen.stages.training import build_module
@@ -40,6 +40,11 @@ def test_reevaluates_a_run_with_todays_evaluation(old_run):
     used = OmegaConf.load(old_run / "evaluate_config.yaml")
     assert used.downstream.classifiers == ["mlp"] and used.utility_study is False
     assert used.cache_dir == f"{OmegaConf.load(old_run / 'run_config.yaml').paths.cache_dir}/eval"
+
+
+def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):
+    cfg = evaluation_config(old_run, ["eval.audit=true", "audit.mia.max_examples=50"])
+    assert cfg.eval.audit is True and cfg.audit.mia.max_examples == 50 and cfg.audit.replication.pairs == 32
 
 
 @pytest.mark.parametrize(("override", "expected"), [("privacy.eps=1", "only the evaluation"),

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 
 from dpgen.data.config import require_choice, require_int, to_plain
 from dpgen.data.dataset import DatasetInfo, FileImageDataset, TensorImageDataset
@@ -41,6 +42,8 @@ def _checked_data(cfg: Any) -> tuple[dict[str, Any], DataSpec]:
     require_int(plain, "data", "image_size", minimum=1)
     require_choice(plain, "data", "channels", (1, 3))
     spec.check(plain)
+    if plain.get("train_limit") is not None:
+        require_int(plain, "data", "train_limit", minimum=1)
     expected = plain.get("num_classes")
     if expected is not None:
         actual = len(spec.class_names(plain))
@@ -74,7 +77,22 @@ def build_dataset(cfg: Any, split: str) -> Dataset:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     plain, spec = _checked_data(cfg)
-    return spec.build(plain, split)
+    dataset = spec.build(plain, split)
+    limit = plain.get("train_limit")
+    if split == "train" and limit is not None and limit < len(dataset):
+        dataset = _random_subset(dataset, limit, plain.get("split_seed", 0))
+    return dataset
+
+
+def _random_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """``size`` examples of ``dataset`` drawn once by ``seed`` (``data.train_limit``: a small
+    training split, e.g. one to overtrain on for the replication audit)."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images[idx], dataset.labels[idx], dataset.info)
+    subset = Subset(dataset, idx.tolist())
+    subset.info = dataset.info
+    return subset
 
 
 def has_public_data(cfg: Any) -> bool:

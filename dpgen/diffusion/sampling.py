@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor
 from tqdm.auto import tqdm
+
+# (x_t, t, eps) -> eps: a per-step change of the noise prediction, applied after any CFG.
+EpsCorrection = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def make_train_scheduler(cfg: dict) -> DDPMScheduler:
@@ -30,10 +36,13 @@ def sample_images(
     generator: torch.Generator | None = None,
     batch_size: int = 250,
     progress: bool = True,
+    eps_correction: EpsCorrection | None = None,
 ) -> torch.Tensor:
     """One sample per label, in the scheduler's clipping range ([-1, 1] for pixels).
     Classifier-free guidance when ``guidance_scale != 1``:
-    eps = eps_uncond + w · (eps_cond − eps_uncond), with ``null_label`` as the unconditional class."""
+    eps = eps_uncond + w · (eps_cond − eps_uncond), with ``null_label`` as the unconditional class.
+    ``eps_correction(x_t, t, eps) -> eps``, when given, adjusts every step's noise prediction
+    (e.g. CPSample's protection, :mod:`dpgen.sampling.guidance`)."""
     device = next(unet.parameters()).device
     was_training = unet.training
     unet.eval()
@@ -53,6 +62,8 @@ def sample_images(
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             else:
                 eps = unet(x, t, class_labels=y).sample
+            if eps_correction is not None:
+                eps = eps_correction(x, t, eps)
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
             bar.update(1)
         r = scheduler.config.clip_sample_range

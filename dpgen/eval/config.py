@@ -56,6 +56,7 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
         _optional_positive(d, p, "patience")
         require_number(d, p, "val_fraction", 0.01, 0.9)
     require_choice(e, "eval", "reference", (True, False))
+    require_choice(e, "eval", "audit", (True, False))
     if require_choice(e, "eval", "utility_study", (True, False)):
         if not d["classifiers"]:
             raise ConfigError("eval.downstream.classifiers", [], "the utility study trains these families",
@@ -87,3 +88,31 @@ def _validate_utility(u: dict[str, Any]) -> None:
     if not isinstance(augment, list) or not augment or any(not isinstance(a, bool) for a in augment):
         raise ConfigError(f"{g}.augment", augment, "must be a non-empty list of true/false",
                           f"e.g. {g}.augment=[false,true]")
+
+
+CANARY_KINDS = ("letters", "mislabeled")
+
+
+def validate_audit_config(cfg: Any) -> None:
+    """``cfg`` is the ``audit`` node (used by ``eval.audit=true`` and ``python -m dpgen.audit``)."""
+    a = to_plain(cfg, "audit")
+    require_number(a["replication"], "audit.replication", "threshold", -1.0, 1.0)
+    require_int(a["replication"], "audit.replication", "pairs", minimum=0)
+    s, p = a["loss_score"], "audit.loss_score"
+    timesteps = s.get("timesteps")
+    if not isinstance(timesteps, list) or not timesteps or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in timesteps):
+        raise ConfigError(f"{p}.timesteps", timesteps, "must be a non-empty list of timesteps >= 0",
+                          f"e.g. {p}.timesteps=[10,50,100,200,400]")
+    require_int(s, p, "noise_draws", minimum=1)
+    require_int(s, p, "batch_size", minimum=1)
+    require_int(a["mia"], "audit.mia", "max_examples", minimum=2)
+    c, p = a["canary"], "audit.canary"
+    count = require_int(c, p, "count", minimum=2)
+    require_choice(c, p, "kind", CANARY_KINDS)
+    guesses = c.get("guesses")
+    if not isinstance(guesses, list) or not guesses or any(
+            isinstance(g, bool) or not isinstance(g, int) or not 2 <= g <= count for g in guesses):
+        raise ConfigError(f"{p}.guesses", guesses, f"must be a non-empty list of guess counts in [2, count={count}]",
+                          f"e.g. {p}.guesses=[{max(2, count // 4)},{count}]")
+    require_number(c, p, "confidence", 0.5, 0.9999)

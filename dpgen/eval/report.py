@@ -22,6 +22,7 @@ log = logging.getLogger("dpgen")
 CSV_NAME, MD_NAME = "report.csv", "report.md"
 ACCURACY_PNG, FID_PNG = "accuracy_vs_epsilon.png", "fid_vs_epsilon.png"
 _FIDELITY = ("fid", "kid_mean", "precision", "recall", "inception_score_mean", "fid_heldout")
+_AUDIT = ("replication_rate", "mia_auc", "mia_tpr_at_fpr_1pct")  # with eval.audit=true (else empty)
 
 
 class ReportError(ValueError):
@@ -48,6 +49,7 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
         **{k: m.get(k) for k in _FIDELITY},
         "fid_reference": m.get("fidelity_reference", {}).get("fid"),
         "feature_extractor": m.get("fid_feature_extractor"),
+        **{k: m.get(k) for k in _AUDIT},
     }
     if "utility_study" in m:
         row.update(_utility_columns(m["utility_study"]))

@@ -16,7 +16,12 @@ from lightning.pytorch import LightningModule
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from dpgen.diffusion.sampling import make_sample_scheduler, make_train_scheduler, sample_images
+from dpgen.diffusion.sampling import (
+    EpsCorrection,
+    make_sample_scheduler,
+    make_train_scheduler,
+    sample_images,
+)
 from dpgen.diffusion.timesteps import build_timestep_sampler
 from dpgen.errors import ConfigError
 from dpgen.models.ldm import is_latent_model
@@ -88,9 +93,18 @@ class DiffusionModule(LightningModule):
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         noise = torch.randn_like(x)
         t = self.timestep_sampler.sample(len(x)).to(x.device)
+        return self.denoising_error(x, y, t, noise).view(k, b).T
+
+    def denoising_error(self, x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-row squared error of the noise prediction for ``x`` noised to timestep ``t``:
+        the training objective, and the score a loss-based membership attack reads."""
         x_t = self.train_scheduler.add_noise(x, noise, t)
         pred = self.unet(x_t, t, class_labels=y).sample
-        return (pred - noise).pow(2).flatten(1).mean(1).view(k, b).T
+        return (pred - noise).pow(2).flatten(1).mean(1)
+
+    def diffusion_inputs(self, images: Tensor) -> Tensor:
+        """Images as the diffusion model sees them (pixels here; latents for latent models)."""
+        return images
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.per_example_loss(batch).mean()
@@ -105,10 +119,10 @@ class DiffusionModule(LightningModule):
 
     def sample(self, labels: Tensor, num_inference_steps: int, guidance_scale: float,
                generator: torch.Generator | None = None, batch_size: int = 250,
-               progress: bool = True) -> Tensor:
+               progress: bool = True, eps_correction: EpsCorrection | None = None) -> Tensor:
         cfg = self.unet.config
         return sample_images(
             self.unet, make_sample_scheduler(self.diffusion_cfg), labels, num_inference_steps,
             guidance_scale, self.null_label, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
-            generator=generator, batch_size=batch_size, progress=progress,
+            generator=generator, batch_size=batch_size, progress=progress, eps_correction=eps_correction,
         )

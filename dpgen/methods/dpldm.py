@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dpgen.data import has_public_data, validate_public_config
-from dpgen.diffusion.sampling import make_sample_scheduler, sample_images
+from dpgen.diffusion.sampling import EpsCorrection, make_sample_scheduler, sample_images
 from dpgen.errors import ConfigError
 from dpgen.methods.base import DiffusionModule
 from dpgen.models.ldm import (
@@ -184,6 +184,9 @@ class DPLDMModule(DiffusionModule):
     def encode(self, images: Tensor) -> Tensor:
         return encode_latents(self.autoencoder, images, self.latent_scale)
 
+    def diffusion_inputs(self, images: Tensor) -> Tensor:
+        return self.encode(images)
+
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int = 500) -> Tensor:
         was_training = self.autoencoder.training
@@ -194,7 +197,7 @@ class DPLDMModule(DiffusionModule):
 
     def sample(self, labels: Tensor, num_inference_steps: int, guidance_scale: float,
                generator: torch.Generator | None = None, batch_size: int = 250,
-               progress: bool = True) -> Tensor:
+               progress: bool = True, eps_correction: EpsCorrection | None = None) -> Tensor:
         """Latents from the diffusion model, decoded to images by the public decoder.
 
         DDIM clips its x0 predictions to the box the public latents occupy, as pixel models clip
@@ -205,6 +208,6 @@ class DPLDMModule(DiffusionModule):
         latents = sample_images(
             self.unet, scheduler, labels, num_inference_steps,
             guidance_scale, self.null_label, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
-            generator=generator, batch_size=batch_size, progress=progress,
+            generator=generator, batch_size=batch_size, progress=progress, eps_correction=eps_correction,
         )
         return self.decode(latents.to(self.latent_scale.device), batch_size).cpu()

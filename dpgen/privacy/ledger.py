@@ -543,8 +543,9 @@ class PrivacyLedger:
         self.accountant = accountant
         self.neighbouring = neighbouring
         # Set to False (with a note in the data card) by stages that look at sensitive data
-        # without charging it, e.g. CPSample's protection classifier.
+        # without charging it, e.g. CPSample's protection classifier: see void_guarantee.
         self.formal_guarantee = True
+        self.note: str | None = None
         self._planned: list[MechanismEvent] = []
         self._events: list[MechanismEvent] = []
 
@@ -715,6 +716,12 @@ class PrivacyLedger:
                 out[name] = math.nan
         return out
 
+    def void_guarantee(self, note: str) -> None:
+        """The run also uses the sensitive data outside DP: its outputs carry no formal
+        guarantee. Events and ε are still tracked (they describe the DP parts); ``note`` says why."""
+        self.formal_guarantee = False
+        self.note = note
+
     # -- serialisation -------------------------------------------------------------------------
 
     def _header(self) -> dict:
@@ -744,6 +751,7 @@ class PrivacyLedger:
             "events": [e.to_json() for e in self._events],
             "planned": [e.to_json() for e in self._planned],
             "formal_guarantee": self.formal_guarantee,
+            **({"note": self.note} if self.note else {}),
         }
 
     @classmethod
@@ -759,6 +767,7 @@ class PrivacyLedger:
         ledger._events = [MechanismEvent.from_json(e) for e in d.get("events", [])]
         ledger._planned = [MechanismEvent.from_json(e) for e in d.get("planned", [])]
         ledger.formal_guarantee = bool(d.get("formal_guarantee", True))
+        ledger.note = d.get("note")
         return ledger
 
     def state_dict(self) -> dict:
@@ -769,6 +778,7 @@ class PrivacyLedger:
             "events": [e.to_json() for e in self._events],
             "planned": [e.to_json() for e in self._planned],
             "formal_guarantee": self.formal_guarantee,
+            "note": self.note,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -804,6 +814,7 @@ class PrivacyLedger:
         if "planned" in state:
             self._planned = [MechanismEvent.from_json(e) for e in state["planned"]]
         self.formal_guarantee = bool(state.get("formal_guarantee", self.formal_guarantee))
+        self.note = state.get("note", self.note)
 
     def write(self, path: str | os.PathLike) -> None:
         """Write ``privacy.json`` atomically: readers see the old file or the new one, never half.

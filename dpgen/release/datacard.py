@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import dpgen
 from dpgen.io import atomic_write
@@ -75,6 +75,12 @@ def _parameters(run: SourceRun) -> dict[str, int]:
     }
 
 
+def _sampler_name(cfg: DictConfig) -> str:
+    """DDIM, guided by CPSample's protection classifier where the run used it."""
+    sampling = cfg.get("sampling")
+    return "ddim" if sampling is None or sampling.name == "default" else f"ddim + {sampling.name}"
+
+
 def statement(run: SourceRun) -> str:
     p = run.privacy
     if not run.formal_guarantee:
@@ -98,9 +104,9 @@ def build_datacard(run: SourceRun, spec: ReleaseSpec, class_counts: list[int], t
                               "image_size": cfg.data.image_size, "channels": cfg.data.channels},
         "public_data": _public_data(run),
         "model": {"name": cfg.model.name, **_parameters(run)},
-        "sampler": {"name": "ddim", "eta": 0.0, "steps": cfg.sample.steps,
-                    "guidance_scale": cfg.sample.guidance_scale, "batch_size": spec.batch_size, "precision": spec.precision,
-                    "device": device},
+        "sampler": {"name": _sampler_name(cfg), "eta": 0.0, "steps": cfg.sample.steps,
+                    "guidance_scale": cfg.sample.guidance_scale, "batch_size": spec.batch_size,
+                    "precision": spec.precision, "device": device},
         "num_samples": spec.num_samples,
         "class_prior": "public" if spec.class_prior is not None else "uniform",
         "per_class_counts": dict(zip(run.class_names, class_counts)),

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dpgen.data import build_dataset
+from dpgen.diffusion.sampling import EpsCorrection
 from dpgen.io import write_json
 from dpgen.methods import DiffusionModule
 from dpgen.release.datacard import build_datacard, write_datacard
@@ -36,6 +37,7 @@ from dpgen.release.shards import (
     write_npz_shard,
 )
 from dpgen.release.source import ReleaseError, SourceRun, open_run
+from dpgen.stages.protection import load_protection_guidance
 from dpgen.stages.sample import to_uint8_hwc
 
 log = logging.getLogger("dpgen")
@@ -74,14 +76,18 @@ def _existing_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | 
 
 
 def sample_shard(module: DiffusionModule, labels: np.ndarray, sample_cfg: DictConfig, seed: int,
-                 batch_size: int, precision: str = "32") -> np.ndarray:
-    """uint8 [n, H, W, C] samples for ``labels`` with the run's sampler settings; ``bf16`` runs
-    the networks under bfloat16 autocast (the sampler's arithmetic and the noise stay fp32)."""
+                 batch_size: int, precision: str = "32", eps_correction: EpsCorrection | None = None) -> np.ndarray:
+    """uint8 [n, H, W, C] samples for ``labels`` with the run's sampler settings (and its
+    CPSample protection, ``eps_correction``, which needs gradients: no inference mode then);
+    ``bf16`` runs the networks under bfloat16 autocast (the sampler's arithmetic and the noise
+    stay fp32)."""
     generator = torch.Generator().manual_seed(seed)
     device = next(module.parameters()).device.type
-    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with (torch.inference_mode(eps_correction is None),
+          torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")):
         images = module.sample(torch.from_numpy(labels), sample_cfg.steps, sample_cfg.guidance_scale,
-                               generator=generator, batch_size=batch_size, progress=False)
+                               generator=generator, batch_size=batch_size, progress=False,
+                               eps_correction=eps_correction)
     return to_uint8_hwc(images)
 
 
@@ -92,7 +98,7 @@ def _training_split_size(run: SourceRun) -> int:
 
 def write_shards(module: DiffusionModule, sample_cfg: DictConfig, out: Path, spec: ReleaseSpec,
                  identity: dict[str, Any], class_names: Sequence[str], progress: bool = True,
-                 replace_other: bool = False) -> dict[str, Any]:
+                 replace_other: bool = False, eps_correction: EpsCorrection | None = None) -> dict[str, Any]:
     """Sample and write every shard of ``spec`` that ``out``'s manifest does not list as done
     (creating the manifest for a fresh directory); returns the manifest. ``out`` must be empty
     or hold a release with this ``identity``; with ``replace_other``, any other content of
@@ -118,7 +124,7 @@ def write_shards(module: DiffusionModule, sample_cfg: DictConfig, out: Path, spe
         if str(i) in done:
             continue
         images = sample_shard(module, labels[a:b], sample_cfg, shard_seed(spec.seed, i), spec.batch_size,
-                              spec.precision)
+                              spec.precision, eps_correction)
         entry: dict[str, Any] = {"start": a, "stop": b}  # imagefolder names follow from the range
         if spec.format == "imagefolder":
             write_imagefolder_shard(out, a, images, labels[a:b], class_names, spec.num_samples)
@@ -155,7 +161,9 @@ def make_release(run_dir: str | Path, out: str | Path, spec: ReleaseSpec, device
         log.info("release: %s is already complete", out)
         return out
 
-    manifest = write_shards(run.generator.to(device), run.cfg.sample, out, spec, identity, names, progress)
+    protection = load_protection_guidance(run.run_dir, run.cfg, device)
+    manifest = write_shards(run.generator.to(device), run.cfg.sample, out, spec, identity, names, progress,
+                            eps_correction=protection)
     counts = class_counts(spec.num_samples, len(names), spec.class_prior)
     n_shards = len(spec.shards)
     files = ("one folder per class of PNGs, <class>/<sample index>.png" if spec.format == "imagefolder"

@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
 from dpgen.eval.downstream import (
     TrainedClassifier,
     TrainSettings,
@@ -31,7 +32,8 @@ from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.eval.threads import cpu_threads
 from dpgen.eval.utility import size_series, utility_study
 from dpgen.io import write_json
-from dpgen.stages.sample import from_uint8_hwc
+from dpgen.stages.protection import load_protection_guidance
+from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
 from dpgen.stages.training import FINAL_WEIGHTS, build_module, load_final_module
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dpgen")
 
+REPLICATION_PNG = "replication_pairs.png"
 UTILITY_SAMPLES, UTILITY_PNG = "utility_samples", "utility_vs_size.png"
 
 
@@ -93,6 +96,26 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
     return out
 
 
+def _audit(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict[str, Any]:
+    """Replication and membership inference (``eval.audit``): see :mod:`dpgen.eval.audit`."""
+    cfg, a = ctx.cfg, ctx.cfg.audit
+    extractor = resolve_extractor(_plain(cfg.eval.fid), cfg.eval.cache_dir, cfg.seed)
+    cuda = cfg.trainer.accelerator == "gpu" and torch.cuda.is_available()
+    log.info("evaluate: audit: replication of the samples in the %s feature space", extractor.name)
+    out = replication(samples, ctx.train_set, held_out, extractor, a.replication.threshold, a.replication.pairs,
+                      ctx.path(REPLICATION_PNG), cuda=cuda)
+    log.info("evaluate: audit: loss-based membership inference (training split vs held-out split)")
+    module = load_final_module(ctx)
+    if cuda:
+        module = module.cuda()
+    out.update(membership_inference(module, ctx.train_set, held_out, LossScoreSettings.from_config(a.loss_score),
+                                    a.mia.max_examples, seed=cfg.seed))
+    log.info("evaluate: audit: replication rate %.3f (held-out reference %.3f), MIA AUC %.3f, TPR@1%%FPR %.3f",
+             out["replication_rate"], out["replication_rate_heldout_reference"], out["mia_auc"],
+             out["mia_tpr_at_fpr_1pct"])
+    return out
+
+
 def _utility_samples(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
     """The utility study's synthetic set: more samples of the trained generator (post-processing,
     no privacy cost), written as resumable npz shards in ``<run>/utility_samples/``: the same
@@ -109,7 +132,7 @@ def _utility_samples(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
     log.info("evaluate: utility study: %d samples of the generator -> %s", n, out)
     write_shards(load_final_module(ctx).to(device), cfg.sample, out, spec,
                  generator_identity(ctx.path(FINAL_WEIGHTS), spec), [str(c) for c in range(cfg.data.num_classes)],
-                 replace_other=True)
+                 replace_other=True, eps_correction=load_protection_guidance(ctx.run_dir, cfg, device))
     return read_npz_shards(out, spec)
 
 
@@ -175,6 +198,12 @@ def _evaluate(ctx: RunContext, synthetic: tuple[np.ndarray, np.ndarray] | None) 
         if trained:
             metrics["downstream_accuracy_real"] = _real_classifiers(ctx, held_out)
         metrics["reference_note"] = NOTE
+    if e.audit:
+        metrics.update(_audit(ctx, samples, held_out))
+    if privacy.get("note"):
+        metrics["privacy_note"] = privacy["note"]
+    if ctx.path(PROTECTION_JSON).exists():
+        metrics["cpsample"] = json.loads(ctx.path(PROTECTION_JSON).read_text())
     if synthetic is not None:
         metrics["utility_study"] = _utility_study(ctx, *synthetic, held_out)
 

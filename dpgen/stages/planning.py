@@ -26,6 +26,10 @@ log = logging.getLogger("dpgen")
 
 NO_GUARANTEE = ("This run carries no formal differential-privacy guarantee: it trains on the "
                 "sensitive data without clipping or noise.")
+CPSAMPLE_NO_GUARANTEE = ("This run's samples carry no formal differential-privacy guarantee: CPSample's "
+                         "protection classifier is trained on the sensitive training images without "
+                         "clipping or noise. Any epsilon reported covers the generator's training only; "
+                         "CPSample's protection is empirical (see the audit metrics).")
 
 
 def _plan_dp_sgd(stage: str) -> Callable[[DictConfig, int], list[PlannedStage]]:
@@ -74,11 +78,12 @@ STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
 
 def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     cfg = ctx.cfg
+    sampling_note = None if cfg.sampling.get("formal_guarantee", True) else CPSAMPLE_NO_GUARANTEE
     if not cfg.method.get("formal_guarantee", True):
+        note = " ".join(n for n in (NO_GUARANTEE, sampling_note) if n)
         if is_rank_zero():
-            write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name,
-                                          "note": NO_GUARANTEE})
-        log.warning(NO_GUARANTEE)
+            write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name, "note": note})
+        log.warning(note)
         return None
     n = len(ctx.train_set)
     ledger = PrivacyLedger(epsilon_target=cfg.privacy.eps, delta=cfg.privacy.delta, dataset_size=n,
@@ -87,6 +92,9 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     ledger.plan(stages)
     if ctx.privacy_json.exists():  # resuming: what earlier attempts spent stays spent
         ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
+    if sampling_note:
+        ledger.void_guarantee(sampling_note)
+        log.warning(sampling_note)
     if is_rank_zero():  # one ledger file: other ranks (external launch) keep theirs in memory
         ledger.write(ctx.privacy_json)
     for ev in ledger.planned:

@@ -1,6 +1,8 @@
 """Sample the trained generator: ``samples.npz`` and a ``samples.png`` grid (one row per class).
 
-Sampling only post-processes the trained (DP) model, so it costs no privacy.
+Sampling only post-processes the trained (DP) model, so it costs no privacy. With
+``sampling=cpsample`` each step is corrected by the protection classifier (which did read the
+sensitive data: see :mod:`dpgen.stages.protection`); ``protection.json`` records how often.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dpgen.io import atomic_write
+from dpgen.io import atomic_write, write_json
 from dpgen.loggers.grids import save_grid
+from dpgen.stages.planning import CPSAMPLE_NO_GUARANTEE
+from dpgen.stages.protection import load_protection_guidance, protection_summary
 from dpgen.stages.training import load_final_module
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
 
 log = logging.getLogger("dpgen")
+
+PROTECTION_JSON = "protection.json"
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
@@ -40,8 +46,13 @@ def sample(ctx: RunContext) -> None:
     module = load_final_module(ctx)
     labels = balanced_labels(cfg.sample.num_samples, cfg.data.num_classes)
     generator = torch.Generator().manual_seed(cfg.seed)
+    protection = load_protection_guidance(ctx.run_dir, cfg, next(module.parameters()).device)
     images = module.sample(labels, cfg.sample.steps, cfg.sample.guidance_scale, generator=generator,
-                           batch_size=cfg.sample.batch_size)
+                           batch_size=cfg.sample.batch_size, eps_correction=protection)
+    if protection is not None:
+        summary = {"note": CPSAMPLE_NO_GUARANTEE, **protection_summary(ctx, protection)}
+        write_json(ctx.path(PROTECTION_JSON), summary)
+        log.info("sample: CPSample guided %.1f %% of the (sample, step) pairs", 100 * summary["guided_fraction"])
 
     def write_npz(f):
         np.savez_compressed(f, images=to_uint8_hwc(images), labels=labels.numpy().astype(np.int64))

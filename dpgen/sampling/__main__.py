@@ -1,0 +1,97 @@
+"""``python -m dpgen.sampling <run dir> [--out DIR] [sampling.*|eval.*|audit.* ...]``: sample a
+finished run's generator again with CPSample (or another sampling scheme), without retraining.
+
+A new run directory (default ``<run dir>-<sampling name>``) gets the run's config with today's
+``sampling``, ``eval`` and ``audit`` groups (``sampling=cpsample`` unless overridden), copies of
+its final weights and ``privacy.json``, and its training stages marked done; the sampling
+scheme's stages, ``sample`` and ``evaluate`` then run there. The source run is left untouched,
+so the two directories compare the same generator with and without the protection:
+``python -m dpgen.sampling outputs/<date>/<time> eval.audit=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from dpgen.config import validate_config
+from dpgen.errors import ConfigError
+from dpgen.io import write_json
+from dpgen.release.source import ReleaseError, open_run
+from dpgen.stages import training_stages
+from dpgen.stages.training import FINAL_WEIGHTS
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+GROUPS = ("sampling", "eval", "audit")
+log = logging.getLogger("dpgen")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The finished run's config with today's sampling, eval and audit groups and ``overrides``."""
+    for o in overrides:
+        if _key(o).split(".")[0] not in GROUPS:
+            raise ConfigError(_key(o), o.split("=", 1)[-1], "only sampling.*, eval.* and audit.* can change here: "
+                              "the rest of the config made the generator", "train a new run with python -m dpgen")
+    if not any(_key(o) == "sampling" for o in overrides):
+        overrides = ["sampling=cpsample", *overrides]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        today = compose(config_name="config", overrides=overrides)
+    cfg = OmegaConf.load(run_dir / "run_config.yaml")
+    for group in GROUPS:
+        cfg[group] = OmegaConf.to_container(today[group], resolve=False)  # interpolations resolve against the run
+    return cfg
+
+
+def prepare(run_dir: Path, out: Path, cfg: DictConfig) -> None:
+    """``out`` as a run whose training is done: the generator and its ledger copied from ``run_dir``."""
+    if out.exists():
+        raise ConfigError("--out", str(out), "exists already", "pass a new directory, or remove it")
+    out.mkdir(parents=True)
+    for name in (FINAL_WEIGHTS, "privacy.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+    source = json.loads((run_dir / "stages.json").read_text())
+    trained = training_stages(cfg)
+    write_json(out / "stages.json", {"completed": trained,
+                                     "wall_s": {k: v for k, v in source.get("wall_s", {}).items() if k in trained}})
+    OmegaConf.save(cfg, out / "run_config.yaml", resolve=True)
+    write_json(out / "source_run.json", {"source_run": str(run_dir.resolve())})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpgen.sampling", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run directory")
+    parser.add_argument("--out", type=Path, help="the new run directory (default: <run dir>-<sampling name>)")
+    parser.add_argument("overrides", nargs="*", help="sampling.*, eval.* or audit.* overrides")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --out
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        open_run(args.run_dir)  # finished, with its weights and an intact ledger
+        cfg = resampling_config(args.run_dir, args.overrides)
+        validate_config(cfg)
+        out = args.out or args.run_dir.with_name(f"{args.run_dir.name}-{cfg.sampling.name}")
+        prepare(args.run_dir, out, cfg)
+    except (ConfigError, ReleaseError) as err:
+        sys.exit(f"dpgen.sampling: {err}")
+
+    from dpgen.pipeline import run_pipeline
+
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    run_pipeline(cfg, out)
+    print(out / "metrics.json")
+
+
+if __name__ == "__main__":
+    main()

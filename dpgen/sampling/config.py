@@ -1,0 +1,31 @@
+"""Validation of the ``sampling`` config group, before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpgen.data.config import require_choice, require_int, require_number, to_plain
+from dpgen.errors import ConfigError
+
+SAMPLING = ("default", "cpsample")
+
+
+def validate_sampling_config(cfg: Any, latent_model: bool) -> None:
+    """``cfg`` is the ``sampling`` node; ``latent_model`` whether the generator diffuses latents."""
+    s = to_plain(cfg, "sampling")
+    if require_choice(s, "sampling", "name", SAMPLING) != "cpsample":
+        return
+    if latent_model:
+        raise ConfigError("sampling", "cpsample", "the protection classifier guides pixel-space diffusion, and "
+                          "this model diffuses latents", "use a pixel-space model (e.g. model=unet_small with "
+                          "method=dpdm or nonprivate), or sampling=default")
+    require_number(s, "sampling", "threshold", 0.5, 0.9999)
+    require_number(s, "sampling", "scale", 0.0, 1e6)
+    c, p = s["classifier"], "sampling.classifier"
+    for key in ("width", "max_steps", "batch_size", "check_every", "check_timesteps"):
+        require_int(c, p, key, minimum=1)
+    if c["width"] % 8:
+        raise ConfigError(f"{p}.width", c["width"], "must be a multiple of 8 (GroupNorm with 8 groups)",
+                          f"e.g. {p}.width=32")
+    require_number(c, p, "lr", 1e-8, 1.0)
+    require_number(c, p, "target_accuracy", 0.5, 1.0)
