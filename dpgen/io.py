@@ -70,3 +70,13 @@ def cache_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def build_once(path: str | os.PathLike, what: str, description: str, build: Callable[[], None]) -> None:
+    """Reuse the cache entry ``path`` or, if no job has saved it yet, ``build()`` it (which
+    saves it atomically), under :func:`cache_lock` so that a sweep builds each entry once."""
+    with cache_lock(path, what):
+        if Path(path).exists():
+            log.info("%s: reusing cached %s %s", what, description, path)
+            return
+        build()

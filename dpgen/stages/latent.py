@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpgen.data import build_public_dataset
-from dpgen.io import cache_lock, save_torch
+from dpgen.io import build_once, save_torch
 from dpgen.methods.autoencoder import KLAutoencoderModule
 from dpgen.methods.dpldm import DPLDMModule
 from dpgen.models.ldm import build_autoencoder, encode_latents
@@ -68,11 +68,7 @@ def _load_autoencoder(cfg: DictConfig, module: DPLDMModule) -> None:
 def pretrain_autoencoder(ctx: RunContext) -> None:
     cfg = ctx.cfg
     cache = autoencoder_cache_path(cfg)
-    with cache_lock(cache, "pretrain_autoencoder"):
-        if cache.exists():
-            log.info("pretrain_autoencoder: reusing cached public autoencoder %s", cache)
-            return
-        _pretrain_autoencoder(ctx, cache)
+    build_once(cache, "pretrain_autoencoder", "public autoencoder", lambda: _pretrain_autoencoder(ctx, cache))
 
 
 def _pretrain_autoencoder(ctx: RunContext, cache: Path) -> None:
@@ -98,11 +94,7 @@ def _pretrain_autoencoder(ctx: RunContext, cache: Path) -> None:
 def pretrain_ldm(ctx: RunContext) -> None:
     cfg = ctx.cfg
     cache = ldm_cache_path(cfg)
-    with cache_lock(cache, "pretrain_ldm"):
-        if cache.exists():
-            log.info("pretrain_ldm: reusing cached public latent diffusion model %s", cache)
-            return
-        _pretrain_ldm(ctx, cache)
+    build_once(cache, "pretrain_ldm", "public latent diffusion model", lambda: _pretrain_ldm(ctx, cache))
 
 
 def _pretrain_ldm(ctx: RunContext, cache: Path) -> None:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from dpgen.data import TensorImageDataset, build_public_dataset
 from dpgen.eval.downstream import TrainSettings, train_classifier
 from dpgen.eval.threads import cpu_threads
-from dpgen.io import cache_lock, save_torch, write_json
+from dpgen.io import build_once, save_torch, write_json
 from dpgen.models.classifiers import build_classifier
 from dpgen.privacy.ledger import GAUSSIAN
 from dpgen.privacy.queries import noisy_vote_histogram, vote_histogram_sensitivity
@@ -72,11 +72,7 @@ def train_query_classifier(ctx: RunContext) -> None:
         log.info("train_query_classifier: method.selection=all, nothing to do")
         return
     cache = query_classifier_cache_path(cfg)
-    with cache_lock(cache, "train_query_classifier"):
-        if cache.exists():
-            log.info("train_query_classifier: reusing cached query classifier %s", cache)
-            return
-        _train_query_classifier(cfg, cache)
+    build_once(cache, "train_query_classifier", "query classifier", lambda: _train_query_classifier(cfg, cache))
 
 
 def _train_query_classifier(cfg: DictConfig, cache: Path) -> None:
@@ -208,11 +204,7 @@ def relabel_selection(public: TensorImageDataset, selection: list[list[str]]) ->
 
 def pretrain_selected(ctx: RunContext) -> None:
     cache = selected_pretraining_path(ctx)
-    with cache_lock(cache, "pretrain_selected"):
-        if cache.exists():
-            log.info("pretrain_selected: reusing cached pretraining %s", cache)
-            return
-        _pretrain_selected(ctx, cache)
+    build_once(cache, "pretrain_selected", "pretraining", lambda: _pretrain_selected(ctx, cache))
 
 
 def _pretrain_selected(ctx: RunContext, cache: Path) -> None:

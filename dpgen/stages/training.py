@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpgen.data import build_public_dataset
 from dpgen.distributed import ddp_strategy_kwargs, is_ddp, is_rank_zero
-from dpgen.io import AtomicCheckpointIO, cache_lock, save_torch
+from dpgen.io import AtomicCheckpointIO, build_once, save_torch
 from dpgen.loggers import stage_callbacks, stage_loggers
 from dpgen.methods import METHODS, DiffusionModule
 from dpgen.privacy.callback import PrivacyAccountantCallback
@@ -152,17 +152,14 @@ def pretrain_public(ctx: RunContext) -> None:
         log.info("pretrain_public: method.pretrain=%s, nothing to do", cfg.method.get("pretrain"))
         return
     cache = pretrain_cache_path(cfg)
-    with cache_lock(cache, "pretrain_public"):
-        if cache.exists():
-            log.info("pretrain_public: reusing cached public pretraining %s", cache)
-            return
-        pretrain_unet(ctx, "pretrain_public", _relabel_public(ctx), cache)
+    build_once(cache, "pretrain_public", "public pretraining",
+               lambda: pretrain_unet(ctx, "pretrain_public", _relabel_public(ctx), cache))
 
 
 def pretrain_unet(ctx: RunContext, stage: str, data: Dataset, cache: Path) -> None:
     """Non-private training of the method's UNet on public ``data`` (labels in the sensitive
-    label space) as ``method.pretrain_public`` says; the weights go to ``cache``. Callers hold
-    ``cache_lock(cache)`` so that concurrent jobs of a sweep train it once."""
+    label space) as ``method.pretrain_public`` says; the weights go to ``cache``. Callers go through
+    ``build_once(cache, ...)`` so that concurrent jobs of a sweep train it once."""
     cfg = ctx.cfg
     p = cfg.method.pretrain_public
     module = build_module(cfg)
