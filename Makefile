@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast bench lint format clean
+.PHONY: install run test test-fast bench benchmark-table lint format clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ test-fast: install
 
 bench: install  ## DP-SGD step vs non-private step, time and memory (outputs/bench.json)
 	$(BIN)/python -m dpgen.bench $(ARGS)
+
+benchmark-table: install  ## every method at eps 1 and 10, same training seconds, table into README
+	$(BIN)/python -m dpgen.benchmark $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

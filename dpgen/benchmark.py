@@ -1,0 +1,204 @@
+"""``python -m dpgen.benchmark [--profile cpu|gpu]`` (``make benchmark-table``): the headline table.
+
+Every method of the profile runs at every ε of the profile on the embedded MNIST-5k, plus the
+non-private ceiling, each with the *same time budget for its training stage*. DP-SGD needs its
+number of steps before it starts (σ is calibrated to it), so the budget cannot be a wall-clock
+stop: each method's training step is timed first, on random tensors of the training batch's
+shape (the sensitive data is not read), and its steps are the budget divided by that time.
+Public pretraining costs no privacy and is cached, so it is shared and not counted in the
+budget; the table shows each run's whole wall time beside it.
+
+The runs are Hydra multiruns into one sweep directory (one per method, subdirectories
+``<method>_eps<ε>``, the ceiling's ``<method>``), the sweep report is written there, and the table goes into README between
+the profile's markers (``<!-- benchmark:<profile>:start -->`` ... ``end -->``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dpgen.bench import StepPair
+from dpgen.config import validate_config
+from dpgen.eval.report import collect_runs, write_report
+from dpgen.io import atomic_write, write_json
+from dpgen.stages.training import build_module
+
+log = logging.getLogger("dpgen")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CALIBRATION_JSON = "calibration.json"
+
+
+def load_profile(name: str) -> DictConfig:
+    """A profile by name (``conf/benchmark/<name>.yaml``) or by the path of a YAML file."""
+    path = Path(name) if name.endswith(".yaml") else CONF_DIR / "benchmark" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "benchmark").glob("*.yaml"))
+        raise SystemExit(f"dpgen.benchmark: unknown profile {name!r}. Fix: one of {known}")
+    return OmegaConf.load(path)
+
+
+def method_overrides(profile: DictConfig, method: str) -> list[str]:
+    """The Hydra overrides every run of ``method`` gets (before its steps)."""
+    return [f"method={method}", *profile.overrides, *profile.method_overrides.get(method, [])]
+
+
+def compose_run_config(overrides: list[str]) -> DictConfig:
+    """The run's config as ``python -m dpgen <overrides>`` would see it (``hydra:`` resolvers set)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def time_training_step(cfg: DictConfig, warmup: int, repeats: int, device: torch.device) -> float:
+    """Median seconds of one training step of ``cfg``'s method: the DP-SGD step (per-example
+    clipping over the expected batch, noise, optimizer) for a private method, a plain step for
+    the ceiling. Random images of the sensitive data's shape stand in for the data."""
+    torch.manual_seed(0)
+    module = build_module(cfg).to(device)
+    d, b = cfg.data, int(cfg.method.train.batch_size)
+    batch = [torch.rand(b, d.channels, d.image_size, d.image_size, device=device) * 2 - 1,
+             torch.randint(0, d.num_classes, (b,), device=device)]
+    pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision="32",
+                    clipping=str(cfg.privacy.get("clipping", "materialize")))
+    step = pair.private if cfg.method.formal_guarantee else pair.nonprivate
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate(profile: DictConfig) -> dict[str, dict[str, Any]]:
+    """Per method (ceiling included): the measured step time and the steps the budget buys."""
+    device = torch.device(profile.device)
+    out = {}
+    for method in [profile.ceiling, *profile.methods]:
+        cfg = compose_run_config(method_overrides(profile, method))
+        step_s = time_training_step(cfg, profile.calibration.warmup, profile.calibration.repeats, device)
+        steps = max(int(profile.min_steps), int(profile.budget_s / step_s))
+        out[method] = {"step_s": step_s, "steps": steps, "batch_size": int(cfg.method.train.batch_size),
+                       "model": cfg.model.name}
+        log.info("benchmark: %s: %.3f s per training step -> %d steps in %g s", method, step_s, steps,
+                 profile.budget_s)
+    return out
+
+
+def sweep_commands(profile: DictConfig, calibration: dict[str, dict[str, Any]], sweep_dir: Path) -> list[list[str]]:
+    """One ``python -m dpgen -m`` per method (its own overrides and steps), all into ``sweep_dir``;
+    the ceiling first, so that the last multirun's report already lists every run."""
+    eps = ",".join(f"{e:g}" for e in profile.eps)
+    commands = []
+    for method in [profile.ceiling, *profile.methods]:
+        ceiling = method == profile.ceiling
+        sweep = [] if ceiling else [f"privacy.eps={eps}"]
+        subdir = "${method.name}" if ceiling else "${method.name}_eps${privacy.eps}"
+        commands.append([sys.executable, "-m", "dpgen", "-m", *method_overrides(profile, method), *sweep,
+                         f"method.train.steps={calibration[method]['steps']}", f"hydra.sweep.dir={sweep_dir}",
+                         f"hydra.sweep.subdir={subdir}"])
+    return commands
+
+
+def _walls(run_dir: Path) -> tuple[float | None, float | None]:
+    """(training stage, whole run) seconds, from the run's metrics.json."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return metrics.get("train_wall_s"), metrics.get("total_wall_s")
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def readme_table(profile: DictConfig, sweep_dir: Path, calibration: dict[str, dict[str, Any]], command: str) -> str:
+    """The Markdown that goes between the profile's README markers."""
+    rows = collect_runs(sweep_dir)
+    extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
+    lines = [
+        f"Command: `{command}` ({profile.budget_s:g} s of training per run, bought as steps from a timed "
+        f"step on random data; sweep `{sweep_dir}`).",
+        "",
+        "| method | ε target | ε spent | training steps (timed s/step) | downstream accuracy, mean of 3 classifiers | "
+        f"FID ({', '.join(extractors) or '–'}) | training wall | run wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cal = calibration.get(r["method"], {})
+        steps = f"{cal['steps']} ({cal['step_s']:.2f})" if cal else "–"
+        acc = "–" if r["accuracy_mean"] is None else f"{100 * r['accuracy_mean']:.1f} %"
+        eps_t = "non-private" if not r["private"] else _fmt(r["epsilon_target"], "g")
+        train_s, total_s = _walls(sweep_dir / r["run"])
+        lines.append(f"| {r['method']} | {eps_t} | {_fmt(r['epsilon'], '.3g')} | {steps} | {acc} "
+                     f"| {_fmt(r['fid'], '.3g')} | {_fmt(train_s, '.0f')} s | {_fmt(total_s, '.0f')} s |")
+    return "\n".join(lines)
+
+
+def replace_between_markers(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- benchmark:{name}:start -->", f"<!-- benchmark:{name}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"dpgen.benchmark: README has no {start} ... {end} markers. Fix: add them where "
+                         "the table should go")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def write_readme_table(readme: Path, profile: DictConfig, sweep_dir: Path,
+                       calibration: dict[str, dict[str, Any]], command: str) -> None:
+    text = replace_between_markers(readme.read_text(), profile.name,
+                                   readme_table(profile, sweep_dir, calibration, command))
+    atomic_write(readme, lambda f: f.write(text.encode()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpgen.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu", help="cpu, gpu (conf/benchmark/) or a profile YAML file")
+    parser.add_argument("--sweep-dir", type=Path, default=None,
+                        help="default: multirun/benchmark-<profile>/<date>_<time>")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--dry-run", action="store_true", help="calibrate and print the commands; run nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    profile = load_profile(args.profile)
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("dpgen.benchmark: the profile needs CUDA and none is visible. Fix: --profile cpu")
+    sweep_dir = args.sweep_dir or Path("multirun") / f"benchmark-{profile.name}" / datetime.now().strftime(
+        "%Y-%m-%d_%H-%M-%S")
+    calibration = calibrate(profile)
+    commands = sweep_commands(profile, calibration, sweep_dir)
+    for command in commands:
+        print(" ".join(command))
+    if args.dry_run:
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json(sweep_dir / CALIBRATION_JSON, {"profile": OmegaConf.to_container(profile), "methods": calibration})
+    for command in commands:
+        subprocess.run(command, check=True)
+    write_report(sweep_dir)
+    write_readme_table(args.readme, profile, sweep_dir, calibration,
+                       f"make benchmark-table ARGS=\"--profile {args.profile}\"")
+    print(f"table written to {args.readme}; report in {sweep_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""make benchmark-table (dpgen/benchmark.py): same training seconds per method, table into README."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT, tiny_overrides
+from omegaconf import OmegaConf
+
+from dpgen.benchmark import (
+    compose_run_config,
+    load_profile,
+    main,
+    method_overrides,
+    replace_between_markers,
+    sweep_commands,
+)
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_every_run_of_the_shipped_profiles_composes_and_validates(name):
+    profile = load_profile(name)
+    for method in [profile.ceiling, *profile.methods]:
+        cfg = compose_run_config(method_overrides(profile, method))
+        assert cfg.method.name == method
+        assert cfg.method.formal_guarantee == (method != profile.ceiling)
+
+
+def test_commands_give_each_method_its_calibrated_steps_and_one_sweep_dir(tmp_path):
+    profile = load_profile("cpu")
+    calibration = {m: {"steps": 100 + i, "step_s": 1.0} for i, m in enumerate([profile.ceiling, *profile.methods])}
+    commands = sweep_commands(profile, calibration, tmp_path)
+    assert [c[4] for c in commands] == [f"method={m}" for m in calibration]  # ceiling first
+    for command, (method, cal) in zip(commands, calibration.items()):
+        assert command[1:4] == ["-m", "dpgen", "-m"]
+        assert f"method.train.steps={cal['steps']}" in command
+        assert f"hydra.sweep.dir={tmp_path}" in command
+        assert ("privacy.eps=1,10" in command) == (method != profile.ceiling)
+
+
+def test_markers_are_required_and_only_their_content_changes():
+    text = "intro\n<!-- benchmark:cpu:start -->\nold\n<!-- benchmark:cpu:end -->\nrest\n"
+    assert replace_between_markers(text, "cpu", "new") == (
+        "intro\n<!-- benchmark:cpu:start -->\nnew\n<!-- benchmark:cpu:end -->\nrest\n")
+    with pytest.raises(SystemExit, match="markers"):
+        replace_between_markers(text, "gpu", "new")
+
+
+@pytest.mark.slow
+def test_benchmark_table_end_to_end(tmp_path, monkeypatch):
+    """A tiny profile: the ceiling and dpdm at two ε, each run with the steps its budget bought,
+    the report and the README table filled from the runs' own files."""
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("method.train.steps")]
+    profile = {"name": "tiny", "device": "cpu", "budget_s": 0.5, "min_steps": 2,
+               "calibration": {"warmup": 1, "repeats": 1}, "eps": [1, 10], "methods": ["dpdm"],
+               "ceiling": "nonprivate", "overrides": overrides, "method_overrides": {}}
+    OmegaConf.save(OmegaConf.create(profile), tmp_path / "tiny.yaml")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- benchmark:tiny:start -->\n<!-- benchmark:tiny:end -->\nend\n")
+    sweep = tmp_path / "sweep"
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    main(["--profile", str(tmp_path / "tiny.yaml"), "--sweep-dir", str(sweep), "--readme", str(readme)])
+
+    calibration = json.loads((sweep / "calibration.json").read_text())["methods"]
+    runs = {p.name for p in sweep.iterdir() if (p / "metrics.json").exists()}
+    assert runs == {"nonprivate", "dpdm_eps1", "dpdm_eps10"}
+    for run in runs:
+        method = run.split("_")[0]  # nonprivate, dpdm
+        cfg = OmegaConf.load(sweep / run / "run_config.yaml")
+        assert cfg.method.train.steps == calibration[method]["steps"] >= 2
+    assert json.loads((sweep / "dpdm_eps1" / "privacy.json").read_text())["epsilon_spent"] <= 1.0
+    assert (sweep / "report.md").exists() and (sweep / "accuracy_vs_epsilon.png").exists()
+    table = readme.read_text()
+    assert table.startswith("# x\n<!-- benchmark:tiny:start -->\nCommand: `make benchmark-table")
+    assert table.endswith("<!-- benchmark:tiny:end -->\nend\n")
+    rows = [line for line in table.splitlines() if line.startswith("| nonprivate") or line.startswith("| dpdm")]
+    assert len(rows) == 3 and all(r.endswith(" s |") for r in rows)
