@@ -18,9 +18,11 @@ from dpgen.errors import ConfigError
 from dpgen.pipeline import run_pipeline
 
 # Groups added with `+group=option` (global packages, not in the defaults list) have their own
-# tests: experiment in test_experiments.py, tune in test_scale.py.
+# tests: experiment in test_experiments.py, tune in test_scale.py. conf/benchmark/ holds the
+# profiles of `python -m dpgen.benchmark`, not run options (test_benchmark.py composes their runs).
 ADDED_GROUPS = {"experiment", "tune"}
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ADDED_GROUPS)
+NOT_RUN_GROUPS = {"benchmark"}
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ADDED_GROUPS | NOT_RUN_GROUPS)
 
 
 def _options(group: str) -> list[str]:
