@@ -143,7 +143,7 @@ class StepPair:
         self.optimizer.step()
 
 
-def _timed(step: Callable[[], None], device: torch.device) -> float:
+def time_step(step: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -159,7 +159,7 @@ def measure(pair: StepPair, warmup: int, repeats: int, device: torch.device) -> 
         # Alternate which goes first, so drift (thermal, other load) hits both alike.
         order = ("nonprivate", "private") if i % 2 == 0 else ("private", "nonprivate")
         for name in order:
-            elapsed = _timed(getattr(pair, name), device)
+            elapsed = time_step(getattr(pair, name), device)
             if i >= warmup:
                 times[name].append(elapsed)
     mem = {name: peak_memory_bytes(getattr(pair, name), pair.module, pair.optimizer, pair.batch, device)

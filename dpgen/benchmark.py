@@ -21,7 +21,6 @@ import logging
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.bench import StepPair
+from dpgen.bench import StepPair, time_step
 from dpgen.config import validate_config
 from dpgen.eval.report import collect_runs, write_report
 from dpgen.io import atomic_write, write_json
@@ -77,17 +76,8 @@ def time_training_step(cfg: DictConfig, warmup: int, repeats: int, device: torch
     pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision="32",
                     clipping=str(cfg.privacy.get("clipping", "materialize")))
     step = pair.private if cfg.method.formal_guarantee else pair.nonprivate
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [time_step(step, device) for _ in range(warmup + repeats)]
+    return statistics.median(times[warmup:])
 
 
 def calibrate(profile: DictConfig) -> dict[str, dict[str, Any]]:
