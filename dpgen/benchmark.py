@@ -71,8 +71,10 @@ def time_training_step(cfg: DictConfig, warmup: int, repeats: int, device: torch
     torch.manual_seed(0)
     module = build_module(cfg).to(device)
     d, b = cfg.data, int(cfg.method.train.batch_size)
-    batch = [torch.rand(b, d.channels, d.image_size, d.image_size, device=device) * 2 - 1,
-             torch.randint(0, d.num_classes, (b,), device=device)]
+    images = torch.rand(b, d.channels, d.image_size, d.image_size, device=device) * 2 - 1
+    with torch.no_grad():  # what training feeds: DP-LDM's latents are encoded once, before the steps
+        inputs = module.diffusion_inputs(images)
+    batch = [inputs, torch.randint(0, d.num_classes, (b,), device=device)]
     pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision="32",
                     clipping=str(cfg.privacy.get("clipping", "materialize")))
     step = pair.private if cfg.method.formal_guarantee else pair.nonprivate

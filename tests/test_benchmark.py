@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, tiny_overrides
+import torch
+from conftest import ROOT, compose_config, tiny_dpldm_overrides, tiny_overrides
 from omegaconf import OmegaConf
 
 from dpgen.benchmark import (
@@ -15,6 +16,7 @@ from dpgen.benchmark import (
     method_overrides,
     replace_between_markers,
     sweep_commands,
+    time_training_step,
 )
 
 
@@ -25,6 +27,14 @@ def test_every_run_of_the_shipped_profiles_composes_and_validates(name):
         cfg = compose_run_config(method_overrides(profile, method))
         assert cfg.method.name == method
         assert cfg.method.formal_guarantee == (method != profile.ceiling)
+
+
+@pytest.mark.parametrize("method", ["nonprivate", "dpdm", "dpldm", "privimage", "feta"])
+def test_every_method_training_step_can_be_timed(method, tmp_path):
+    """The calibration step gets the inputs the method trains on (DP-LDM: latents)."""
+    overrides = tiny_dpldm_overrides(tmp_path) if method == "dpldm" else [*tiny_overrides(tmp_path), f"method={method}"]
+    seconds = time_training_step(compose_config(overrides), warmup=0, repeats=1, device=torch.device("cpu"))
+    assert 0 < seconds < 60
 
 
 def test_commands_give_each_method_its_calibrated_steps_and_one_sweep_dir(tmp_path):
