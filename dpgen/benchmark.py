@@ -8,9 +8,10 @@ shape (the sensitive data is not read), and its steps are the budget divided by 
 Public pretraining costs no privacy and is cached, so it is shared and not counted in the
 budget; the table shows each run's whole wall time beside it.
 
-The runs are Hydra multiruns into one sweep directory (one per method, subdirectories
-``<method>_eps<ε>``, the ceiling's ``<method>``), the sweep report is written there, and the table goes into README between
-the profile's markers (``<!-- benchmark:<profile>:start -->`` ... ``end -->``).
+The runs are Hydra multiruns into one sweep directory (one per method; subdirectories
+``<method>_eps<ε>``, the ceiling's ``<method>``). The sweep report is written there, and the
+table goes into README between the profile's markers (``<!-- benchmark:<profile>:start -->``
+... ``end -->``).
 """
 
 from __future__ import annotations
