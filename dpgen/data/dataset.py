@@ -25,6 +25,14 @@ class DatasetInfo:
     image_size: int
 
 
+def stack_items(dataset: Dataset, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[N, C, S, S]`` and labels ``[N]`` of ``dataset`` (every item, or ``indices``), as
+    two tensors: for code that needs a split in memory at once, whatever loader made it."""
+    idx = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    items = [dataset[i] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
 class TensorImageDataset(Dataset):
     """An image set held in memory as one tensor.
 

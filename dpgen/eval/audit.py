@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torchvision.utils import save_image
 
+from dpgen.data.dataset import stack_items
 from dpgen.eval.fidelity import FeatureExtractor, FidelityImages
 from dpgen.io import atomic_write
 
@@ -91,9 +92,7 @@ def roc_summary(member_scores: Sequence[float], non_member_scores: Sequence[floa
 
 def _subset(dataset: Dataset, max_examples: int, seed: int) -> tuple[Tensor, Tensor]:
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_examples]
-    images = torch.stack([dataset[int(i)][0] for i in idx])
-    labels = torch.tensor([dataset[int(i)][1] for i in idx])
-    return images, labels
+    return stack_items(dataset, idx.tolist())
 
 
 def membership_inference(module: Any, members: Dataset, non_members: Dataset, settings: LossScoreSettings,

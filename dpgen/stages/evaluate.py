@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from dpgen.data.dataset import stack_items
 from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
 from dpgen.eval.downstream import (
     TrainedClassifier,
@@ -61,9 +62,7 @@ def _real_classifiers(ctx: RunContext, held_out: Dataset) -> dict[str, float]:
 
     def compute() -> dict[str, float]:
         log.info("evaluate: reference classifiers on the real training split (once; cached)")
-        train = ctx.train_set
-        images = torch.stack([train[i][0] for i in range(len(train))])
-        labels = torch.tensor([train[i][1] for i in range(len(train))])
+        images, labels = stack_items(ctx.train_set)
         return final_accuracy(_downstream(ctx, images, labels), held_out)
 
     key = {"data": _plain(cfg.data), "downstream": _plain(cfg.eval.downstream), "seed": cfg.seed}

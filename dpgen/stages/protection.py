@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dpgen.data.dataset import stack_items
 from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.io import save_torch
 from dpgen.models.protection import ProtectionClassifier
@@ -36,8 +37,7 @@ def _alphas_cumprod(cfg: DictConfig) -> torch.Tensor:
 def train_protection_classifier_stage(ctx: RunContext) -> None:
     log.warning(CPSAMPLE_NO_GUARANTEE)
     settings = ProtectionSettings.from_config(ctx.cfg.sampling.classifier)
-    train = ctx.train_set
-    images = torch.stack([train[i][0] for i in range(len(train))])
+    images, _ = stack_items(ctx.train_set)  # CPSample's random bits replace the labels
     classifier, info = train_protection_classifier(images, _alphas_cumprod(ctx.cfg), settings, ctx.cfg.seed)
     save_torch(ctx.path(CLASSIFIER_FILE), {"state_dict": classifier.state_dict(), "channels": images.shape[1],
                                            "width": settings.width, "info": info})
