@@ -32,13 +32,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.bench import StepPair, time_step
-from dpgen.config import validate_config
+from dpgen.config import CONF_DIR, validate_config
 from dpgen.eval.report import collect_runs, write_report
 from dpgen.io import atomic_write, write_json
 from dpgen.stages.training import build_module
 
 log = logging.getLogger("dpgen")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CALIBRATION_JSON = "calibration.json"
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import validate_data_config, validate_public_config
@@ -17,6 +21,25 @@ from dpgen.sampling.config import validate_sampling_config
 from dpgen.stages import STAGES, run_stages
 
 ACCOUNTANTS = ("pld", "rdp", "prv")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def override_key(override: str) -> str:
+    """The key a Hydra command-line override sets: ``+eval.audit=true`` -> ``eval.audit``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def run_config_with_todays_groups(run_dir: Path, groups: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    """A finished run's ``run_config.yaml`` with today's config ``groups`` (composed with those
+    of ``overrides`` that fall in them) in place of its own. The callers decide which overrides
+    they accept; everything outside ``groups`` stays what made the run."""
+    mine = [o for o in overrides if override_key(o).split(".")[0] in groups]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        today = compose(config_name="config", overrides=mine)
+    cfg = OmegaConf.load(run_dir / "run_config.yaml")
+    for group in groups:
+        cfg[group] = OmegaConf.to_container(today[group], resolve=False)  # interpolations resolve against the run
+    return cfg
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:

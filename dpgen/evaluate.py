@@ -16,41 +16,30 @@ import logging
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from dpgen.config import override_key, run_config_with_todays_groups
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger("dpgen")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def evaluation_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """The run's config with today's evaluation and audit config (and ``eval.*``/``audit.*``/
     ``paths.*`` overrides)."""
     for o in overrides:
-        key = _key(o)
+        key = override_key(o)
         if key not in ("eval", "audit") and not key.startswith(("eval.", "audit.", "paths.")):
             raise ConfigError(key, o.split("=", 1)[-1], "only the evaluation (eval.*, audit.*) and paths.* can "
                               "change here: the rest of the config made the samples",
                               "train a new run with python -m dpgen")
-    saved = run_dir / "run_config.yaml"
-    if not saved.is_file():
+    if not (run_dir / "run_config.yaml").is_file():
         raise ConfigError("run_dir", str(run_dir), "is not a dpgen run (no run_config.yaml)",
                           "pass a run directory such as outputs/<date>/<time>")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        today = compose(config_name="config",
-                        overrides=[o for o in overrides if _key(o).startswith(("eval", "audit"))])
-    cfg = OmegaConf.load(saved)
-    cfg.eval = OmegaConf.to_container(today.eval, resolve=False)  # interpolations resolve against the run
-    cfg.audit = OmegaConf.to_container(today.audit, resolve=False)
-    paths = [o for o in overrides if _key(o).startswith("paths.")]
+    cfg = run_config_with_todays_groups(run_dir, ("eval", "audit"), overrides)
+    paths = [o for o in overrides if override_key(o).startswith("paths.")]
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(paths)) if paths else cfg
 
 

@@ -18,40 +18,30 @@ import shutil
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.config import validate_config
+from dpgen.config import override_key, run_config_with_todays_groups, validate_config
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.release.source import ReleaseError, open_run
 from dpgen.stages import training_stages
 from dpgen.stages.training import FINAL_WEIGHTS
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("sampling", "eval", "audit")
 log = logging.getLogger("dpgen")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """The finished run's config with today's sampling, eval and audit groups and ``overrides``."""
     for o in overrides:
-        if _key(o).split(".")[0] not in GROUPS:
-            raise ConfigError(_key(o), o.split("=", 1)[-1], "only sampling.*, eval.* and audit.* can change here: "
-                              "the rest of the config made the generator", "train a new run with python -m dpgen")
-    if not any(_key(o) == "sampling" for o in overrides):
+        if override_key(o).split(".")[0] not in GROUPS:
+            raise ConfigError(override_key(o), o.split("=", 1)[-1], "only sampling.*, eval.* and audit.* can "
+                              "change here: the rest of the config made the generator",
+                              "train a new run with python -m dpgen")
+    if not any(override_key(o) == "sampling" for o in overrides):
         overrides = ["sampling=cpsample", *overrides]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        today = compose(config_name="config", overrides=overrides)
-    cfg = OmegaConf.load(run_dir / "run_config.yaml")
-    for group in GROUPS:
-        cfg[group] = OmegaConf.to_container(today[group], resolve=False)  # interpolations resolve against the run
-    return cfg
+    return run_config_with_todays_groups(run_dir, GROUPS, overrides)
 
 
 def prepare(run_dir: Path, out: Path, cfg: DictConfig) -> None:
