@@ -9,8 +9,8 @@ the *other* label, the one the classifier finds unlikely:
 
 so each step lowers the classifier's confidence. Guiding towards the unlikely label rather than
 away from the likely one keeps the gradient from vanishing where the classifier is most
-confident (log p(ŷ) saturates there; log p(1 − ŷ) does not). Elsewhere ε is left untouched,
-which keeps the fidelity cost small. The sampler calls an instance once per step
+confident (log p(ŷ) saturates there; log p(1 − ŷ) does not). Elsewhere ε is left untouched;
+the fidelity cost grows with the scale (README: measured at scales 10 and 30). The sampler calls an instance once per step
 (:func:`dpgen.diffusion.sampling.sample_images`).
 """
 
