@@ -109,8 +109,10 @@ class StepPair:
     """A non-private and a DP-SGD step of one module on one fixed batch."""
 
     def __init__(self, module: DiffusionModule, batch: list[Tensor], clip: float, noise_multiplier: float,
-                 precision: str, clipping: str) -> None:
+                 precision: str, clipping: str, max_physical_batch: int | None = None) -> None:
         self.module, self.batch, self.clipping = module, batch, clipping
+        # None: the whole batch in one chunk (make bench compares like with like on B*K images).
+        self.max_physical_batch = max_physical_batch or len(batch[0])
         self.optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-4)
         self.clip, self.std = clip, noise_multiplier * clip
         self.generator = fresh_generator(batch[0].device)
@@ -134,7 +136,7 @@ class StepPair:
         try:
             with self._context():
                 grad_sum, _ = clipped_gradient_sum(engine, self.module.per_example_loss, self.batch,
-                                                   self.clip, len(self.batch[0]), self.clipping)
+                                                   self.clip, self.max_physical_batch, self.clipping)
         finally:
             engine.remove()
         add_gaussian_noise(grad_sum, self.std, self.generator)

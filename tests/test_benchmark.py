@@ -10,6 +10,7 @@ from conftest import ROOT, compose_config, tiny_dpldm_overrides, tiny_overrides
 from omegaconf import OmegaConf
 
 from dpgen.benchmark import (
+    TrainingStep,
     compose_run_config,
     load_profile,
     main,
@@ -35,6 +36,21 @@ def test_every_method_training_step_can_be_timed(method, tmp_path):
     overrides = tiny_dpldm_overrides(tmp_path) if method == "dpldm" else [*tiny_overrides(tmp_path), f"method={method}"]
     seconds = time_training_step(compose_config(overrides), warmup=0, repeats=1, device=torch.device("cpu"))
     assert 0 < seconds < 60
+
+
+def test_calibration_times_training_chunks_and_each_distinct_step_once():
+    """dpdm, PrivImage and DP-FETA run one computation and share one timing; DP-LDM's
+    attention-only step on latents and the ceiling's plain step are timed apart; the DP step
+    is split into privacy.max_physical_batch chunks, as training splits it."""
+    profile = load_profile("cpu")
+    cfgs = {m: compose_run_config(method_overrides(profile, m)) for m in [profile.ceiling, *profile.methods]}
+    steps = {m: TrainingStep(cfg, torch.device("cpu")) for m, cfg in cfgs.items()}
+    signatures = {m: s.signature for m, s in steps.items()}
+    assert signatures["dpdm"] == signatures["privimage"] == signatures["feta"]
+    assert len({signatures["dpdm"], signatures["dpldm"], signatures["nonprivate"]}) == 3
+    dpldm = cfgs["dpldm"]
+    assert steps["dpldm"].pair.max_physical_batch == dpldm.privacy.max_physical_batch < dpldm.method.train.batch_size
+    assert steps["nonprivate"].pair.max_physical_batch == cfgs["nonprivate"].method.train.batch_size
 
 
 def test_commands_give_each_method_its_calibrated_steps_and_one_sweep_dir(tmp_path):
