@@ -264,9 +264,17 @@ class PerExampleGradients:
     def _capturing(self) -> bool:
         return self._batch is not None and torch.is_grad_enabled()
 
-    def _root_input(self, _module: nn.Module, inputs: tuple) -> tuple | None:
+    def _root_input(self, module: nn.Module, inputs: tuple) -> tuple | None:
         x = inputs[0] if inputs else None
-        if not self._capturing() or not isinstance(x, torch.Tensor) or x.requires_grad:
+        if not self._capturing() or not isinstance(x, torch.Tensor):
+            return None
+        if x.requires_grad:
+            if type(module) is nn.Linear and not x.is_contiguous():
+                # A Linear saves, for its backward, the contiguous copy its matmul makes of a
+                # strided input (attention's transposed tokens), not the input itself; the
+                # output hook would then hold the input as well, one more activation per
+                # layer (K-fold under multiplicity). Feeding the copy makes both the same tensor.
+                return (x.contiguous(), *inputs[1:])
             return None
         if not x.is_floating_point():
             return None  # integer input: the output itself becomes a root (below)
