@@ -11,7 +11,7 @@ budget; the table shows each run's whole wall time beside it.
 The runs are Hydra multiruns into one sweep directory (one per method; subdirectories
 ``<method>_eps<ε>``, the ceiling's ``<method>``). The sweep report is written there, and the
 table goes into README between the profile's markers (``<!-- benchmark:<profile>:start -->``
-... ``end -->``).
+... ``end -->``), with the sweep's plots copied to ``docs/benchmark/<profile>/``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpgen.bench import StepPair, time_step
 from dpgen.config import CONF_DIR, validate_config
-from dpgen.eval.report import collect_runs, write_report
+from dpgen.eval.report import ACCURACY_PNG, FID_PNG, collect_runs, write_report
 from dpgen.io import atomic_write, write_json
 from dpgen.stages.training import build_module
 
@@ -149,7 +149,21 @@ def _fmt(value: Any, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
-def readme_table(profile: DictConfig, sweep_dir: Path, calibration: dict[str, dict[str, Any]], command: str) -> str:
+def copy_plots(sweep_dir: Path, readme: Path, profile_name: str) -> list[Path]:
+    """The sweep's plots, copied beside README (``docs/benchmark/<profile>/``): the sweep
+    directory is not committed, README's plots must be. Paths relative to README's folder."""
+    dest = readme.parent / "docs" / "benchmark" / profile_name
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in (ACCURACY_PNG, FID_PNG):
+        if (sweep_dir / name).exists():
+            atomic_write(dest / name, lambda f, src=sweep_dir / name: f.write(src.read_bytes()))
+            copied.append((dest / name).relative_to(readme.parent))
+    return copied
+
+
+def readme_table(profile: DictConfig, sweep_dir: Path, calibration: dict[str, dict[str, Any]], command: str,
+                 plots: list[Path] | None = None) -> str:
     """The Markdown that goes between the profile's README markers."""
     rows = collect_runs(sweep_dir)
     extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
@@ -169,6 +183,8 @@ def readme_table(profile: DictConfig, sweep_dir: Path, calibration: dict[str, di
         train_s, total_s = _walls(sweep_dir / r["run"])
         lines.append(f"| {r['method']} | {eps_t} | {_fmt(r['epsilon'], '.3g')} | {steps} | {acc} "
                      f"| {_fmt(r['fid'], '.3g')} | {_fmt(train_s, '.0f')} s | {_fmt(total_s, '.0f')} s |")
+    if plots:
+        lines += ["", " ".join(f"![{p.stem.replace('_', ' ')}]({p.as_posix()})" for p in plots)]
     return "\n".join(lines)
 
 
@@ -184,8 +200,10 @@ def replace_between_markers(text: str, name: str, body: str) -> str:
 
 def write_readme_table(readme: Path, profile: DictConfig, sweep_dir: Path,
                        calibration: dict[str, dict[str, Any]], command: str) -> None:
+    """The table and the sweep's plots into README, between the profile's markers."""
+    plots = copy_plots(sweep_dir, readme, profile.name)
     text = replace_between_markers(readme.read_text(), profile.name,
-                                   readme_table(profile, sweep_dir, calibration, command))
+                                   readme_table(profile, sweep_dir, calibration, command, plots))
     atomic_write(readme, lambda f: f.write(text.encode()))
 
 

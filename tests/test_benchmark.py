@@ -103,3 +103,7 @@ def test_benchmark_table_end_to_end(tmp_path, monkeypatch):
     assert table.endswith("<!-- benchmark:tiny:end -->\nend\n")
     rows = [line for line in table.splitlines() if line.startswith("| nonprivate") or line.startswith("| dpdm")]
     assert len(rows) == 3 and all(r.endswith(" s |") for r in rows)
+    # The plots are committed beside README (the sweep directory is not) and shown in the table.
+    for name in ("accuracy_vs_epsilon.png", "fid_vs_epsilon.png"):
+        assert (tmp_path / "docs" / "benchmark" / "tiny" / name).read_bytes() == (sweep / name).read_bytes()
+        assert f"](docs/benchmark/tiny/{name})" in table
