@@ -27,6 +27,7 @@ from diffusers.models.attention_processor import Attention
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from dpgen.config import CONF_DIR
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule
 from dpgen.models.unet import build_unet
@@ -40,7 +41,6 @@ from dpgen.privacy.strategy import (
 )
 
 log = logging.getLogger("dpgen.bench")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TRAINABLE_SETS = ("full", "attention_only")
 
 

@@ -98,11 +98,6 @@ class TrainingStep:
         return statistics.median(times[warmup:])
 
 
-def time_training_step(cfg: DictConfig, warmup: int, repeats: int, device: torch.device) -> float:
-    """Median seconds of one training step of ``cfg``'s method (see :class:`TrainingStep`)."""
-    return TrainingStep(cfg, device).median_seconds(warmup, repeats)
-
-
 def calibrate(profile: DictConfig) -> dict[str, dict[str, Any]]:
     """Per method (ceiling included): the measured step time and the steps the budget buys."""
     device = torch.device(profile.device)

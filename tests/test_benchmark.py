@@ -17,7 +17,6 @@ from dpgen.benchmark import (
     method_overrides,
     replace_between_markers,
     sweep_commands,
-    time_training_step,
 )
 
 
@@ -34,7 +33,7 @@ def test_every_run_of_the_shipped_profiles_composes_and_validates(name):
 def test_every_method_training_step_can_be_timed(method, tmp_path):
     """The calibration step gets the inputs the method trains on (DP-LDM: latents)."""
     overrides = tiny_dpldm_overrides(tmp_path) if method == "dpldm" else [*tiny_overrides(tmp_path), f"method={method}"]
-    seconds = time_training_step(compose_config(overrides), warmup=0, repeats=1, device=torch.device("cpu"))
+    seconds = TrainingStep(compose_config(overrides), torch.device("cpu")).median_seconds(warmup=0, repeats=1)
     assert 0 < seconds < 60
 
 

@@ -186,7 +186,7 @@ class PerExampleGradients:
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             self._samplers[module] = _sampler_for(module)
-            self._handles.append(module.register_forward_pre_hook(self._root_input))
+            self._handles.append(module.register_forward_pre_hook(self._prepare_input))
             self._handles.append(module.register_forward_hook(self._hook_output))
 
     def remove(self) -> None:
@@ -264,25 +264,26 @@ class PerExampleGradients:
     def _capturing(self) -> bool:
         return self._batch is not None and torch.is_grad_enabled()
 
-    def _root_input(self, module: nn.Module, inputs: tuple) -> tuple | None:
+    def _prepare_input(self, module: nn.Module, inputs: tuple) -> tuple | None:
+        """Forward pre-hook: the input the module runs on, when it must differ from the given one."""
         x = inputs[0] if inputs else None
         if not self._capturing() or not isinstance(x, torch.Tensor):
             return None
-        if x.requires_grad:
-            if type(module) is nn.Linear and not x.is_contiguous():
-                # A Linear saves, for its backward, the contiguous copy its matmul makes of a
-                # strided input (attention's transposed tokens), not the input itself; the
-                # output hook would then hold the input as well, one more activation per
-                # layer (K-fold under multiplicity). Feeding the copy makes both the same tensor.
-                return (x.contiguous(), *inputs[1:])
-            return None
         if not x.is_floating_point():
-            return None  # integer input: the output itself becomes a root (below)
-        # The input does not require grad, so detaching it cuts nothing; the new leaf is
-        # where backward may stop.
-        leaf = x.detach().requires_grad_()
-        self._roots.append(leaf)
-        return (leaf, *inputs[1:])
+            return None  # integer input: the output itself becomes a root (in _hook_output)
+        prepared = x
+        if type(module) is nn.Linear and not x.is_contiguous():
+            # A Linear saves, for its backward, the contiguous copy its matmul makes of a
+            # strided input (attention's transposed tokens), not the input itself; the output
+            # hook would then hold the input as well, one more activation per layer (K-fold
+            # under multiplicity). Feeding the copy makes both the same tensor.
+            prepared = prepared.contiguous()
+        if not x.requires_grad:
+            # The input does not require grad, so detaching it cuts nothing; the new leaf is
+            # where backward may stop.
+            prepared = prepared.detach().requires_grad_()
+            self._roots.append(prepared)
+        return None if prepared is x else (prepared, *inputs[1:])
 
     def _hook_output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not self._capturing():
