@@ -163,3 +163,50 @@ def test_hooks_hold_no_activation_that_autograd_does_not_already_hold():
         hooked = _bytes_held_after(forward)
     engine.remove()
     assert hooked - plain < 0.01 * plain, (hooked, plain)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "size", "via_pixels"), [
+    (3, 1, 1, 1, (6, 5), True),    # the common 3x3 convolution: Gram of the padded pixels
+    (3, 1, 2, 2, (7, 6), True),    # dilated
+    ((3, 1), 1, (1, 0), 1, (5, 4), True),  # non-square kernel and padding
+    (3, 2, 1, 1, (8, 8), False),   # strided (a downsampler): the unfolded patches are cheaper
+])
+@pytest.mark.parametrize("k", [1, 3])
+def test_ghost_norm_of_a_convolution_equals_the_norm_of_its_formed_gradients(
+        kernel, stride, padding, dilation, size, via_pixels, k):
+    """The patch Gram matrix built from pixel inner products (no im2col) or from unfolded
+    patches gives each example's squared gradient norm, its K copies folded in."""
+    from dpgen.privacy.per_example import _conv2d, _ghost_sq_norms, _gram_via_pixels
+
+    torch.manual_seed(0)
+    b = 5
+    layer = torch.nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation)
+    acts = torch.randn(k * b, 4, *size, dtype=torch.float64)
+    layer = layer.double()
+    backprops = torch.randn_like(layer(acts))
+    assert _gram_via_pixels(layer, acts, b) is via_pixels
+    formed = _conv2d(layer, acts, backprops, b)
+    want = sum(g.flatten(1).pow(2).sum(1) for g in formed.values())
+    torch.testing.assert_close(_ghost_sq_norms(layer, acts, backprops, b), want.float(), rtol=1e-6, atol=0)
+
+
+def test_mixed_capture_keeps_gradients_where_their_norm_forms_them_anyway():
+    """Book-keeping keeps a layer's input only where the ghost norm spares forming its
+    per-example gradients; where they are formed for the norm anyway, it keeps them, so the
+    clipped sum is a weighted sum, not a second weight gradient."""
+    from dpgen.privacy.per_example import _ghost_pays
+
+    torch.manual_seed(0)
+    unet = build_unet(TINY, image_size=8, channels=1, num_classes=3)
+    b, k = 6, 1
+    x, t, y = torch.randn(b * k, 1, 8, 8), torch.randint(0, 1000, (b * k,)), torch.randint(0, 3, (b * k,))
+    engine = PerExampleGradients(unet)
+    with engine.capture(b, mode="mixed"):
+        engine.backward(unet(x, t, class_labels=y).sample.pow(2).flatten(1).mean(1).sum())
+        kept = {module: (acts, backprops) for module, acts, backprops in engine._kept}
+        assert kept
+        for module, (acts, backprops) in kept.items():
+            per_example = b * sum(p.numel() for p in module.parameters())
+            ghost = _ghost_pays(module, acts, backprops, b)
+            assert ghost or per_example > 2 * (acts.numel() + backprops.numel()), module
+    engine.remove()

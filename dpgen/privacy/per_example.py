@@ -90,6 +90,63 @@ def _per_example_positions(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(k, batch, -1, t.shape[-1]).transpose(0, 1).reshape(batch, -1, t.shape[-1])
 
 
+def _is_plain_conv(layer: nn.Module) -> bool:
+    """A Conv2d our folded formulas cover: ungrouped, zero padding given as numbers."""
+    return (type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str))
+
+
+def _gram_via_pixels(layer: nn.Conv2d, acts: torch.Tensor, batch: int) -> bool:
+    """Whether the patch Gram matrix is cheaper from pixel inner products than from im2col."""
+    k = acts.shape[0] // batch
+    (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
+    padded = k * (acts.shape[2] + 2 * ph) * (acts.shape[3] + 2 * pw)
+    (ho, wo) = _conv_output_size(layer, acts)
+    return padded**2 < kh * kw * (k * ho * wo) ** 2
+
+
+def _conv_output_size(layer: nn.Conv2d, acts: torch.Tensor) -> tuple[int, int]:
+    sizes = []
+    for n, p, d, s, kernel in zip(acts.shape[2:], layer.padding, layer.dilation, layer.stride, layer.kernel_size):
+        sizes.append((n + 2 * p - d * (kernel - 1) - 1) // s + 1)
+    return sizes[0], sizes[1]
+
+
+def _patch_gram(layer: nn.Conv2d, acts: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, KT, KT]``: inner products between every two unfolded input patches of an example.
+
+    Two patches at output positions t and s are the same kernel window shifted, so their
+    inner product is a sum, over the kernel offsets d, of inner products between input
+    *pixels* t+d and s+d. One Gram matrix of the (zero-padded) pixels, then a strided slice
+    per kernel offset, gives every patch pair without im2col, whose buffer is kernel-size
+    times the input and slow to build on CPU. A strided convolution skips most pixel pairs,
+    so there the unfolded patches are cheaper (``_gram_via_pixels``).
+    """
+    if not _gram_via_pixels(layer, acts, batch):
+        cols = F.unfold(acts, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return _position_gram(cols.transpose(1, 2), batch)
+    k = acts.shape[0] // batch
+    (ph, pw), (dh, dw), (sh, sw), (kh, kw) = layer.padding, layer.dilation, layer.stride, layer.kernel_size
+    ho, wo = _conv_output_size(layer, acts)
+    x = F.pad(acts, (pw, pw, ph, ph))
+    c, hp, wp = x.shape[1:]
+    pixels = x.reshape(k, batch, c, hp * wp).permute(1, 0, 3, 2).reshape(batch, k * hp * wp, c)
+    pixel_gram = (pixels @ pixels.transpose(1, 2)).view(batch, k, hp, wp, k, hp, wp)
+    gram = None
+    for i, j in itertools.product(range(kh), range(kw)):
+        rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+        cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+        shifted = pixel_gram[:, :, rows, cols, :, rows, cols]
+        gram = shifted.clone() if gram is None else gram.add_(shifted)
+    return gram.view(batch, k * ho * wo, k * ho * wo)
+
+
+def _position_gram(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, KT, KT]``: inner products between an example's rows at every position of every copy."""
+    rows = _per_example_positions(t.reshape(t.shape[0], -1, t.shape[-1]), batch)
+    return rows @ rows.transpose(1, 2)
+
+
 def _ghost_sq_norms(layer: nn.Module, acts: torch.Tensor, backprops: torch.Tensor, batch: int) -> torch.Tensor:
     """Squared per-example gradient norms of a Linear or Conv2d layer without forming the gradients.
 
@@ -100,36 +157,54 @@ def _ghost_sq_norms(layer: nn.Module, acts: torch.Tensor, backprops: torch.Tenso
     """
     dtype = layer.weight.dtype
     if isinstance(layer, nn.Conv2d):
-        cols = F.unfold(acts.to(dtype), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        a = _per_example_positions(cols.transpose(1, 2), batch)
-        g = _per_example_positions(backprops.to(dtype).flatten(2).transpose(1, 2), batch)
+        g = backprops.to(dtype).flatten(2).transpose(1, 2)
     else:
-        a = _per_example_positions(acts.to(dtype).reshape(acts.shape[0], -1, acts.shape[-1]), batch)
-        g = _per_example_positions(backprops.to(dtype).reshape(backprops.shape[0], -1, backprops.shape[-1]), batch)
+        g = backprops.to(dtype)
+    g_rows = _per_example_positions(g.reshape(g.shape[0], -1, g.shape[-1]), batch)
     sq = torch.zeros(batch, dtype=dtype, device=acts.device)
     if layer.weight.requires_grad:
-        sq += (a @ a.transpose(1, 2)).mul_(g @ g.transpose(1, 2)).sum((1, 2))
+        a_gram = (_patch_gram(layer, acts.to(dtype), batch) if isinstance(layer, nn.Conv2d)
+                  else _position_gram(acts.to(dtype), batch))
+        sq += a_gram.mul_(g_rows @ g_rows.transpose(1, 2)).sum((1, 2))
     if layer.bias is not None and layer.bias.requires_grad:
-        sq += g.sum(1).pow(2).sum(1)
+        sq += g_rows.sum(1).pow(2).sum(1)
     return sq.float()
 
 
 def _ghost_pays(layer: nn.Module, acts: torch.Tensor, output: torch.Tensor, batch: int) -> bool:
-    """Whether the ghost norm is cheaper than forming the layer's per-example gradients."""
-    if type(layer) is nn.Conv2d and layer.groups == 1 and not isinstance(layer.padding, str):
-        positions = output.shape[2] * output.shape[3]
+    """Whether the ghost norm beats forming the layer's per-example gradients, in memory and arithmetic.
+
+    Multiply-adds per example: forming the gradient costs one per (position, weight); the ghost
+    norm costs its two Gram matrices, each (positions of all K copies)^2 times a row width. The
+    Gram matrices are counted twice: measured on CPU (``python -m dpgen.bench``'s layers), they run
+    at about half the rate of the weight-gradient kernels, and a ghost layer pays one more weight
+    gradient for its clipped sum, where a formed gradient only needs a weighted sum.
+    """
+    k = acts.shape[0] // batch
+    if _is_plain_conv(layer):
+        (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
+        out_positions = k * output.shape[2] * output.shape[3]
+        if _gram_via_pixels(layer, acts, batch):  # pixel pairs, then one slice-add per kernel offset
+            in_positions = k * (acts.shape[2] + 2 * ph) * (acts.shape[3] + 2 * pw)
+            in_cost = in_positions**2 * layer.in_channels + out_positions**2 * kh * kw
+        else:  # im2col: one row of C*kh*kw per output position
+            in_positions = out_positions
+            in_cost = out_positions**2 * layer.in_channels * kh * kw
+        gram_cost = in_cost + out_positions**2 * layer.out_channels
     elif type(layer) is nn.Linear:
-        positions = output[0].numel() // output.shape[-1]
+        in_positions = out_positions = k * (output[0].numel() // output.shape[-1])
+        gram_cost = out_positions**2 * (layer.in_features + layer.out_features)
     else:
         return False
-    k = acts.shape[0] // batch
-    return 2 * (k * positions) ** 2 < layer.weight.numel()
+    gradient_cost = out_positions * layer.weight.numel()
+    fits = in_positions**2 + out_positions**2 <= layer.weight.numel()
+    return fits and 2 * gram_cost < gradient_cost
 
 
 def _sampler_for(layer: nn.Module) -> FoldedSampler:
     if type(layer) is nn.Linear:
         return _linear
-    if type(layer) is nn.Conv2d and layer.groups == 1 and not isinstance(layer.padding, str):
+    if _is_plain_conv(layer):
         return _conv2d
     opacus_fn = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
     if opacus_fn is None:
@@ -241,18 +316,18 @@ class PerExampleGradients:
     def weighted_sum(self, factors: torch.Tensor) -> list[torch.Tensor]:
         """``sum_b factors[b] * grad_b`` for every trainable parameter (not in ``norms`` mode)."""
         assert self._mode != "norms", "norms mode keeps no gradients: backward the reweighted loss"
-        out = {p: torch.zeros_like(p) for p in self.params}
+        out: dict[nn.Parameter, torch.Tensor] = {}
         for p in self.params:
             if p.grad_sample is not None:
-                out[p] += torch.einsum("b,b...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
+                out[p] = torch.einsum("b,b...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
         for module, acts, backprops in self._kept:
             # Gradients are linear in the output gradient: scaling each row's output gradient by
             # its example's factor, then summing over all rows as one "example", is the clipped sum.
             k = backprops.shape[0] // len(factors)
             rows = factors.to(backprops.dtype).repeat(k).view(-1, *([1] * (backprops.dim() - 1)))
             for p, g in self._samplers[module](module, acts, backprops * rows, 1).items():
-                out[p] += g[0]
-        return [out[p] for p in self.params]
+                out[p] = g[0] if p not in out else out[p] + g[0]
+        return [out[p] if p in out else torch.zeros_like(p) for p in self.params]
 
     def clear(self) -> None:
         self._sq_norms = None
@@ -314,8 +389,13 @@ class PerExampleGradients:
             return "gradients"
         if self._mode == "norms":
             return "norms"
+        if _ghost_pays(module, acts, output, batch):
+            return "activations"  # the norm never forms the gradients; the sum is one weight gradient
+        # The norm forms this layer's per-example gradients anyway: keeping them makes the clipped
+        # sum a cheap contraction instead of a second weight gradient, which is worth holding up to
+        # twice the memory of the input and output gradient.
         per_example = batch * sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-        return "activations" if acts.numel() + output.numel() < per_example else "gradients"
+        return "gradients" if per_example <= 2 * (acts.numel() + output.numel()) else "activations"
 
     def _accumulate(self, key: int, module: nn.Module, box: list[torch.Tensor], backprops: torch.Tensor,
                     batch: int, keep: str) -> None:

@@ -101,7 +101,7 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
     if clipping not in CLIPPING_MODES:
         raise ValueError(f"privacy.clipping={clipping!r}: must be one of {CLIPPING_MODES}")
     params = engine.params
-    grad_sum = [torch.zeros_like(p) for p in params]
+    grad_sum: list[Tensor] | None = None
     loss_sum = torch.zeros((), device=params[0].device if params else None)
     n_local = _batch_len(batch)
     for start in range(0, n_local, max_physical_batch):
@@ -120,9 +120,14 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
                 clipped = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             else:
                 clipped = engine.weighted_sum(factors)
-            for acc, g in zip(grad_sum, clipped):
-                acc.add_(g)
+            if grad_sum is None:
+                grad_sum = clipped
+            else:
+                for acc, g in zip(grad_sum, clipped):
+                    acc.add_(g)
         loss_sum += losses.detach().float().mean(1).sum()
+    if grad_sum is None:  # an empty local batch (Poisson sampling) still takes part in the step
+        grad_sum = [torch.zeros_like(p) for p in params]
     return grad_sum, loss_sum
 
 
