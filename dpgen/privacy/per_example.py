@@ -117,9 +117,9 @@ def _patch_gram(layer: nn.Conv2d, acts: torch.Tensor, batch: int) -> torch.Tenso
 
     Two patches at output positions t and s are the same kernel window shifted, so their
     inner product is a sum, over the kernel offsets d, of inner products between input
-    *pixels* t+d and s+d. One Gram matrix of the (zero-padded) pixels, then a strided slice
-    per kernel offset, gives every patch pair without im2col, whose buffer is kernel-size
-    times the input and slow to build on CPU. A strided convolution skips most pixel pairs,
+    *pixels* t+d and s+d. One Gram matrix of the (zero-padded) pixels, then sums of its
+    shifted views, give every patch pair without im2col, whose buffer is kernel-size times
+    the input and slow to build on CPU. A strided convolution skips most pixel pairs,
     so there the unfolded patches are cheaper (``_gram_via_pixels``).
     """
     if not _gram_via_pixels(layer, acts, batch):
@@ -132,13 +132,20 @@ def _patch_gram(layer: nn.Conv2d, acts: torch.Tensor, batch: int) -> torch.Tenso
     c, hp, wp = x.shape[1:]
     pixels = x.reshape(k, batch, c, hp * wp).permute(1, 0, 3, 2).reshape(batch, k * hp * wp, c)
     pixel_gram = (pixels @ pixels.transpose(1, 2)).view(batch, k, hp, wp, k, hp, wp)
-    gram = None
-    for i, j in itertools.product(range(kh), range(kw)):
+    # The kernel offset (i, j) shifts rows by i and columns by j in both positions, so the sum
+    # over offsets splits into one over row shifts, then one over column shifts: kh + kw
+    # strided sums instead of kh * kw.
+    over_rows = None
+    for i in range(kh):
         rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+        shifted = pixel_gram[:, :, rows, :, :, rows, :]
+        over_rows = shifted.clone() if over_rows is None else over_rows.add_(shifted)
+    gram = None
+    for j in range(kw):
         cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-        shifted = pixel_gram[:, :, rows, cols, :, rows, cols]
+        shifted = over_rows[:, :, :, cols, :, :, cols]
         gram = shifted.clone() if gram is None else gram.add_(shifted)
-    return gram.view(batch, k * ho * wo, k * ho * wo)
+    return gram.reshape(batch, k * ho * wo, k * ho * wo)
 
 
 def _position_gram(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -184,9 +191,9 @@ def _ghost_pays(layer: nn.Module, acts: torch.Tensor, output: torch.Tensor, batc
     if _is_plain_conv(layer):
         (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
         out_positions = k * output.shape[2] * output.shape[3]
-        if _gram_via_pixels(layer, acts, batch):  # pixel pairs, then one slice-add per kernel offset
+        if _gram_via_pixels(layer, acts, batch):  # pixel pairs, then shifted sums
             in_positions = k * (acts.shape[2] + 2 * ph) * (acts.shape[3] + 2 * pw)
-            in_cost = in_positions**2 * layer.in_channels + out_positions**2 * kh * kw
+            in_cost = in_positions**2 * layer.in_channels + out_positions**2 * (kh + kw)
         else:  # im2col: one row of C*kh*kw per output position
             in_positions = out_positions
             in_cost = out_positions**2 * layer.in_channels * kh * kw
@@ -246,6 +253,7 @@ class PerExampleGradients:
         self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._samplers: dict[nn.Module, FoldedSampler] = {}
+        self._trainable_numel: dict[nn.Module, int] = {}
         # Where backward must reach: leaves standing in for the inputs of trainable modules
         # whose inputs do not require grad (the first trainable layers), or the outputs of
         # those with integer inputs (embeddings).
@@ -261,6 +269,7 @@ class PerExampleGradients:
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             self._samplers[module] = _sampler_for(module)
+            self._trainable_numel[module] = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
             self._handles.append(module.register_forward_pre_hook(self._prepare_input))
             self._handles.append(module.register_forward_hook(self._hook_output))
 
@@ -374,41 +383,43 @@ class PerExampleGradients:
         batch, key = self._batch, next(self._keys)
         self._pending[key] = module
         self._calls[module] = self._calls.get(module, 0) + 1
-        keep = self._what_to_keep(module, acts, output, batch)
+        keep, ghost = self._what_to_keep(module, acts, output, batch)
         # A module may run several times per forward pass (weight sharing): each call's
         # output carries its own input in the closure, and the contributions add up. The
         # input sits in a box the hook empties: the hook lives as long as the graph, and
         # holding every layer's input to the end of backward would cost a copy of all
         # activations that autograd itself frees layer by layer.
         box = [acts]
-        output.register_hook(lambda grad: self._accumulate(key, module, box, grad.detach(), batch, keep))
+        output.register_hook(lambda grad: self._accumulate(key, module, box, grad.detach(), batch, keep, ghost))
 
-    def _what_to_keep(self, module: nn.Module, acts: torch.Tensor, output: torch.Tensor, batch: int) -> str:
-        """"gradients", "norms" or "activations" (input and output gradient) for one layer call."""
+    def _what_to_keep(self, module: nn.Module, acts: torch.Tensor, output: torch.Tensor,
+                      batch: int) -> tuple[str, bool]:
+        """For one layer call: what to keep ("gradients", "norms" or "activations", i.e. input and
+        output gradient), and whether its norms come from the ghost identity."""
         if self._mode == "materialize":
-            return "gradients"
-        if self._mode == "norms":
-            return "norms"
-        if _ghost_pays(module, acts, output, batch):
-            return "activations"  # the norm never forms the gradients; the sum is one weight gradient
+            return "gradients", False
+        ghost = _ghost_pays(module, acts, output, batch)
+        if self._mode == "norms" or ghost:
+            # A ghost layer never forms its gradients; in mixed mode its sum is one weight gradient.
+            return ("norms" if self._mode == "norms" else "activations"), ghost
         # The norm forms this layer's per-example gradients anyway: keeping them makes the clipped
         # sum a cheap contraction instead of a second weight gradient, which is worth holding up to
         # twice the memory of the input and output gradient.
-        per_example = batch * sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-        return "gradients" if per_example <= 2 * (acts.numel() + output.numel()) else "activations"
+        per_example = batch * self._trainable_numel[module]
+        return ("gradients" if per_example <= 2 * (acts.numel() + output.numel()) else "activations"), False
 
     def _accumulate(self, key: int, module: nn.Module, box: list[torch.Tensor], backprops: torch.Tensor,
-                    batch: int, keep: str) -> None:
+                    batch: int, keep: str, ghost: bool) -> None:
         if self._pending.pop(key, None) is None:
             return  # a later backward through a retained graph (ghost clipping's second pass)
         acts = box.pop()
         if self._calls[module] > 1:
             # Shared weights: an example's gradient is the sum over calls, and the norm of a
             # sum is not the sum of norms, so keep the gradients and add them up.
-            keep = "gradients"
+            keep, ghost = "gradients", False
         if keep == "activations":
             self._kept.append((module, acts, backprops))
-        if keep != "gradients" and _ghost_pays(module, acts, backprops, batch):
+        if ghost:
             self._add_sq_norms(_ghost_sq_norms(module, acts, backprops, batch))
             return
         for p, g in self._samplers[module](module, acts, backprops, batch).items():

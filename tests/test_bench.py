@@ -1,0 +1,64 @@
+"""make bench (dpgen/bench.py): the DP step against the non-private step, as rows and a table.
+
+Structure and arithmetic of the rows only; the timings themselves are what the benchmark
+measures, not something a test can assert on a shared 2-core machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from dpgen.bench import format_table, run_bench
+
+REQUIRED = {"config", "K", "dp_step_s", "nonprivate_step_s", "time_ratio", "dp_peak_mb", "nonprivate_peak_mb",
+            "memory_ratio"}
+
+
+def _tiny(**overrides):
+    cfg = {"device": "cpu", "precision": "32", "models": ["unet_tiny"], "trainable": ["full", "attention_only"],
+           "clipping": ["mixed"], "multiplicities": [1, 2], "batch_size": 4, "image_size": 8, "channels": 1,
+           "num_classes": 3, "warmup": 0, "repeats": 3}
+    cfg.update(overrides)
+    return OmegaConf.create(cfg)
+
+
+def test_bench_rows_carry_the_issue_fields_and_consistent_ratios():
+    rows = run_bench(_tiny())
+    assert [(r["config"], r["K"]) for r in rows] == [
+        ("unet_tiny/full/mixed", 1), ("unet_tiny/full/mixed", 2),
+        ("unet_tiny/attention_only/mixed", 1), ("unet_tiny/attention_only/mixed", 2)]
+    for r in rows:
+        assert r.keys() >= REQUIRED
+        assert r["time_ratio_min"] <= r["time_ratio"] <= r["time_ratio_max"]
+        assert r["dp_step_min_s"] <= r["dp_step_s"] <= r["dp_step_max_s"]
+        assert r["memory_ratio"] == pytest.approx(r["dp_peak_mb"] / r["nonprivate_peak_mb"])
+        assert r["dp_peak_mb"] > 0 and r["nonprivate_peak_mb"] > 0
+    full, attention = rows[0], rows[2]
+    assert attention["trainable_parameters"] < full["trainable_parameters"] == full["total_parameters"]
+    table = format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "unet_tiny/attention_only/mixed" in table
+
+
+def test_bench_refuses_an_unknown_clipping_mode_before_measuring(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "dpgen.bench", "bench.clipping=[fast]", f"bench.output={out}"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "bench.clipping: unknown 'fast'" in result.stderr + result.stdout
+    assert not out.exists()
+
+
+def test_make_bench_writes_its_rows_as_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench.models=[unet_tiny]", "bench.trainable=[full]", "bench.clipping=[materialize]",
+            "bench.multiplicities=[1]", "bench.batch_size=2", "bench.image_size=8", "bench.num_classes=3",
+            "bench.warmup=0", "bench.repeats=1", f"bench.output={out}"]
+    result = subprocess.run([sys.executable, "-m", "dpgen.bench", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0].keys() >= REQUIRED
+    assert "unet_tiny/full/materialize" in result.stdout
