@@ -119,10 +119,10 @@ class DiffusionModule(LightningModule):
 
     def sample(self, labels: Tensor, num_inference_steps: int, guidance_scale: float,
                generator: torch.Generator | None = None, batch_size: int = 250,
-               progress: bool = True, eps_correction: EpsCorrection | None = None) -> Tensor:
+               progress: bool = True, eps_correction: EpsCorrection | None = None, solver: str = "ddim") -> Tensor:
         cfg = self.unet.config
         return sample_images(
-            self.unet, make_sample_scheduler(self.diffusion_cfg), labels, num_inference_steps,
+            self.unet, make_sample_scheduler(self.diffusion_cfg, solver), labels, num_inference_steps,
             guidance_scale, self.null_label, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
             generator=generator, batch_size=batch_size, progress=progress, eps_correction=eps_correction,
         )

@@ -197,14 +197,14 @@ class DPLDMModule(DiffusionModule):
 
     def sample(self, labels: Tensor, num_inference_steps: int, guidance_scale: float,
                generator: torch.Generator | None = None, batch_size: int = 250,
-               progress: bool = True, eps_correction: EpsCorrection | None = None) -> Tensor:
+               progress: bool = True, eps_correction: EpsCorrection | None = None, solver: str = "ddim") -> Tensor:
         """Latents from the diffusion model, decoded to images by the public decoder.
 
-        DDIM clips its x0 predictions to the box the public latents occupy, as pixel models clip
+        The solver clips its x0 predictions to the box the public latents occupy, as pixel models clip
         to [-1, 1]; without it, a few early predictions far outside that box decode to blobs.
         """
         cfg = self.unet.unet.config
-        scheduler = make_sample_scheduler({**self.diffusion_cfg, "clip_sample_range": self.latent_range.item()})
+        scheduler = make_sample_scheduler({**self.diffusion_cfg, "clip_sample_range": self.latent_range.item()}, solver)
         latents = sample_images(
             self.unet, scheduler, labels, num_inference_steps,
             guidance_scale, self.null_label, (cfg.in_channels, cfg.sample_size, cfg.sample_size),

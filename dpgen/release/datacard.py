@@ -76,9 +76,11 @@ def _parameters(run: SourceRun) -> dict[str, int]:
 
 
 def _sampler_name(cfg: DictConfig) -> str:
-    """DDIM, guided by CPSample's protection classifier where the run used it."""
+    """The solver (DDIM for runs from before the choice), guided by CPSample's protection
+    classifier where the run used it."""
+    solver = cfg.sample.get("solver", "ddim")
     sampling = cfg.get("sampling")
-    return "ddim" if sampling is None or sampling.name == "default" else f"ddim + {sampling.name}"
+    return solver if sampling is None or sampling.name == "default" else f"{solver} + {sampling.name}"
 
 
 def statement(run: SourceRun) -> str:

@@ -87,7 +87,7 @@ def sample_shard(module: DiffusionModule, labels: np.ndarray, sample_cfg: DictCo
           torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")):
         images = module.sample(torch.from_numpy(labels), sample_cfg.steps, sample_cfg.guidance_scale,
                                generator=generator, batch_size=batch_size, progress=False,
-                               eps_correction=eps_correction)
+                               eps_correction=eps_correction, solver=sample_cfg.get("solver", "ddim"))
     return to_uint8_hwc(images)
 
 

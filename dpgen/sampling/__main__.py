@@ -1,5 +1,6 @@
-"""``python -m dpgen.sampling <run dir> [--out DIR] [sampling.*|eval.*|audit.* ...]``: sample a
-finished run's generator again with CPSample (or another sampling scheme), without retraining.
+"""``python -m dpgen.sampling <run dir> [--out DIR] [sampling.*|sample.*|eval.*|audit.* ...]``: sample a
+finished run's generator again with CPSample (or another sampling scheme, solver or number of
+steps), without retraining.
 
 A new run directory (default ``<run dir>-<sampling name>``) gets the run's config with today's
 ``sampling``, ``eval`` and ``audit`` groups (``sampling=cpsample`` unless overridden), copies of
@@ -33,15 +34,19 @@ log = logging.getLogger("dpgen")
 
 
 def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The finished run's config with today's sampling, eval and audit groups and ``overrides``."""
+    """The finished run's config with today's sampling, eval and audit groups and ``overrides``;
+    ``sample.*`` overrides (solver, steps, number of samples) change the run's own settings."""
     for o in overrides:
-        if override_key(o).split(".")[0] not in GROUPS:
-            raise ConfigError(override_key(o), o.split("=", 1)[-1], "only sampling.*, eval.* and audit.* can "
-                              "change here: the rest of the config made the generator",
+        if override_key(o).split(".")[0] not in (*GROUPS, "sample"):
+            raise ConfigError(override_key(o), o.split("=", 1)[-1], "only sampling.*, sample.*, eval.* and "
+                              "audit.* can change here: the rest of the config made the generator",
                               "train a new run with python -m dpgen")
-    if not any(override_key(o) == "sampling" for o in overrides):
-        overrides = ["sampling=cpsample", *overrides]
-    return run_config_with_todays_groups(run_dir, GROUPS, overrides)
+    sample = [o.lstrip("+") for o in overrides if override_key(o).startswith("sample.")]
+    groups = [o for o in overrides if not override_key(o).startswith("sample.")]
+    if not any(override_key(o) == "sampling" for o in groups):
+        groups = ["sampling=cpsample", *groups]
+    cfg = run_config_with_todays_groups(run_dir, GROUPS, groups)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(sample))
 
 
 def prepare(run_dir: Path, out: Path, cfg: DictConfig) -> None:

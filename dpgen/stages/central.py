@@ -111,7 +111,8 @@ def warmup(ctx: RunContext) -> None:
     labels = torch.arange(cfg.data.num_classes).repeat_interleave(_PREVIEW_PER_CLASS)
     with torch.no_grad():
         preview = module.sample(labels, cfg.sample.steps, cfg.sample.guidance_scale,
-                                generator=torch.Generator().manual_seed(cfg.seed), progress=False)
+                                generator=torch.Generator().manual_seed(cfg.seed), progress=False,
+                                solver=cfg.sample.get("solver", "ddim"))
     save_grid(ctx.path(WARMUP_GRID), preview, labels, cfg.data.num_classes, per_row=_PREVIEW_PER_CLASS)
     log.info("warmup: %d steps on %d central images, phases %s", len(batches), len(images),
              [(p.steps, p.blur) for p in phases])

@@ -48,7 +48,8 @@ def sample(ctx: RunContext) -> None:
     generator = torch.Generator().manual_seed(cfg.seed)
     protection = load_protection_guidance(ctx.run_dir, cfg, next(module.parameters()).device)
     images = module.sample(labels, cfg.sample.steps, cfg.sample.guidance_scale, generator=generator,
-                           batch_size=cfg.sample.batch_size, eps_correction=protection)
+                           batch_size=cfg.sample.batch_size, eps_correction=protection,
+                           solver=cfg.sample.get("solver", "ddim"))
     if protection is not None:
         summary = {"note": CPSAMPLE_NO_GUARANTEE, **protection_summary(ctx, protection)}
         write_json(ctx.path(PROTECTION_JSON), summary)
