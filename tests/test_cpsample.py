@@ -129,7 +129,7 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
     release = make_release(out, tmp_path / "release", ReleaseSpec(6, "npz", shard_size=6), progress=False)
     card = json.loads((release / "datacard.json").read_text())
     assert card["formal_guarantee"] is False and card["statement"].startswith("NO FORMAL PRIVACY GUARANTEE")
-    assert card["note"] == CPSAMPLE_NO_GUARANTEE and card["sampler"]["name"] == "ddim + cpsample"
+    assert card["note"] == CPSAMPLE_NO_GUARANTEE and card["sampler"]["name"] == "dpm++ + cpsample"
 
 
 def test_resampling_refuses_changes_to_the_generator(tiny_cfg, tmp_path):
