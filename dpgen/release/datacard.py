@@ -106,7 +106,7 @@ def build_datacard(run: SourceRun, spec: ReleaseSpec, class_counts: list[int], t
                               "image_size": cfg.data.image_size, "channels": cfg.data.channels},
         "public_data": _public_data(run),
         "model": {"name": cfg.model.name, **_parameters(run)},
-        "sampler": {"name": _sampler_name(cfg), "eta": 0.0, "steps": cfg.sample.steps,
+        "sampler": {"name": _sampler_name(cfg), "deterministic": True, "steps": cfg.sample.steps,
                     "guidance_scale": cfg.sample.guidance_scale, "batch_size": spec.batch_size,
                     "precision": spec.precision, "device": device},
         "num_samples": spec.num_samples,
@@ -185,7 +185,7 @@ def card_markdown(card: dict[str, Any]) -> str:
              if public else "none"),
         _row("model", f"{m['name']}: {m['trainable_parameters']:,} trainable of {m['total_parameters']:,} "
                       f"parameters ({m['sampling_parameters']:,} used for sampling)"),
-        _row("sampler", f"{smp['name']}, {smp['steps']} steps, guidance scale {smp['guidance_scale']}, eta 0, "
+        _row("sampler", f"{smp['name']} (deterministic ODE solver), {smp['steps']} steps, guidance scale {smp['guidance_scale']}, "
                         f"{'bfloat16 autocast' if smp['precision'] == 'bf16' else 'fp32'}"),
         _row("samples", card["num_samples"]),
         _row("class prior", card["class_prior"] + (f" {card['class_prior_weights']}" if "class_prior_weights" in card else "")),
