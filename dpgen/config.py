@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import validate_data_config, validate_public_config
-from dpgen.diffusion.sampling import SOLVERS
+from dpgen.diffusion.sampling import SOLVERS, run_solver
 from dpgen.distributed import validate_trainer_config
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
@@ -91,7 +91,7 @@ def validate_config(cfg: DictConfig) -> None:
                 "method.pretrain_ldm.batch_size", "method.multiplicity", "sample.num_samples",
                 "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
-    solver = cfg.sample.get("solver", "ddim")  # runs from before the choice sampled with DDIM
+    solver = run_solver(cfg.sample)
     if solver not in SOLVERS:
         raise ConfigError("sample.solver", solver, "unknown solver", f"use one of {', '.join(SOLVERS)}")
     validate_eval_config(cfg.eval, cfg.sample.num_samples)

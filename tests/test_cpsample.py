@@ -135,3 +135,16 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
 def test_resampling_refuses_changes_to_the_generator(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"^privacy.eps='1': only sampling"):
         resampling_config(tmp_path, ["privacy.eps=1"])
+
+
+def test_resampling_changes_the_runs_own_sample_settings_and_nothing_else(tiny_cfg, tmp_path):
+    """``sample.*`` overrides change the solver and steps of the run's own settings (a user compares
+    samplers on one trained generator); the rest of ``sample`` stays what the run had."""
+    run_cfg = tiny_cfg("sample.solver=ddim", "sample.steps=25", "sample.num_samples=30")
+    OmegaConf.save(run_cfg, tmp_path / "run_config.yaml")
+    cfg = resampling_config(tmp_path, ["sampling=default", "sample.solver=dpm++", "sample.steps=8"])
+    assert (cfg.sample.solver, cfg.sample.steps, cfg.sample.num_samples) == ("dpm++", 8, 30)
+    assert cfg.sampling.name == "default" and cfg.privacy == run_cfg.privacy
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match="sample.solver='euler': unknown solver"):
+        validate_config(resampling_config(tmp_path, ["sample.solver=euler"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -18,6 +19,11 @@ def make_train_scheduler(cfg: dict) -> DDPMScheduler:
 
 
 SOLVERS = ("ddim", "dpm++")
+
+
+def run_solver(sample_cfg: Any) -> str:
+    """A run's ``sample.solver``; runs from before the choice sampled with DDIM."""
+    return sample_cfg.get("solver", "ddim")
 
 
 class ClippedDPMSolver(DPMSolverMultistepScheduler):

@@ -183,9 +183,9 @@ def _ghost_pays(layer: nn.Module, acts: torch.Tensor, output: torch.Tensor, batc
 
     Multiply-adds per example: forming the gradient costs one per (position, weight); the ghost
     norm costs its two Gram matrices, each (positions of all K copies)^2 times a row width. The
-    Gram matrices are counted twice: measured on CPU (``python -m dpgen.bench``'s layers), they run
-    at about half the rate of the weight-gradient kernels, and a ghost layer pays one more weight
-    gradient for its clipped sum, where a formed gradient only needs a weighted sum.
+    Gram matrices are counted twice: timed one layer at a time on this CPU, they run at about half
+    the rate of the weight-gradient kernels, and a ghost layer pays one more weight gradient for
+    its clipped sum, where a formed gradient only needs a weighted sum.
     """
     k = acts.shape[0] // batch
     if _is_plain_conv(layer):

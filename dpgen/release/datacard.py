@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import dpgen
+from dpgen.diffusion.sampling import run_solver
 from dpgen.io import atomic_write
 from dpgen.release.shards import ReleaseSpec
 from dpgen.release.source import SourceRun
@@ -78,7 +79,7 @@ def _parameters(run: SourceRun) -> dict[str, int]:
 def _sampler_name(cfg: DictConfig) -> str:
     """The solver (DDIM for runs from before the choice), guided by CPSample's protection
     classifier where the run used it."""
-    solver = cfg.sample.get("solver", "ddim")
+    solver = run_solver(cfg.sample)
     sampling = cfg.get("sampling")
     return solver if sampling is None or sampling.name == "default" else f"{solver} + {sampling.name}"
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dpgen.data import build_dataset
-from dpgen.diffusion.sampling import EpsCorrection
+from dpgen.diffusion.sampling import EpsCorrection, run_solver
 from dpgen.io import write_json
 from dpgen.methods import DiffusionModule
 from dpgen.release.datacard import build_datacard, write_datacard
@@ -87,7 +87,7 @@ def sample_shard(module: DiffusionModule, labels: np.ndarray, sample_cfg: DictCo
           torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")):
         images = module.sample(torch.from_numpy(labels), sample_cfg.steps, sample_cfg.guidance_scale,
                                generator=generator, batch_size=batch_size, progress=False,
-                               eps_correction=eps_correction, solver=sample_cfg.get("solver", "ddim"))
+                               eps_correction=eps_correction, solver=run_solver(sample_cfg))
     return to_uint8_hwc(images)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from dpgen.data.curriculum import CurriculumBatches, Phase, random_affine
+from dpgen.diffusion.sampling import run_solver
 from dpgen.io import save_torch
 from dpgen.loggers.grids import save_grid
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts
@@ -112,7 +113,7 @@ def warmup(ctx: RunContext) -> None:
     with torch.no_grad():
         preview = module.sample(labels, cfg.sample.steps, cfg.sample.guidance_scale,
                                 generator=torch.Generator().manual_seed(cfg.seed), progress=False,
-                                solver=cfg.sample.get("solver", "ddim"))
+                                solver=run_solver(cfg.sample))
     save_grid(ctx.path(WARMUP_GRID), preview, labels, cfg.data.num_classes, per_row=_PREVIEW_PER_CLASS)
     log.info("warmup: %d steps on %d central images, phases %s", len(batches), len(images),
              [(p.steps, p.blur) for p in phases])

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dpgen.diffusion.sampling import run_solver
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers.grids import save_grid
 from dpgen.stages.planning import CPSAMPLE_NO_GUARANTEE
@@ -49,7 +50,7 @@ def sample(ctx: RunContext) -> None:
     protection = load_protection_guidance(ctx.run_dir, cfg, next(module.parameters()).device)
     images = module.sample(labels, cfg.sample.steps, cfg.sample.guidance_scale, generator=generator,
                            batch_size=cfg.sample.batch_size, eps_correction=protection,
-                           solver=cfg.sample.get("solver", "ddim"))
+                           solver=run_solver(cfg.sample))
     if protection is not None:
         summary = {"note": CPSAMPLE_NO_GUARANTEE, **protection_summary(ctx, protection)}
         write_json(ctx.path(PROTECTION_JSON), summary)
