@@ -148,3 +148,5 @@ def test_resampling_changes_the_runs_own_sample_settings_and_nothing_else(tiny_c
     validate_config(cfg)
     with pytest.raises(ConfigError, match="sample.solver='euler': unknown solver"):
         validate_config(resampling_config(tmp_path, ["sample.solver=euler"]))
+    with pytest.raises(ConfigError, match="sample settings can be changed, not deleted"):
+        resampling_config(tmp_path, ["~sample.steps"])

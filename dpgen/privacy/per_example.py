@@ -238,14 +238,17 @@ class PerExampleGradients:
 
     * ``materialize``: the layer's per-example gradients, ``p.grad_sample`` ``[B, *p.shape]``.
     * ``norms``: only their squared norms (for a second, reweighted backward: ghost clipping).
-    * ``mixed`` (book-keeping, Bu et al. 2023): per layer, whichever is smaller to hold until
-      the clip factors are known: the per-example gradients (``B*P`` values), or the layer's
-      input and output gradient (its squared norms are taken at once); the clipped sum of the
-      latter is one ordinary weight gradient with output gradients scaled by the clip factors,
-      so no second backward is needed. High-resolution layers with few parameters keep
-      gradients; low-resolution layers with many parameters keep activations.
+    * ``mixed`` (book-keeping, Bu et al. 2023): per layer, until the clip factors are known,
+      either the per-example gradients (``B*P`` values) or the layer's input and output
+      gradient; the clipped sum of the latter is one ordinary weight gradient with output
+      gradients scaled by the clip factors, so no second backward is needed. A layer whose
+      norm comes from the ghost identity keeps its input and output gradient; one whose norm
+      forms the gradients keeps them unless they exceed twice its activations
+      (``_what_to_keep``). High-resolution layers with few parameters keep gradients;
+      low-resolution layers with many parameters keep activations.
 
-    Squared norms are taken by the ghost-norm identity where it is cheaper (``_ghost_pays``).
+    Squared norms are taken by the ghost-norm identity where it costs less arithmetic and fits
+    in the gradients' memory (``_ghost_pays``).
     Frozen parameters get no hooks and no per-example work.
     """
 

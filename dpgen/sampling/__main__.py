@@ -41,7 +41,12 @@ def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
             raise ConfigError(override_key(o), o.split("=", 1)[-1], "only sampling.*, sample.*, eval.* and "
                               "audit.* can change here: the rest of the config made the generator",
                               "train a new run with python -m dpgen")
-    sample = [o.lstrip("+") for o in overrides if override_key(o).startswith("sample.")]
+    sample = [o for o in overrides if override_key(o).startswith("sample.")]
+    for o in sample:
+        if o.startswith("~"):
+            raise ConfigError(override_key(o), o, "a run's sample settings can be changed, not deleted",
+                              f"set a value: {override_key(o)}=...")
+    sample = [o.lstrip("+") for o in sample]
     groups = [o for o in overrides if not override_key(o).startswith("sample.")]
     if not any(override_key(o) == "sampling" for o in groups):
         groups = ["sampling=cpsample", *groups]
