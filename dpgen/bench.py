@@ -134,9 +134,8 @@ class StepPair:
         # Hooks live only for the DP step, as in training: a non-private run has none.
         engine = PerExampleGradients(self.module)
         try:
-            with self._context():
-                grad_sum, _ = clipped_gradient_sum(engine, self.module.per_example_loss, self.batch,
-                                                   self.clip, self.max_physical_batch, self.clipping)
+            grad_sum, _ = clipped_gradient_sum(engine, self.module.per_example_loss, self.batch, self.clip,
+                                               self.max_physical_batch, self.clipping, forward_context=self._context)
         finally:
             engine.remove()
         add_gaussian_noise(grad_sum, self.std, self.generator)

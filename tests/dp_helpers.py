@@ -38,7 +38,7 @@ class TinyDPModule(LightningModule):
     def copies_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b, k = len(x), self.k
         # Copy-major rows (row c*B + i is copy c of example i), as the strategy expects.
-        xs = x.repeat(k, 1, 1, 1) + 0.3 * torch.arange(k).repeat_interleave(b)[:, None, None, None]
+        xs = x.repeat(k, 1, 1, 1) + 0.3 * torch.arange(k, device=x.device).repeat_interleave(b)[:, None, None, None]
         out = self.net(xs, y.repeat(k))
         return out.pow(2).sum(1).mul(3.0).view(k, b).T  # large enough that clipping bites
 
@@ -73,13 +73,17 @@ def reference_update(module: TinyDPModule, batch, clip: float, expected_batch: f
 
 
 def one_dp_step(module: TinyDPModule, batch, config: DPSGDConfig, noise: bool = False,
-                ledger=None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Runs a single logical step through a real Trainer; returns the parameter change."""
+                ledger=None, generator: torch.Generator | None = None, device: str = "cpu",
+                precision: str = "32-true") -> list[torch.Tensor]:
+    """Runs a single logical step through a real Trainer on ``device``; returns the parameter
+    change, on the CPU (where the references are computed)."""
     before = [p.detach().clone() for p in module.parameters()]
-    strategy = DPSGDStrategy(config, ledger=ledger)
+    strategy = DPSGDStrategy(config, ledger=ledger, device="cuda:0" if device == "cuda" else "cpu")
     strategy._noise_enabled = noise
     strategy.noise_generator = generator
-    trainer = Trainer(max_steps=1, strategy=strategy, logger=False, enable_checkpointing=False,
+    # The accelerator is named, not "auto": on a machine with a GPU the CPU tests stay on the CPU.
+    trainer = Trainer(max_steps=1, strategy=strategy, accelerator="gpu" if device == "cuda" else "cpu",
+                      precision=precision, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader([batch], batch_size=None))
-    return [p.detach() - b for p, b in zip(module.parameters(), before)]
+    return [p.detach().cpu() - b for p, b in zip(module.parameters(), before)]

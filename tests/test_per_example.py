@@ -42,15 +42,29 @@ def test_unet_per_example_gradients_match_explicit_loop(k):
         assert (got - want).norm() <= 1e-4 * want.norm()
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs CUDA")])
+
+
+@pytest.fixture
+def exact_cuda_matmuls():
+    """The comparisons below test formulas, not TF32 rounding (on by default for CUDA convolutions)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("mode", ["norms", "mixed"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode):
+def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode, device, exact_cuda_matmuls):
     """Ghost norms and book-keeping give the same norms and clipped sums as the explicit loop."""
     torch.manual_seed(0)
-    unet = build_unet(TINY, image_size=8, channels=1, num_classes=3)
+    unet = build_unet(TINY, image_size=8, channels=1, num_classes=3).to(device)
     b = 6
-    x, t = torch.randn(b * k, 1, 8, 8), torch.randint(0, 1000, (b * k,))
-    y = torch.randint(0, 4, (b,)).repeat(k)
+    x, t = torch.randn(b * k, 1, 8, 8, device=device), torch.randint(0, 1000, (b * k,), device=device)
+    y = torch.randint(0, 4, (b,), device=device).repeat(k)
     target = torch.randn_like(x)
 
     def row_losses(sl):
@@ -58,7 +72,7 @@ def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode)
 
     engine = PerExampleGradients(unet)
     params = engine.params
-    factors = torch.rand(b)
+    factors = torch.rand(b, device=device)
     with engine.capture(b, mode=mode):
         engine.backward(row_losses(slice(None)).view(k, b).mean(0).sum())
         sq_norms = engine.squared_norms()
@@ -67,7 +81,8 @@ def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode)
             # Both kinds of layer occur in this UNet: 8x8 layers keep gradients, 4x4 ones activations.
             assert engine._kept and any(p.grad_sample is not None for p in params)
     engine.remove()
-    refs = [torch.autograd.grad(row_losses(torch.arange(k) * b + i).mean(), params) for i in range(b)]
+    refs = [torch.autograd.grad(row_losses(torch.arange(k, device=device) * b + i).mean(), params)
+            for i in range(b)]
     want_sq = torch.stack([sum(r.pow(2).sum() for r in ref) for ref in refs])
     torch.testing.assert_close(sq_norms, want_sq, rtol=1e-4, atol=1e-8)
     if mode == "mixed":

@@ -61,6 +61,17 @@ def test_dpdm_end_to_end_privacy_json(tiny_cfg, tmp_path):
     assert ctx.ledger.steps_spent("dp_train") == 4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dpdm_end_to_end_on_one_gpu_in_bf16(tiny_cfg, tmp_path):
+    """``trainer=gpu`` (the experiment configs' trainer: bf16 autocast) through every stage."""
+    run_dir = tmp_path / "run"
+    ctx = run_pipeline(tiny_cfg("privacy.eps=5", "trainer=gpu"), run_dir)
+    _check_run_dir(run_dir)
+    assert ctx.ledger.steps_spent("dp_train") == 4
+    assert json.loads((run_dir / "privacy.json").read_text())["epsilon_spent"] <= 5.0
+
+
 class _Crash(RuntimeError):
     pass
 

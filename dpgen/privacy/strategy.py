@@ -14,6 +14,7 @@ Methods contain no DP arithmetic: they implement ``per_example_loss(batch) -> Te
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +79,15 @@ def clip_factors(sq_norms: Tensor, max_grad_norm: float) -> Tensor:
 
 
 def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable[[Any], Tensor], batch: Any,
-                         max_grad_norm: float, max_physical_batch: int,
-                         clipping: str = "mixed") -> tuple[list[Tensor], Tensor]:
+                         max_grad_norm: float, max_physical_batch: int, clipping: str = "mixed",
+                         forward_context: Callable[[], AbstractContextManager] = nullcontext,
+                         ) -> tuple[list[Tensor], Tensor]:
     """Sum over the batch of per-example gradients clipped to ``max_grad_norm`` (no noise yet).
+
+    ``forward_context`` wraps the forward pass only (bf16 autocast under mixed precision). The
+    backward, the per-example gradients, their norms and the clipped sum run outside it, in the
+    parameters' dtype: under autocast the hooks' contractions would run in bf16, and the sum that
+    the noise is added to would be bf16 too.
 
     Flat clipping: one norm over all trainable parameters of an example. The batch is
     processed in physical chunks of ``max_physical_batch`` examples; chunking changes memory
@@ -92,8 +99,8 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
       time), a second backward of the loss reweighted by the clip factors gives the clipped
       sum directly. About one extra backward pass, no ``B*P`` memory.
     - ``mixed``: one backward; each layer keeps either its per-example gradients or its
-      input and output gradient, whichever is smaller, and the clipped sum of the latter is
-      one ordinary weight gradient with reweighted output gradients (book-keeping).
+      input and output gradient (``PerExampleGradients`` says which), and the clipped sum of
+      the latter is one ordinary weight gradient with reweighted output gradients (book-keeping).
 
     Returns the clipped sum (one tensor per trainable parameter) and the sum of per-example
     losses (for display).
@@ -108,7 +115,8 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
         chunk = _slice(batch, start, start + max_physical_batch)
         n = _batch_len(chunk)
         with engine.capture(n, mode=_CAPTURE_MODE[clipping]):
-            losses = per_example_loss(chunk)
+            with forward_context():
+                losses = per_example_loss(chunk)
             if losses.dim() != 2 or losses.shape[0] != n:
                 raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
             # Mean over the K copies *before* clipping: the engine sums each example's copies.
@@ -186,10 +194,9 @@ class _DPSGDMixin:
         module = self.lightning_module
         assert self._engine is not None, "DP strategy used before setup"
         cfg = self.dp_config
-        with self.precision_plugin.train_step_context():
-            grad_sum, loss_sum = clipped_gradient_sum(
-                self._engine, module.per_example_loss, batch, cfg.max_grad_norm, cfg.max_physical_batch,
-                cfg.clipping)
+        grad_sum, loss_sum = clipped_gradient_sum(
+            self._engine, module.per_example_loss, batch, cfg.max_grad_norm, cfg.max_physical_batch,
+            cfg.clipping, forward_context=self.precision_plugin.train_step_context)
         self._add_noise_and_reduce(grad_sum)
         self._dp_grads = [g / cfg.expected_batch_size for g in grad_sum]
         if self.ledger is not None:
