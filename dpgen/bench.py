@@ -208,10 +208,16 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                        "image_size": cfg.image_size, "channels": cfg.channels, "device": str(device),
                        "precision": str(cfg.precision), "threads": torch.get_num_threads(),
                        "total_parameters": total, "trainable_parameters": n_train}
-                row.update(measure(pair, cfg.warmup, cfg.repeats, device))
-                log.info("%s K=%d: time x%.2f (DP %.3fs, non-private %.3fs), memory x%.2f (%.0f / %.0f MB)",
-                         row["config"], k, row["time_ratio"], row["dp_step_s"], row["nonprivate_step_s"],
-                         row["memory_ratio"], row["dp_peak_mb"], row["nonprivate_peak_mb"])
+                try:
+                    row.update(measure(pair, cfg.warmup, cfg.repeats, device))
+                except torch.OutOfMemoryError:
+                    # A row of its own, as in the reference table: the other sizes still get measured.
+                    row["out_of_memory"] = True
+                    log.info("%s K=%d: out of memory", row["config"], k)
+                else:
+                    log.info("%s K=%d: time x%.2f (DP %.3fs, non-private %.3fs), memory x%.2f (%.0f / %.0f MB)",
+                             row["config"], k, row["time_ratio"], row["dp_step_s"], row["nonprivate_step_s"],
+                             row["memory_ratio"], row["dp_peak_mb"], row["nonprivate_peak_mb"])
                 rows.append(row)
                 del module, pair
                 if device.type == "cuda":
@@ -224,6 +230,10 @@ def format_table(rows: list[dict]) -> str:
             "| non-private MB | DP MB | memory × | DP overhead MB |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
+        if r.get("out_of_memory"):
+            lines.append(f"| {r['config']} | {r['total_parameters'] / 1e6:.2f}M ({r['trainable_parameters'] / 1e6:.2f}M) "
+                         f"| {r['B']}, {r['K']} | out of memory |" + " |" * 6)
+            continue
         lines.append(
             f"| {r['config']} | {r['total_parameters'] / 1e6:.2f}M ({r['trainable_parameters'] / 1e6:.2f}M) "
             f"| {r['B']}, {r['K']} | {r['nonprivate_step_s']:.3f} "

@@ -56,6 +56,24 @@ def test_bench_runs_on_each_device_and_precision(device, precision):
     assert row["dp_peak_mb"] > 0 and row["nonprivate_peak_mb"] > 0 and row["time_ratio"] > 0
 
 
+def test_an_out_of_memory_size_gets_its_row_and_the_rest_is_still_measured(monkeypatch):
+    import dpgen.bench as bench
+
+    measured = bench.measure
+
+    def measure(pair, *args):
+        if pair.module.multiplicity == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return measured(pair, *args)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    rows = run_bench(_tiny(trainable=["full"]))
+    assert [r.get("out_of_memory", False) for r in rows] == [False, True]
+    assert "time_ratio" in rows[0] and "time_ratio" not in rows[1]
+    table = format_table(rows).splitlines()
+    assert "out of memory" in table[-1] and table[-1].count("|") == table[0].count("|")
+
+
 def test_bench_refuses_an_unknown_clipping_mode_before_measuring(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "dpgen.bench", "bench.clipping=[fast]", f"bench.output={out}"],

@@ -64,7 +64,7 @@ def _audit(noise: bool, claimed_eps: float = 1.0) -> dict:
     strategy._noise_enabled = noise  # the deliberately broken configuration: clipping, no noise
     strategy.noise_generator = torch.Generator().manual_seed(1)
     model = MeanModel()
-    Trainer(max_steps=STEPS, strategy=strategy, logger=False, enable_checkpointing=False,
+    Trainer(max_steps=STEPS, strategy=strategy, accelerator="cpu", logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False).fit(model, datamodule=PoissonDataModule(data, 1.0, STEPS))
     assert ledger.steps_spent("dp_train") == STEPS
     with torch.no_grad():
