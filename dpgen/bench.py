@@ -210,7 +210,7 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                        "total_parameters": total, "trainable_parameters": n_train}
                 try:
                     row.update(measure(pair, cfg.warmup, cfg.repeats, device))
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     # A row of its own, as in the reference table: the other sizes still get measured.
                     row["out_of_memory"] = True
                     log.info("%s K=%d: out of memory", row["config"], k)

@@ -63,7 +63,7 @@ def test_an_out_of_memory_size_gets_its_row_and_the_rest_is_still_measured(monke
 
     def measure(pair, *args):
         if pair.module.multiplicity == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return measured(pair, *args)
 
     monkeypatch.setattr(bench, "measure", measure)
