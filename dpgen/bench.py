@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dpgen.config import CONF_DIR
+from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule
 from dpgen.models.unet import build_unet
@@ -37,6 +38,7 @@ from dpgen.privacy.strategy import (
     CLIPPING_MODES,
     add_gaussian_noise,
     assert_dp_compatible,
+    check_dp_precision,
     clipped_gradient_sum,
 )
 
@@ -185,9 +187,15 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dpgen.bench: bench.device=cuda but no CUDA device is visible. Fix: bench.device=cpu")
+    if str(cfg.precision) not in ("32", "bf16"):
+        raise SystemExit(f"dpgen.bench: bench.precision: unknown {cfg.precision!r}. Fix: 32 or bf16")
     for clipping in cfg.clipping:
         if clipping not in CLIPPING_MODES:
             raise SystemExit(f"dpgen.bench: bench.clipping: unknown {clipping!r}. Fix: one of {CLIPPING_MODES}")
+        try:
+            check_dp_precision("bf16-mixed" if str(cfg.precision) == "bf16" else "32-true", clipping)
+        except ConfigError as err:
+            raise SystemExit(f"dpgen.bench: {err}") from err
     for trainable in cfg.trainable:
         if trainable not in TRAINABLE_SETS:
             raise SystemExit(f"dpgen.bench: bench.trainable: unknown {trainable!r}. Fix: one of {TRAINABLE_SETS}")

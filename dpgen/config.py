@@ -17,7 +17,7 @@ from dpgen.loggers import validate_logger_config
 from dpgen.methods import METHODS
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
-from dpgen.privacy.strategy import CLIPPING_MODES
+from dpgen.privacy.strategy import CLIPPING_MODES, check_dp_precision
 from dpgen.sampling.config import validate_sampling_config
 from dpgen.stages import STAGES, run_stages
 
@@ -120,3 +120,4 @@ def validate_config(cfg: DictConfig) -> None:
         if p.clipping not in CLIPPING_MODES:
             raise ConfigError("privacy.clipping", p.clipping, "unknown clipping mode",
                               f"use one of {', '.join(CLIPPING_MODES)}")
+        check_dp_precision(cfg.trainer.precision, p.clipping)

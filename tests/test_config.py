@@ -64,10 +64,14 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     ("eval.downstream.classifiers=[cnn,vit]", "eval.downstream.classifiers"),
     ("eval.downstream.val_fraction=0", "eval.downstream.val_fraction"),
     ("eval.num_samples=100000", "eval.num_samples"),
+    ("trainer.precision=16-mixed", "trainer.precision"),
+    ("trainer.precision=bf16-true", "trainer.precision"),
+    (("trainer.precision=bf16-mixed", "privacy.clipping=ghost"), "privacy.clipping"),
 ])
 def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:
-        validate_config(tiny_cfg("model=unet_small", override))
+        overrides = (override,) if isinstance(override, str) else override
+        validate_config(tiny_cfg("model=unet_small", *overrides))
     message = str(err.value)
     assert message.startswith(key) and "Fix:" in message and "\n" not in message
 

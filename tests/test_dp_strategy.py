@@ -8,6 +8,8 @@ import pytest
 import torch
 from dp_helpers import TinyDPModule, make_batch, one_dp_step, reference_update
 
+from dpgen.errors import ConfigError
+from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
 from dpgen.privacy.strategy import CLIPPING_MODES, DPSGDConfig, clipped_gradient_sum
 
@@ -61,7 +63,7 @@ def _assert_within(update, reference, rel):
         assert (u + r).norm() <= rel * r.norm(), f"off by {((u + r).norm() / r.norm()).item():.3g}"
 
 
-@ALL_MODES
+@pytest.mark.parametrize("clipping", ["materialize", "mixed"])  # ghost is refused under autocast (below)
 def test_bf16_autocast_runs_the_forward_in_bf16_and_the_clipped_sum_in_fp32(clipping, monkeypatch):
     """Under ``bf16-mixed`` the layers run in bf16, but per-example gradients, norms, the clipped
     sum and the noise added to it are fp32. The update differs from the fp32 reference by bf16
@@ -86,10 +88,34 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_the_clipped_sum_in_fp32(clip
     _assert_within(update, ref, rel=3e-2)
 
 
+@pytest.mark.parametrize(("precision", "clipping", "key"), [
+    ("16-mixed", "mixed", "trainer.precision"),   # GradScaler would rescale the clipped sum
+    ("bf16-true", "mixed", "trainer.precision"),  # parameters, clipped sum and noise in bf16
+    ("bf16-mixed", "ghost", "privacy.clipping"),  # the sum comes from a second, bf16 backward
+])
+def test_a_precision_that_would_weaken_clipping_or_noise_is_refused_before_a_step(precision, clipping, key):
+    ledger = PrivacyLedger(epsilon_target=10.0, delta=1e-5, dataset_size=40)
+    ledger.plan([PlannedStage("dp_train", "poisson_subsampled_gaussian", sample_rate=0.2, count=5)])
+    module = TinyDPModule(2)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ConfigError, match=key):
+        one_dp_step(module, make_batch(4), _config(clipping=clipping), ledger=ledger, precision=precision)
+    assert ledger.steps_spent("dp_train") == 0
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+
+def test_ghost_clipping_refuses_an_autocast_forward_whoever_calls_it():
+    module = TinyDPModule(2)
+    engine = PerExampleGradients(module)
+    with pytest.raises(ConfigError, match="privacy.clipping"):
+        clipped_gradient_sum(engine, module.per_example_loss, make_batch(4), 1.0, 64, "ghost",
+                             forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@ALL_MODES
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize(("clipping", "precision"), [
+    (c, p) for c in CLIPPING_MODES for p in ("32-true", "bf16-mixed") if (c, p) != ("ghost", "bf16-mixed")])
 def test_update_on_cuda_equals_the_cpu_reference(clipping, precision):
     batch, cfg, ref = _median_clip_setting(4, clipping)
     update = one_dp_step(TinyDPModule(4), batch, cfg, device="cuda", precision=precision)
@@ -126,8 +152,6 @@ def test_chunking_does_not_change_the_update(clipping):
 
 
 def test_empty_batch_steps_with_zero_gradient_and_is_counted():
-    from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
-
     ledger = PrivacyLedger(epsilon_target=10.0, delta=1e-5, dataset_size=40)
     ledger.plan([PlannedStage("dp_train", "poisson_subsampled_gaussian", sample_rate=0.2, count=5)])
     sigma = ledger.planned_noise_multiplier("dp_train")

@@ -25,6 +25,7 @@ from lightning.pytorch.strategies.ddp import _sync_module_states
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
 
+from dpgen.errors import ConfigError
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
@@ -61,6 +62,26 @@ class DPSGDConfig:
     @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.dataset_size
+
+
+# Precisions the DP step accepts (Lightning's names). "bf16"/"bf16-mixed" autocast the forward
+# only; "-true" half precisions would hold the parameters, the clipped sum and the noise in 16 bits.
+DP_PRECISIONS = ("32", "32-true", "64", "64-true", "bf16", "bf16-mixed")
+
+
+def check_dp_precision(precision: str | int, clipping: str) -> None:
+    """Refuse a precision under which the DP step would not clip or noise in full precision."""
+    precision = str(precision)
+    if precision not in DP_PRECISIONS:
+        why = ("GradScaler would rescale the clipped gradients" if precision in ("16", "16-mixed")
+               else "the parameters, the clipped sum and the noise would be 16-bit")
+        raise ConfigError("trainer.precision", precision, f"not supported under DP: {why}",
+                          "use trainer.precision=32-true or bf16-mixed")
+    if clipping == "ghost" and precision.startswith("bf16"):
+        raise ConfigError("privacy.clipping", clipping, "cannot run under bf16 autocast: its clipped sum "
+                          "comes from a second backward through the bf16 graph, not from the gradients "
+                          "whose norms were clipped, so an example could exceed the clip bound",
+                          "use privacy.clipping=mixed (or materialize), or trainer.precision=32-true")
 
 
 def _batch_len(batch: Any) -> int:
@@ -117,6 +138,8 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
         with engine.capture(n, mode=_CAPTURE_MODE[clipping]):
             with forward_context():
                 losses = per_example_loss(chunk)
+                if clipping == "ghost" and torch.is_autocast_enabled(losses.device.type):
+                    check_dp_precision("bf16-mixed", clipping)  # refuses, with the reason
             if losses.dim() != 2 or losses.shape[0] != n:
                 raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
             # Mean over the K copies *before* clipping: the engine sums each example's copies.
@@ -178,9 +201,7 @@ class _DPSGDMixin:
             raise ValueError("trainer.gradient_clip_val must be unset under DP: clipping is per example")
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("trainer.accumulate_grad_batches must be 1 under DP: use privacy.max_physical_batch")
-        precision = str(getattr(trainer, "precision", "32"))
-        if "16" in precision and "bf16" not in precision:
-            raise ValueError("fp16 is not supported under DP (GradScaler rescales clipped gradients); use 32 or bf16")
+        check_dp_precision(getattr(trainer, "precision", "32"), self.dp_config.clipping)
 
     def _attach_engine(self) -> None:
         module = self.lightning_module
