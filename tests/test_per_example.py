@@ -225,3 +225,35 @@ def test_mixed_capture_keeps_gradients_where_their_norm_forms_them_anyway():
             ghost = _ghost_pays(module, acts, backprops, b)
             assert ghost or per_example > 2 * (acts.numel() + backprops.numel()), module
     engine.remove()
+
+
+def test_per_example_contractions_run_without_tf32_and_leave_the_setting_as_it_was():
+    """TF32 (cuDNN's default for fp32 convolutions) would make a layer's norm and its share of the
+    clipped sum disagree; the flags are only read on CUDA, so on the CPU the test checks that they
+    are off while the engine computes and restored afterwards."""
+    torch.manual_seed(0)
+    unet = build_unet(TINY, image_size=8, channels=1, num_classes=3)
+    engine = PerExampleGradients(unet)
+    seen = []
+
+    def recording(sampler):
+        def run(*args):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return sampler(*args)
+        return run
+
+    engine._samplers = {m: recording(s) for m, s in engine._samplers.items()}
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x = torch.randn(4, 1, 8, 8)
+        with engine.capture(4, mode="mixed"):
+            engine.backward(unet(x, torch.randint(0, 1000, (4,)), class_labels=torch.arange(4) % 3).sample.pow(2).sum())
+            assert engine._kept  # weighted_sum below runs samplers too
+            engine.weighted_sum(torch.ones(4))
+        flags_after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    engine.remove()
+    assert seen and not any(a or b for a, b in seen)
+    assert flags_after == (True, True)

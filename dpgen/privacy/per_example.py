@@ -225,6 +225,24 @@ def _sampler_for(layer: nn.Module) -> FoldedSampler:
 MODES = ("materialize", "norms", "mixed")
 
 
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 convolutions and matrix products at full precision (no TF32) inside the block.
+
+    A clipped example's share of the sum must be the vector whose norm was clipped. The norm and
+    the sum of a layer often come from different kernels (grouped and plain weight gradients,
+    Gram matrices); under TF32, cuDNN's default for fp32 convolutions on CUDA, each rounds its
+    inputs to 10 bits, so the two would differ by about 1e-3 and a clipped example could exceed
+    the bound by as much. No effect on the CPU.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class PerExampleGradients:
     """Per-example gradients of every trainable parameter, without the batch gradient.
 
@@ -328,6 +346,10 @@ class PerExampleGradients:
     def weighted_sum(self, factors: torch.Tensor) -> list[torch.Tensor]:
         """``sum_b factors[b] * grad_b`` for every trainable parameter (not in ``norms`` mode)."""
         assert self._mode != "norms", "norms mode keeps no gradients: backward the reweighted loss"
+        with exact_fp32():
+            return self._weighted_sum(factors)
+
+    def _weighted_sum(self, factors: torch.Tensor) -> list[torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = {}
         for p in self.params:
             if p.grad_sample is not None:
@@ -422,14 +444,15 @@ class PerExampleGradients:
             keep, ghost = "gradients", False
         if keep == "activations":
             self._kept.append((module, acts, backprops))
-        if ghost:
-            self._add_sq_norms(_ghost_sq_norms(module, acts, backprops, batch))
-            return
-        for p, g in self._samplers[module](module, acts, backprops, batch).items():
-            if keep == "gradients":
-                p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
-            else:
-                self._add_sq_norms(g.flatten(1).float().pow(2).sum(1))
+        with exact_fp32():
+            if ghost:
+                self._add_sq_norms(_ghost_sq_norms(module, acts, backprops, batch))
+                return
+            for p, g in self._samplers[module](module, acts, backprops, batch).items():
+                if keep == "gradients":
+                    p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
+                else:
+                    self._add_sq_norms(g.flatten(1).float().pow(2).sum(1))
 
     def _add_sq_norms(self, sq: torch.Tensor) -> None:
         self._sq_norms = sq if self._sq_norms is None else self._sq_norms + sq

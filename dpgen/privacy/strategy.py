@@ -28,7 +28,7 @@ from torch import Tensor
 from dpgen.errors import ConfigError
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
-from dpgen.privacy.per_example import PerExampleGradients
+from dpgen.privacy.per_example import PerExampleGradients, exact_fp32
 
 POISSON_GAUSSIAN = "poisson_subsampled_gaussian"
 CLIPPING_MODES = ("materialize", "ghost", "mixed")
@@ -144,13 +144,18 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
                 raise ValueError(f"per_example_loss must return [B, K]; got {tuple(losses.shape)}")
             # Mean over the K copies *before* clipping: the engine sums each example's copies.
             per_example = losses.float().mean(1)
-            engine.backward(per_example.sum(), retain_graph=clipping == "ghost")
-            factors = clip_factors(engine.squared_norms(), max_grad_norm)
             if clipping == "ghost":
-                grads = torch.autograd.grad((factors.detach() * per_example).sum(), params, allow_unused=True)
+                # The norms come from the first backward, the sum from the second: both passes
+                # must compute the same backpropagated gradients, at full precision.
+                with exact_fp32():
+                    engine.backward(per_example.sum(), retain_graph=True)
+                    factors = clip_factors(engine.squared_norms(), max_grad_norm)
+                    grads = torch.autograd.grad((factors.detach() * per_example).sum(), params,
+                                                allow_unused=True)
                 clipped = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             else:
-                clipped = engine.weighted_sum(factors)
+                engine.backward(per_example.sum())
+                clipped = engine.weighted_sum(clip_factors(engine.squared_norms(), max_grad_norm))
             if grad_sum is None:
                 grad_sum = clipped
             else:
