@@ -121,3 +121,6 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError("privacy.clipping", p.clipping, "unknown clipping mode",
                               f"use one of {', '.join(CLIPPING_MODES)}")
         check_dp_precision(cfg.trainer.precision, p.clipping)
+        if not isinstance(p.log_train_loss, bool):
+            raise ConfigError("privacy.log_train_loss", p.log_train_loss, "must be true or false",
+                              "set privacy.log_train_loss=false (the default) or true")

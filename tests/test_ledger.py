@@ -478,6 +478,17 @@ def test_state_dict_round_trip(ledger, planned_state):
     assert fresh.events == ledger.events
 
 
+def test_a_ledger_never_unspends_when_an_older_record_is_loaded(ledger):
+    record_train(ledger, 5)
+    older = ledger.state_dict()
+    record_train(ledger, 3)
+    ledger.load_state_dict(older)  # a checkpoint written before privacy.json's last update
+    assert ledger.steps_spent("dp_train") == 8
+    fresh = PrivacyLedger.from_json(ledger.state_dict())
+    fresh.load_state_dict(ledger.state_dict())
+    assert fresh.steps_spent("dp_train") == 8
+
+
 def test_load_state_dict_refuses_another_budget(ledger):
     other = PrivacyLedger(2.0, DELTA, 2000)
     with pytest.raises(ConfigError, match=r"privacy\.eps.*planned for privacy\.eps=1\.0"):

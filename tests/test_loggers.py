@@ -82,9 +82,10 @@ def test_wandb_offline_run_holds_config_curves_images_and_metrics(wandb_run):
     assert config["method"]["name"] == "dpdm" and config["privacy"]["eps"] == 5.0  # resolved config
 
     history = {"/".join(item.nested_key) or item.key for h in _kinds(records, "history") for item in h.item}
-    for key in ("dp_train-train/loss", "dp_train-privacy/epsilon", "dp_train-privacy/epsilon_rdp",
-                "dp_train-lr-Adam", "trainer/global_step"):
+    for key in ("dp_train-privacy/epsilon", "dp_train-privacy/epsilon_rdp", "dp_train-lr-Adam",
+                "trainer/global_step"):
         assert key in history, (key, sorted(history))
+    assert "dp_train-train/loss" not in history  # un-noised: only with privacy.log_train_loss=true
     assert any(k.startswith("dp_train-samples") for k in history)  # grids during training
     assert any(k.startswith("samples/") for k in history)  # the final samples.png
 
@@ -108,7 +109,17 @@ def test_training_grids_and_curves_in_the_run_directory(wandb_run):
     assert grids == ["step_000002.png", "step_000004.png"]
     with open(wandb_run / "logs" / "dp_train" / "metrics.csv") as f:
         columns = set(next(csv.reader(f)))
-    assert {"train/loss", "privacy/epsilon", "lr-Adam"} <= columns
+    assert {"privacy/epsilon", "lr-Adam"} <= columns and "train/loss" not in columns
+
+
+def test_the_sensitive_training_loss_is_logged_only_when_asked_for(tiny_cfg, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        run_pipeline(tiny_cfg("privacy.eps=5", "method.pretrain=none", "privacy.log_train_loss=true"), run_dir,
+                     stages=["dp_train"])
+    assert "outside the DP guarantee" in caplog.text
+    with open(run_dir / "logs" / "dp_train" / "metrics.csv") as f:
+        assert "train/loss" in next(csv.reader(f))
 
 
 def test_multirun_groups_by_sweep_directory(tiny_cfg, monkeypatch):

@@ -108,6 +108,86 @@ def test_resume_after_crash_matches_uninterrupted(tiny_cfg, tmp_path, monkeypatc
     assert ckpt["global_step"] == 6
 
 
+def _crash_at(monkeypatch, step):
+    from dpgen.privacy import callback
+
+    original = callback.PrivacyAccountantCallback.on_train_batch_end
+
+    def crashing(self, trainer, *args):
+        original(self, trainer, *args)
+        if trainer.global_step == step:
+            raise _Crash("simulated crash")
+
+    monkeypatch.setattr(callback.PrivacyAccountantCallback, "on_train_batch_end", crashing)
+    return lambda: monkeypatch.setattr(callback.PrivacyAccountantCallback, "on_train_batch_end", original)
+
+
+def _spent(run_dir):
+    return sum(e["steps"] for e in json.loads((run_dir / "privacy.json").read_text())["events"])
+
+
+def test_resume_keeps_steps_that_privacy_json_recorded_after_the_last_checkpoint(tiny_cfg, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """Checkpoint at step 4, privacy.json at step 5, crash: step 5's spend stays spent (the
+    checkpoint's older ledger must not replace it), the weights resume from step 4 and get one
+    more step, the plan's sixth, so privacy.json ends at exactly 6 steps, as executed."""
+    cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5", "privacy.log_every_n_steps=5",
+                   "trainer.checkpoint_every_n_steps=2")
+    run_dir = tmp_path / "run"
+    restore = _crash_at(monkeypatch, 5)
+    with pytest.raises(_Crash):
+        run_pipeline(cfg, run_dir)
+    assert _spent(run_dir) == 5
+    restore()
+    with caplog.at_level("WARNING"):
+        ctx = run_pipeline(cfg, run_dir)
+    assert "1 steps ran after the last checkpoint" in caplog.text
+    assert ctx.ledger.steps_spent("dp_train") == 6 == _spent(run_dir)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5  # 4 restored + 1: the lost step is not re-run on top of the plan
+
+
+def test_resume_without_a_checkpoint_restarts_the_weights_with_what_the_plan_has_left(tiny_cfg, tmp_path,
+                                                                                       monkeypatch, caplog):
+    cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5", "privacy.log_every_n_steps=2",
+                   "trainer.checkpoint_every_n_steps=100")
+    run_dir = tmp_path / "run"
+    restore = _crash_at(monkeypatch, 4)
+    with pytest.raises(_Crash):
+        run_pipeline(cfg, run_dir)
+    assert _spent(run_dir) == 4 and not (run_dir / "checkpoints" / "last.ckpt").exists()
+    restore()
+    with caplog.at_level("WARNING"):
+        ctx = run_pipeline(cfg, run_dir)
+    assert "4 of 6 steps were spent by an interrupted attempt that left no checkpoint" in caplog.text
+    assert ctx.ledger.steps_spent("dp_train") == 6 == _spent(run_dir)
+
+
+def test_resume_refuses_when_a_lost_attempt_spent_every_step(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg("method.train.steps=4", "privacy.eps=5", "privacy.log_every_n_steps=2",
+                   "trainer.checkpoint_every_n_steps=100")
+    run_dir = tmp_path / "run"
+    restore = _crash_at(monkeypatch, 4)
+    with pytest.raises(_Crash):
+        run_pipeline(cfg, run_dir)
+    restore()
+    with pytest.raises(RuntimeError, match="every planned step was spent"):
+        run_pipeline(cfg, run_dir)
+    assert _spent(run_dir) == 4 and not (run_dir / "model.pt").exists()
+
+
+def test_privacy_json_is_written_before_each_sample_grid(tiny_cfg, tmp_path, monkeypatch):
+    """A grid released at step 3 reflects three steps: privacy.json must already say so, even
+    though its own cadence (every 10 steps) has not come round."""
+    cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5", "privacy.log_every_n_steps=10",
+                   "logger.sample_every_n_steps=3", "trainer.checkpoint_every_n_steps=100")
+    run_dir = tmp_path / "run"
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(_Crash):
+        run_pipeline(cfg, run_dir)
+    assert _spent(run_dir) == 3
+
+
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     run_pipeline(tiny_cfg("method=nonprivate"), run_dir)

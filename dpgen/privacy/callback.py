@@ -4,29 +4,47 @@ The strategy records each logical step in the ledger at the moment its noise is 
 ledger refuses a step beyond the plan). This callback reports what was spent, stops training
 when the planned steps are used up, and carries the ledger through checkpoints so a resumed
 run continues from the spent budget instead of restarting at zero.
+
+What a crash may not lose is the spend of any step whose effect left the process. privacy.json
+is written (before the other callbacks run) at every step where one of them releases something
+derived from the weights (sample grids), and a checkpoint carries its own copy of the ledger.
+On resume the ledger keeps whichever record, privacy.json or the checkpoint, spent more, and
+training stops when the plan's steps are spent, even if the restored weights are behind the
+spend. Steps after both records were never observed, and re-running them spends nothing twice.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from dpgen.privacy.ledger import PrivacyLedger, compute_epsilon
+from dpgen.privacy.ledger import MechanismEvent, PrivacyLedger, compute_epsilon
+
+log = logging.getLogger(__name__)
 
 
 class PrivacyAccountantCallback(Callback):
     def __init__(self, ledger: PrivacyLedger, stage: str, privacy_json: str | Path | None,
-                 log_every_n_steps: int = 10) -> None:
+                 log_every_n_steps: int = 10, output_every_n_steps: int = 0) -> None:
+        """``output_every_n_steps``: the cadence of another callback's released outputs (sample
+        grids; 0 = none), at which privacy.json is written too."""
         self.ledger = ledger
         self.stage = stage
         self.privacy_json = Path(privacy_json) if privacy_json else None
         self.log_every_n_steps = max(1, log_every_n_steps)
+        self.output_every_n_steps = output_every_n_steps
 
     @property
     def state_key(self) -> str:
         return f"PrivacyAccountant[{self.stage}]"
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The ledger, not the step counter, says how many steps are left: after a crash that lost
+        # steps, the restored weights are behind the spend (see load_state_dict).
+        trainer.fit_loop.epoch_loop.max_steps = trainer.global_step + self.ledger.remaining_steps(self.stage)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -37,6 +55,8 @@ class PrivacyAccountantCallback(Callback):
         pl_module.log("privacy/steps", float(steps))
         if steps % self.log_every_n_steps == 0 or self.ledger.remaining_steps(self.stage) == 0:
             pl_module.log("privacy/epsilon", self.ledger.epsilon_spent())
+            self._write(trainer)
+        elif self.output_every_n_steps and trainer.global_step % self.output_every_n_steps == 0:
             self._write(trainer)
         if self.ledger.remaining_steps(self.stage) <= 0:
             trainer.should_stop = True
@@ -52,4 +72,12 @@ class PrivacyAccountantCallback(Callback):
         return {"ledger": self.ledger.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.ledger.load_state_dict(state_dict["ledger"])
+        checkpointed = state_dict["ledger"]
+        lost = self.ledger.steps_spent(self.stage) - sum(
+            e.count for e in map(MechanismEvent.from_json, checkpointed.get("events", [])) if e.stage == self.stage)
+        self.ledger.load_state_dict(checkpointed)  # keeps privacy.json's record where it spent more
+        if lost > 0:
+            log.warning("%s: %d steps ran after the last checkpoint and were lost with the crash; their "
+                        "budget stays spent, so the model gets %d fewer steps than planned "
+                        "(trainer.checkpoint_every_n_steps sets how many a crash can lose)",
+                        self.stage, lost, lost)

@@ -786,6 +786,9 @@ class PrivacyLedger:
 
         A checkpoint planned under another budget, delta, N or accountant is refused: its
         noise multipliers were calibrated for that setting, not for this run's config.
+        A ledger never un-spends: where the state records fewer steps than this ledger already
+        holds (an older checkpoint than the privacy.json a resume read), this ledger's events
+        stay. Both are records of one history, so the larger one contains the smaller.
         """
         keys = {
             "epsilon_target": "privacy.eps",
@@ -810,7 +813,9 @@ class PrivacyLedger:
                     f"the checkpoint's privacy ledger was planned for {config_key}={theirs!r}",
                     "resume with the original privacy settings, or start a new run directory",
                 )  # fmt: skip
-        self._events = [MechanismEvent.from_json(e) for e in state.get("events", [])]
+        events = [MechanismEvent.from_json(e) for e in state.get("events", [])]
+        if sum(e.count for e in events) >= sum(e.count for e in self._events):
+            self._events = events
         if "planned" in state:
             self._planned = [MechanismEvent.from_json(e) for e in state["planned"]]
         self.formal_guarantee = bool(state.get("formal_guarantee", self.formal_guarantee))

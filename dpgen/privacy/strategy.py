@@ -46,6 +46,7 @@ class DPSGDConfig:
     max_physical_batch: int = 256
     stage: str = "dp_train"
     clipping: str = "mixed"  # how per-example gradients are clipped; see clipped_gradient_sum
+    log_train_loss: bool = False  # log each sensitive batch's loss, un-noised (outside the guarantee)
 
     def __post_init__(self) -> None:
         if self.max_grad_norm <= 0:
@@ -227,10 +228,12 @@ class _DPSGDMixin:
         self._dp_grads = [g / cfg.expected_batch_size for g in grad_sum]
         if self.ledger is not None:
             self.ledger.record(cfg.stage, POISSON_GAUSSIAN, cfg.noise_multiplier, cfg.sample_rate, 1)
-        # The mean loss is for progress display only; it never feeds a decision.
+        # The mean loss of a sensitive batch has no noise: it never feeds a decision, and it is
+        # logged (to the progress bar, CSV, W&B) only where the config asks for it.
         n_local = _batch_len(batch)
         mean_loss = loss_sum / max(n_local, 1)
-        module.log("train/loss", mean_loss, prog_bar=True, batch_size=max(n_local, 1))
+        if cfg.log_train_loss:
+            module.log("train/loss", mean_loss, prog_bar=True, batch_size=max(n_local, 1))
         return mean_loss.detach().requires_grad_()
 
     def _add_noise_and_reduce(self, grad_sum: list[Tensor]) -> None:

@@ -218,7 +218,10 @@ def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy | DDP
     dp = DPSGDConfig(noise_multiplier=event.noise_multiplier, max_grad_norm=cfg.privacy.clip,
                      sample_rate=event.sample_rate, dataset_size=ledger.dataset_size,
                      max_physical_batch=cfg.privacy.max_physical_batch, clipping=cfg.privacy.clipping,
-                     stage=stage)
+                     stage=stage, log_train_loss=cfg.privacy.log_train_loss)
+    if dp.log_train_loss:
+        log.warning("%s: privacy.log_train_loss=true logs each sensitive batch's loss without noise; the logs "
+                    "(and a W&B run) are outside the DP guarantee", stage)
     if is_ddp(cfg.trainer):
         return DDPDPSGDStrategy(dp, ledger=ledger, **ddp_strategy_kwargs(cfg.trainer))
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
@@ -232,12 +235,25 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
     cfg = ctx.cfg
     strategy = dp_strategy(ctx, stage)
     remaining = ctx.ledger.remaining_steps(stage)
-    accountant = PrivacyAccountantCallback(ctx.ledger, stage, ctx.privacy_json, cfg.privacy.log_every_n_steps)
     ckpt_dir = ctx.path("checkpoints")
+    resume = _resume_path(ckpt_dir)
+    spent = ctx.ledger.steps_spent(stage)
+    if resume is None and spent:
+        # An attempt spent budget but left no checkpoint: its steps are gone from the model and
+        # stay spent, so the weights start again with only what the plan has left.
+        if not remaining:
+            raise RuntimeError(f"{stage}: every planned step was spent by an interrupted attempt that left no "
+                               "checkpoint; the budget is gone. Fix: start a new run directory (and lower "
+                               "trainer.checkpoint_every_n_steps)")
+        log.warning("%s: %d of %d steps were spent by an interrupted attempt that left no checkpoint; the "
+                    "model starts again with the remaining %d (trainer.checkpoint_every_n_steps sets how "
+                    "many a crash can lose)", stage, spent, spent + remaining, remaining)
+    accountant = PrivacyAccountantCallback(ctx.ledger, stage, ctx.privacy_json, cfg.privacy.log_every_n_steps,
+                                           output_every_n_steps=cfg.logger.sample_every_n_steps)
     trainer = _trainer(ctx, stage, cfg.method.train.steps, [accountant, *_ema(cfg.method.get("ema_decay"))],
                        strategy=strategy, checkpoint_dir=ckpt_dir)
     data = PoissonDataModule(dataset, strategy.dp_config.sample_rate, steps=max(remaining, 1))
-    trainer.fit(module, datamodule=data, ckpt_path=_resume_path(ckpt_dir))
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
     if is_rank_zero():  # under DDP spawn this process is rank 0 and holds rank 0's results
         ctx.ledger.write(ctx.privacy_json)
         _save_final(ctx, module)
