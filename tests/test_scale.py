@@ -140,3 +140,19 @@ def test_tune_config_selects_optuna_and_returns_the_objective(tmp_path, monkeypa
     with open_dict(cfg):
         cfg.objective = None
     assert entry.objective(cfg, tmp_path) is None
+
+
+def test_the_pretraining_cache_is_keyed_by_the_sensitive_class_names(tmp_path):
+    """Public glyphs are labelled by matching the sensitive class names, so MNIST and
+    FashionMNIST (10 classes each) need different pretrained UNets, and MNIST and its embedded
+    5k subset (the same digit names) can share one."""
+    from data_fixtures import make_mnist_root
+
+    make_mnist_root(tmp_path, "MNIST")
+    make_mnist_root(tmp_path, "FashionMNIST")
+    base = [*tiny_overrides(tmp_path), "data.image_size=8"]
+    path = {name: pretrain_cache_path(compose_config([*base, f"data={name}", f"data.root={tmp_path}"]))
+            for name in ("mnist", "fashion_mnist")}
+    path["mnist5k"] = pretrain_cache_path(compose_config([*base, "data=mnist5k"]))
+    assert path["mnist"] != path["fashion_mnist"]
+    assert path["mnist"] == path["mnist5k"]

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dpgen.data import build_public_dataset
+from dpgen.data import build_public_dataset, describe_data
 from dpgen.distributed import ddp_strategy_kwargs, is_ddp, is_rank_zero
 from dpgen.io import AtomicCheckpointIO, build_once, save_torch
 from dpgen.loggers import stage_callbacks, stage_loggers
@@ -138,7 +138,9 @@ def pretrain_cache_path(cfg: DictConfig, selection: list[list[str]] | None = Non
         "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
         "pretrain": OmegaConf.to_container(cfg.method.pretrain_public, resolve=True),
         "label_dropout": cfg.method.label_dropout,
-        "classes": cfg.data.num_classes,
+        # The public labels are mapped onto the sensitive classes by name (_relabel_public):
+        # MNIST and FashionMNIST both have 10 classes, but not the same glyphs in them.
+        "classes": list(describe_data(cfg.data).class_names),
         "seed": cfg.seed,
     }
     if selection is not None:
