@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpgen.models.unet import build_unet
-from dpgen.privacy.per_example import PerExampleGradients
+from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
 
 TINY = {"name": "t", "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 4,
@@ -119,6 +119,15 @@ def test_engine_matches_loop_without_batch_weight_gradients_even_with_in_place_o
         ref = torch.autograd.grad(net(x[i : i + 1], y[i : i + 1]).pow(2).sum(), engine.params)
         for p, r in zip(engine.params, ref):
             torch.testing.assert_close(per_example[p][i], r, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_refuses_a_trainable_weight_tied_across_two_modules():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    b.weight = a.weight
+    with pytest.raises(UnsupportedLayerError, match="shared by Linear and Linear"):
+        PerExampleGradients(torch.nn.Sequential(a, b))
+    a.weight.requires_grad_(False)  # frozen tied weights need no per-example norm
+    PerExampleGradients(torch.nn.Sequential(a, b)).remove()
 
 
 def test_engine_skips_frozen_layers_and_stops_backward_at_the_first_trainable_one():

@@ -286,9 +286,18 @@ class PerExampleGradients:
         self._calls: dict[nn.Module, int] = {}  # forward calls per module in this capture
         self._sq_norms: torch.Tensor | None = None  # [B], of layers whose gradients are not kept
         self._kept: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # book-keeping layers
+        owner: dict[nn.Parameter, nn.Module] = {}
         for module in model.modules():
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
+            for p in module.parameters(recurse=False):
+                # Two modules' hooks would each add the squared norm of their own share of the
+                # gradient, where clipping needs the norm of the sum: refuse tied weights.
+                if p.requires_grad and owner.setdefault(p, module) is not module:
+                    raise UnsupportedLayerError(
+                        f"a trainable parameter is shared by {type(owner[p]).__name__} and "
+                        f"{type(module).__name__}; per-example norms of tied weights are not supported: "
+                        "untie them or freeze them")
             self._samplers[module] = _sampler_for(module)
             self._trainable_numel[module] = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
             self._handles.append(module.register_forward_pre_hook(self._prepare_input))
