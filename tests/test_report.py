@@ -57,6 +57,26 @@ def test_collect_runs(sweep):
     assert rows[0]["accuracy_cnn"] == pytest.approx(0.55) and rows[0]["accuracy_real_mean"] == 0.95
 
 
+def test_a_dp_trained_run_with_a_voided_guarantee_is_neither_private_nor_the_ceiling(sweep):
+    """CPSample resamples a DP-trained generator with a classifier trained on the sensitive data:
+    privacy.json keeps the training's ε but says formal_guarantee false."""
+    run = sweep / "5"
+    privacy = json.loads((sweep / "0" / "privacy.json").read_text())
+    write_json(run / "privacy.json", {**privacy, "formal_guarantee": False, "note": "CPSample"})
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    write_json(run / "metrics.json", {**metrics, "formal_guarantee": False,
+                                      "downstream_accuracy": {"cnn": 0.2, "mlp": 0.2, "mean": 0.2}})
+    rows = collect_runs(sweep)
+    (voided,) = [r for r in rows if r["run"] == "5"]
+    assert voided["private"] is False and voided["epsilon"] == 0.99 and voided["epsilon_target"] == 1.0
+    ax = accuracy_figure(rows).axes[0]
+    assert list(_hline(ax, "non-private generator").get_ydata()) == pytest.approx([90.0, 90.0])  # not 55
+    assert _series(ax, "dpdm, no formal DP (sampling used the data)") == ([0.99], [pytest.approx(20.0)])
+    assert _series(ax, "dpdm (mean ± sd of repeats)")[1] == pytest.approx([50.0, 75.0])
+    write_report(sweep)
+    assert "| dpdm (no formal DP) | 1 | 0.99 | 20.0 |" in (sweep / MD_NAME).read_text()
+
+
 def test_report_files(sweep):
     paths = write_report(sweep)
     assert [p.name for p in paths] == [CSV_NAME, MD_NAME, ACCURACY_PNG, FID_PNG]
@@ -129,12 +149,14 @@ def test_a_utility_study_gets_its_own_table(sweep):
     metrics_file = sweep / "1" / "metrics.json"
     metrics = json.loads(metrics_file.read_text())
     metrics["utility_study"] = {
-        "sizes": [{"multiple": m, "accuracy": {"cnn": a, "mean": a}, "ensemble_accuracy": e, "best_member_accuracy": a}
-                  for m, a, e in ((1, 0.81, 0.78), (10, 0.86, 0.84))],
+        "sizes": [{"multiple": m, "accuracy": {"cnn": a, "mean": a}, "ensemble_accuracy": e,
+                   "val_selected_member_accuracy": v, "hindsight_best_member_accuracy": a}
+                  for m, a, e, v in ((1, 0.81, 0.78, 0.79), (10, 0.86, 0.84, 0.80))],
         "selection": {"spearman": 0.62, "kendall": 0.45, "selected_real_accuracy": 0.83, "best_real_accuracy": 0.85}}
     write_json(metrics_file, metrics)
     (row,) = [r for r in collect_runs(sweep) if r["run"] == "1"]
     assert row["utility_mean_10x"] == 0.86 and row["utility_ensemble_1x"] == 0.78 and row["utility_kendall"] == 0.45
     write_report(sweep)
     md = (sweep / MD_NAME).read_text()
-    assert "Utility study" in md and "| dpdm | 9.96 | 81.0 | 86.0 | 78.0 / 81.0 | 84.0 / 86.0 | 0.62 | 0.45 | 83.0 / 85.0 | `1` |" in md
+    assert "Utility study" in md
+    assert "| dpdm | 9.96 | 81.0 | 86.0 | 78.0 / 79.0 / 81.0 | 84.0 / 80.0 / 86.0 | 0.62 | 0.45 | 83.0 / 85.0 | `1` |" in md

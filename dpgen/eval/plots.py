@@ -28,20 +28,22 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _private_lines(ax: Any, rows: Rows, key: str, scale: float) -> int:
-    """One line per private method; repeats at the same ε target are averaged (± std)."""
-    points = [r for r in rows if r["private"] and r.get(key) is not None and r["epsilon"]]
-    for method in sorted({r["method"] for r in points}):
+    """One line per DP-trained method; repeats at the same ε target are averaged (± std). Runs
+    whose guarantee was voided (CPSample) get their own dashed line at the ε of their training."""
+    points = [r for r in rows if r["epsilon"] and r.get(key) is not None]
+    for method, private in sorted({(r["method"], r["private"]) for r in points}, key=lambda mp: (not mp[1], mp[0])):
         groups: dict[Any, list[dict[str, Any]]] = {}
         for r in points:
-            if r["method"] == method:
+            if (r["method"], r["private"]) == (method, private):
                 groups.setdefault(r["epsilon_target"], []).append(r)
         series = sorted((statistics.fmean(r["epsilon"] for r in g),
                          statistics.fmean(scale * r[key] for r in g),
                          statistics.pstdev(scale * r[key] for r in g)) for g in groups.values())
         xs, ys, errs = zip(*series)
         repeated = any(len(g) > 1 for g in groups.values())
-        ax.errorbar(xs, ys, yerr=errs if repeated else None, marker="o", capsize=3,
-                    label=f"{method} (mean ± sd of repeats)" if repeated else method)
+        label = method if private else f"{method}, no formal DP (sampling used the data)"
+        ax.errorbar(xs, ys, yerr=errs if repeated else None, marker="o", capsize=3, linestyle="-" if private else "--",
+                    label=f"{label} (mean ± sd of repeats)" if repeated else label)
     return len(points)
 
 
@@ -79,7 +81,7 @@ def accuracy_figure(rows: Rows) -> Figure:
     fig, ax = _axes(f"Utility vs privacy (mean of {', '.join(classifiers) or 'no'} classifiers)",
                     "accuracy on held-out real data (%)", rows)
     n = _private_lines(ax, rows, "accuracy_mean", 100.0)
-    nonprivate = [100 * r["accuracy_mean"] for r in rows if not r["private"] and r["accuracy_mean"] is not None]
+    nonprivate = [100 * r["accuracy_mean"] for r in rows if r["epsilon"] is None and r["accuracy_mean"] is not None]
     _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black", "%")
     real = [100 * r["accuracy_real_mean"] for r in rows if r["accuracy_real_mean"] is not None]
     _ceiling(ax, _mean(real), "classifiers trained on real data", ":", "grey", "%")
@@ -97,7 +99,7 @@ def fid_figure(rows: Rows) -> Figure:
     fig, ax = _axes(f"Fidelity vs privacy ({extractor or 'no'} features)",
                     "FID to the real training split (lower is better)", rows)
     n = _private_lines(ax, rows, "fid", 1.0)
-    nonprivate = [r["fid"] for r in rows if not r["private"] and r["fid"] is not None]
+    nonprivate = [r["fid"] for r in rows if r["epsilon"] is None and r["fid"] is not None]
     _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black")
     reference = [r["fid_reference"] for r in rows if r["fid_reference"] is not None]
     _ceiling(ax, _mean(reference), "real held-out vs real train", ":", "grey")

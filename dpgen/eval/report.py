@@ -35,14 +35,17 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
     privacy_file = run_dir / "privacy.json"
     p = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
     private = bool(p.get("formal_guarantee", m.get("formal_guarantee", False)))
+    # A DP-trained run whose guarantee was voided (CPSample sampling) keeps the ε of its training,
+    # but is neither a private point nor part of the non-private ceiling.
+    epsilon = p.get("epsilon_spent", m.get("epsilon"))
     accuracy = m.get("downstream_accuracy", {})
     row: dict[str, Any] = {
         "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
         "method": m.get("method"),
         "private": private,
-        "epsilon_target": p.get("epsilon_target") if private else None,
-        "epsilon": p.get("epsilon_spent", m.get("epsilon")) if private else None,
-        "delta": p.get("delta") if private else None,
+        "epsilon_target": p.get("epsilon_target") if epsilon is not None else None,
+        "epsilon": epsilon,
+        "delta": p.get("delta") if epsilon is not None else None,
         "accuracy_mean": accuracy.get("mean"),
         **{f"accuracy_{k}": v for k, v in accuracy.items() if k != "mean"},
         "accuracy_real_mean": m.get("downstream_accuracy_real", {}).get("mean"),
@@ -57,13 +60,15 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
 
 
 def _utility_columns(study: dict[str, Any]) -> dict[str, Any]:
-    """The utility study flattened: per size the families' mean, the ensemble and its best member."""
+    """The utility study flattened: per size the families' mean, the ensemble, the member chosen
+    on synthetic validation data and the best member in hindsight (on the held-out split)."""
     cols: dict[str, Any] = {}
     for s in study["sizes"]:
         x = f"{s['multiple']:g}x"
         cols[f"utility_mean_{x}"] = s["accuracy"]["mean"]
         cols[f"utility_ensemble_{x}"] = s.get("ensemble_accuracy")
-        cols[f"utility_best_member_{x}"] = s["best_member_accuracy"]
+        cols[f"utility_selected_member_{x}"] = s["val_selected_member_accuracy"]
+        cols[f"utility_hindsight_member_{x}"] = s["hindsight_best_member_accuracy"]
     sel = study["selection"]
     cols.update({"utility_spearman": sel["spearman"], "utility_kendall": sel["kendall"],
                  "utility_selected_accuracy": sel["selected_real_accuracy"],
@@ -105,13 +110,18 @@ def _fmt(value: Any, percent: bool = False) -> str:
     return str(value)
 
 
+def _method_label(row: dict[str, Any]) -> str:
+    voided = not row["private"] and row["epsilon"] is not None
+    return f"{row['method']} (no formal DP)" if voided else str(row["method"])
+
+
 def _markdown(rows: list[dict[str, Any]]) -> bytes:
     classifiers = [k for k in _columns(rows) if k.startswith("accuracy_") and k not in ("accuracy_mean", "accuracy_real_mean")]
     header = (["method", "ε target", "ε spent", "accuracy % (mean)"] + [f"{c[9:]} %" for c in classifiers]
               + ["real-data ceiling %", "FID ↓", "KID ↓", "precision", "recall", "IS", "FID held-out ↓", "run"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = ([r["method"], _fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
+        cells = ([_method_label(r), _fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
                  + [_fmt(r.get(c), True) for c in classifiers]
                  + [_fmt(r["accuracy_real_mean"], True)] + [_fmt(r[k]) for k in _FIDELITY] + [f"`{r['run']}`"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -123,7 +133,8 @@ def _markdown(rows: list[dict[str, Any]]) -> bytes:
         "",
         f"Accuracy: classifiers trained on each run's synthetic samples, tested once on the held-out real "
         f"split. ε: add/remove-one DP at δ = {', '.join(f'{d:g}' for d in delta) or '–'}; runs without ε "
-        f"have no formal guarantee (non-private ceiling).",
+        f"have no formal guarantee (non-private ceiling). A run marked \"no formal DP\" spent its ε in DP "
+        f"training but then used the sensitive data outside DP (CPSample sampling): its ε is no guarantee.",
         f"Fidelity against the real training split, features: {', '.join(extractors) or '–'}; "
         f"real held-out vs real train FID (reference): {', '.join(f'{v:.4g}' for v in references) or '–'}.",
         "The real-data ceiling and fidelity reference are computed on the sensitive data without privacy; "
@@ -142,16 +153,18 @@ def _utility_markdown(rows: list[dict[str, Any]]) -> list[str]:
         return []
     sizes = [k[len("utility_mean_"):] for k in _columns(studied) if k.startswith("utility_mean_")]
     header = (["method", "ε spent"] + [f"mean acc % {x}" for x in sizes]
-              + [f"ensemble / best member % {x}" for x in sizes]
+              + [f"ensemble / chosen member / best in hindsight % {x}" for x in sizes]
               + ["Spearman", "Kendall", "selected / best-in-hindsight acc %", "run"])
     lines = ["", "Utility study (eval.utility_study): accuracy on held-out real data against the synthetic set's "
              "size (multiples of the sensitive training split), the classifier families' averaged-softmax "
-             "ensemble against its best member, and the rank correlation between choosing classifier "
-             "settings on synthetic validation data and on real data.", "",
+             "ensemble against the member chosen on synthetic validation data (and the best member in "
+             "hindsight, which no user could choose without real data), and the rank correlation between "
+             "choosing classifier settings on synthetic validation data and on real data.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in studied:
         cells = ([r["method"], _fmt(r["epsilon"])] + [_fmt(r.get(f"utility_mean_{x}"), True) for x in sizes]
-                 + [f"{_fmt(r.get(f'utility_ensemble_{x}'), True)} / {_fmt(r.get(f'utility_best_member_{x}'), True)}"
+                 + [" / ".join(_fmt(r.get(f"utility_{k}_{x}"), True)
+                               for k in ("ensemble", "selected_member", "hindsight_member"))
                     for x in sizes]
                  + [_fmt(r["utility_spearman"]), _fmt(r["utility_kendall"]),
                     f"{_fmt(r['utility_selected_accuracy'], True)} / {_fmt(r['utility_best_accuracy'], True)}",
