@@ -20,9 +20,8 @@ from dpgen.privacy.ledger import BudgetError
 log = logging.getLogger("dpgen")
 
 
-TUNING_NOTE = ("hyperparameter search: every trial trains and evaluates on data=%s. If that is the "
-               "sensitive data, the choice among trials leaks privacy that privacy.json does not "
-               "account for; tune on public data or a non-private proxy (experiments/README.md)")
+TUNING_NOTE = ("hyperparameter search on data=%s, declared a public or proxy set (tune_data_is_proxy=true): "
+               "the choice among trials is not charged to any ledger")
 
 
 def objective(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -43,6 +42,13 @@ def main(cfg: DictConfig) -> float | None:
     export_submitit_local_ranks()
     try:
         validate_config(cfg)
+        if cfg.get("objective") and cfg.get("tune_data_is_proxy") is not True:
+            # Every trial is evaluated on data's held-out split, and picking the best trial is an
+            # uncharged decision about that data: on the sensitive set, a leak privacy.json hides.
+            raise ConfigError("tune_data_is_proxy", cfg.get("tune_data_is_proxy"),
+                              f"a hyperparameter search selects on data={cfg.data.name}'s held-out split, which "
+                              "no ledger charges", "tune on public or proxy data and say so with "
+                              "tune_data_is_proxy=true; then run the chosen setting once on the sensitive data")
         from dpgen.pipeline import run_pipeline
 
         if cfg.get("objective"):

@@ -142,6 +142,16 @@ def test_tune_config_selects_optuna_and_returns_the_objective(tmp_path, monkeypa
     assert entry.objective(cfg, tmp_path) is None
 
 
+def test_a_search_refuses_to_start_until_its_data_is_declared_a_proxy(tmp_path):
+    """The objective is measured on data's held-out split; choosing among trials is uncharged."""
+    import dpgen.__main__ as entry
+
+    cfg = compose_config([*tiny_overrides(tmp_path), "+tune=proxy"])
+    with pytest.raises(SystemExit, match="tune_data_is_proxy=False: a hyperparameter search selects on data=mnist5k"):
+        entry.main(cfg)
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
 def test_the_pretraining_cache_is_keyed_by_the_sensitive_class_names(tmp_path):
     """Public glyphs are labelled by matching the sensitive class names, so MNIST and
     FashionMNIST (10 classes each) need different pretrained UNets, and MNIST and its embedded
