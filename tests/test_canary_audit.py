@@ -8,6 +8,7 @@ import json
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from omegaconf import OmegaConf
 from torch import nn
 
 from dpgen.audit import (
@@ -17,6 +18,7 @@ from dpgen.audit import (
     canary_audit_result,
     run_canary_audit,
 )
+from dpgen.data import build_public_dataset
 from dpgen.pipeline import RunContext
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.sampling import PoissonDataModule
@@ -93,10 +95,25 @@ def test_canaries_are_glyphs_with_labels_in_range(tiny_cfg):
     assert labels.min() >= 0 and labels.max() < 10
     digits, wrong = build_canaries(cfg, 30, "mislabeled", seed=0)
     assert digits.shape == (30, 1, 8, 8)
+    # Each mislabeled canary is a digit glyph under another digit's label: find it in the glyph
+    # set build_canaries renders (30 canaries: 4 per digit, the public seed + 1) and check that
+    # its label is not its digit.
+    glyphs = build_public_dataset({**OmegaConf.to_container(cfg.public, resolve=True), "charset": "digits",
+                                   "samples_per_class": 4, "seed": cfg.public.seed + 1})
+    flat = glyphs.images.flatten(1)
+    for image, label in zip(digits, wrong):
+        match = (flat - image.flatten()).abs().amax(1).argmin()
+        assert torch.equal(glyphs.images[match], image) and glyphs.labels[match] != label
 
 
-def test_canary_run_trains_on_canaries_in_its_own_directory_only(tiny_cfg, tmp_path):
+def test_canary_run_trains_on_canaries_in_its_own_directory_only(tiny_cfg, tmp_path, monkeypatch):
+    import dpgen.pipeline
+
     cfg = tiny_cfg("audit.canary.count=16", "audit.canary.guesses=[8,16]", "privacy.eps=5")
+    trained_on = []
+    original = dpgen.pipeline.run_pipeline
+    monkeypatch.setattr(dpgen.pipeline, "run_pipeline",
+                        lambda cfg, run_dir, **kw: trained_on.append(kw["train_set"]) or original(cfg, run_dir, **kw))
     result = run_canary_audit(cfg, tmp_path / "audit")
     run = tmp_path / "audit"
     saved = json.loads((run / CANARY_JSON).read_text())
@@ -106,6 +123,16 @@ def test_canary_run_trains_on_canaries_in_its_own_directory_only(tiny_cfg, tmp_p
     assert privacy["dataset_size"] == 4000 + inserted == saved["training_examples"]
     assert metrics["canary_audit"]["epsilon_claimed"] == privacy["epsilon_spent"] <= 5.0
     assert len(saved["scores"]) == 16 and result["epsilon_lower_bound"] >= 0
+    # The canaries marked included, and only those, were appended to the training split.
+    images, labels = build_canaries(cfg, 16, cfg.audit.canary.kind, cfg.seed)
+    included = torch.tensor(saved["included"])
+    (train,) = trained_on
+    assert torch.equal(train.images, images[included]) and torch.equal(train.labels, labels[included])
+    # The saved scores and membership reproduce the reported bounds.
+    again = canary_audit_result(torch.tensor(saved["scores"]), torch.tensor(saved["included"]), privacy["delta"],
+                                privacy["epsilon_spent"], [8, 16], cfg.audit.canary.confidence)
+    assert again["epsilon_lower_bound"] == result["epsilon_lower_bound"]
+    assert again["canary_auc"] == result["canary_auc"]
     # a model trained on canaries is never sampled or evaluated
     assert not (run / "samples.npz").exists() and "sample" not in json.loads((run / "stages.json").read_text())["completed"]
     # an ordinary run's training split holds no canary

@@ -64,6 +64,17 @@ def test_one_run_p_value_without_delta_is_the_binomial_tail():
     assert one_run_p_value(100, r, v, eps, 1e-3) > one_run_p_value(100, r, v, eps, 0.0)
 
 
+def test_one_run_p_value_delta_term_by_hand():
+    """Steinke et al.'s δ term, 2mδ · max_i P[v - i <= Binomial(r, q) < v] / i, written out for
+    two guesses at ε = 0 (q = 1/2), where it is a quarter of the p-value: a missing 2m or a
+    shifted index changes the result."""
+    m, r, delta = 256, 2, 1e-3
+    # v = 1: P[B >= 1] = 3/4, and the term is 2mδ · P[B = 0] = 2mδ / 4.
+    assert one_run_p_value(m, r, 1, 0.0, delta) == pytest.approx(0.75 + 2 * m * delta * 0.25)
+    # v = 2: P[B = 2] = 1/4, and the term is 2mδ · max(P[B = 1], P[B <= 1] / 2) = 2mδ / 2.
+    assert one_run_p_value(m, r, 2, 0.0, delta) == pytest.approx(0.25 + 2 * m * delta * 0.5)
+
+
 def test_one_run_bound_all_correct_closed_form():
     # r correct of r: p(eps) = q^r, so the bound solves q = (1 - c)^(1/r), eps = log(q / (1 - q)).
     r, c = 64, 0.95

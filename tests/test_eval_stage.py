@@ -110,6 +110,11 @@ def test_fidelity_names_its_extractor_and_the_reference_is_computed_once(evaluat
     useless, log = evaluated["useless"]
     assert ("compare", "train", "heldout") not in log
     assert useless["fidelity_reference"] == reference
+    # Fidelity ignores labels: the useless run (same images, shuffled labels) scores the same;
+    # and the held-out comparison is its own, not a copy of the training one.
+    for key in ("fid", "kid_mean", "precision", "recall", "fid_heldout", "precision_heldout"):
+        assert useless[key] == pytest.approx(perfect[key]), key
+    assert perfect["fid"] != perfect["fid_heldout"]
 
 
 def test_downstream_ranks_a_perfect_generator_above_a_useless_one(evaluated):
@@ -125,11 +130,21 @@ def test_downstream_ranks_a_perfect_generator_above_a_useless_one(evaluated):
     assert perfect["num_samples"] == N_SAMPLES
 
 
-def test_num_samples_and_metric_selection(tiny_cfg, tmp_path):
+def test_num_samples_and_metric_selection(tiny_cfg, tmp_path, monkeypatch):
     cfg = tiny_cfg("method=nonprivate", "eval.num_samples=100", "eval.fid.metrics=[fid]",
                    "eval.fid.heldout=false", "eval.downstream.classifiers=[mlp]")
+    events = _Events(monkeypatch)
+    added = {}
+    add = Fidelity.add
+
+    def spy_add(fid, name, images):
+        added[name] = len(images)
+        add(fid, name, images)
+
+    monkeypatch.setattr(Fidelity, "add", spy_add)
     evaluate(_context(cfg, tmp_path / "run"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["num_samples"] == 100
+    # Of the 300 samples in samples.npz, the classifiers and the fidelity metrics see 100.
+    assert metrics["num_samples"] == 100 and ("train", 100) in events.log and added["samples"] == 100
     assert set(metrics["downstream_accuracy"]) == {"mlp", "mean"}
     assert "fid" in metrics and not {"kid_mean", "precision", "inception_score_mean", "fid_heldout"} & set(metrics)

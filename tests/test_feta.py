@@ -87,7 +87,7 @@ def test_plan_gives_central_images_their_share_and_training_the_rest(tiny_cfg, t
     assert (central.stage, central.sample_rate, central.count) == ("dp_central_images", 0.5, 3)
     assert train.stage == "dp_train" and train.count == 4
     assert compute_epsilon([central], ledger.delta) == pytest.approx(0.5, rel=0.011)
-    assert compute_epsilon([central, train], ledger.delta) <= 2.0
+    assert 2.0 * 0.99 <= compute_epsilon([central, train], ledger.delta) <= 2.0  # the rest goes to training
 
 
 @pytest.mark.parametrize(("override", "key"), [
