@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from dpgen.data import (
@@ -14,7 +13,6 @@ from dpgen.data import (
     validate_data_config,
     validate_public_config,
 )
-from dpgen.data.datamodule import ImageDataModule
 from dpgen.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -129,20 +127,3 @@ def test_public_none():
     assert not has_public_data(cfg) and has_public_data(GLYPHS)
     with pytest.raises(ConfigError, match=r"^public\.name='none': this stage needs public data"):
         build_public_dataset(cfg)
-
-
-def test_datamodule_builds_test_split_only_on_request():
-    dm = ImageDataModule(OmegaConf.create(MNIST5K), batch_size=32)
-    dm.setup("fit")
-    dm.setup("test")  # Lightning's test stage still does not load the held-out split
-    assert not dm.test_split_loaded
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (32, 1, 16, 16) and labels.dtype == torch.long
-    assert len(dm.train_dataset) == 4000 and not dm.test_split_loaded
-    assert len(dm.test_dataset) == 1000 and dm.test_split_loaded
-    assert next(iter(dm.test_dataloader()))[0].shape == (32, 1, 16, 16)
-
-
-def test_datamodule_fails_fast_on_bad_config():
-    with pytest.raises(ConfigError, match=r"^data\.image_size=0"):
-        ImageDataModule({**MNIST5K, "image_size": 0}, batch_size=8)
