@@ -122,6 +122,17 @@ def _crash_at(monkeypatch, step):
     return lambda: monkeypatch.setattr(callback.PrivacyAccountantCallback, "on_train_batch_end", original)
 
 
+def _crashed_run(tiny_cfg, tmp_path, monkeypatch, step, *overrides):
+    """A run that crashed right after DP step ``step``; the crash is then switched off."""
+    cfg = tiny_cfg("privacy.eps=5", *overrides)
+    run_dir = tmp_path / "run"
+    restore = _crash_at(monkeypatch, step)
+    with pytest.raises(_Crash):
+        run_pipeline(cfg, run_dir)
+    restore()
+    return cfg, run_dir
+
+
 def _spent(run_dir):
     return sum(e["steps"] for e in json.loads((run_dir / "privacy.json").read_text())["events"])
 
@@ -131,14 +142,9 @@ def test_resume_keeps_steps_that_privacy_json_recorded_after_the_last_checkpoint
     """Checkpoint at step 4, privacy.json at step 5, crash: step 5's spend stays spent (the
     checkpoint's older ledger must not replace it), the weights resume from step 4 and get one
     more step, the plan's sixth, so privacy.json ends at exactly 6 steps, as executed."""
-    cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5", "privacy.log_every_n_steps=5",
-                   "trainer.checkpoint_every_n_steps=2")
-    run_dir = tmp_path / "run"
-    restore = _crash_at(monkeypatch, 5)
-    with pytest.raises(_Crash):
-        run_pipeline(cfg, run_dir)
+    cfg, run_dir = _crashed_run(tiny_cfg, tmp_path, monkeypatch, 5, "method.train.steps=6",
+                                "privacy.log_every_n_steps=5", "trainer.checkpoint_every_n_steps=2")
     assert _spent(run_dir) == 5
-    restore()
     with caplog.at_level("WARNING"):
         ctx = run_pipeline(cfg, run_dir)
     assert "1 steps ran after the last checkpoint" in caplog.text
@@ -149,14 +155,9 @@ def test_resume_keeps_steps_that_privacy_json_recorded_after_the_last_checkpoint
 
 def test_resume_without_a_checkpoint_restarts_the_weights_with_what_the_plan_has_left(tiny_cfg, tmp_path,
                                                                                        monkeypatch, caplog):
-    cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5", "privacy.log_every_n_steps=2",
-                   "trainer.checkpoint_every_n_steps=100")
-    run_dir = tmp_path / "run"
-    restore = _crash_at(monkeypatch, 4)
-    with pytest.raises(_Crash):
-        run_pipeline(cfg, run_dir)
+    cfg, run_dir = _crashed_run(tiny_cfg, tmp_path, monkeypatch, 4, "method.train.steps=6",
+                                "privacy.log_every_n_steps=2", "trainer.checkpoint_every_n_steps=100")
     assert _spent(run_dir) == 4 and not (run_dir / "checkpoints" / "last.ckpt").exists()
-    restore()
     with caplog.at_level("WARNING"):
         ctx = run_pipeline(cfg, run_dir)
     assert "4 of 6 steps were spent by an interrupted attempt that left no checkpoint" in caplog.text
@@ -164,13 +165,8 @@ def test_resume_without_a_checkpoint_restarts_the_weights_with_what_the_plan_has
 
 
 def test_resume_refuses_when_a_lost_attempt_spent_every_step(tiny_cfg, tmp_path, monkeypatch):
-    cfg = tiny_cfg("method.train.steps=4", "privacy.eps=5", "privacy.log_every_n_steps=2",
-                   "trainer.checkpoint_every_n_steps=100")
-    run_dir = tmp_path / "run"
-    restore = _crash_at(monkeypatch, 4)
-    with pytest.raises(_Crash):
-        run_pipeline(cfg, run_dir)
-    restore()
+    cfg, run_dir = _crashed_run(tiny_cfg, tmp_path, monkeypatch, 4, "method.train.steps=4",
+                                "privacy.log_every_n_steps=2", "trainer.checkpoint_every_n_steps=100")
     with pytest.raises(RuntimeError, match="every planned step was spent"):
         run_pipeline(cfg, run_dir)
     assert _spent(run_dir) == 4 and not (run_dir / "model.pt").exists()
@@ -179,12 +175,9 @@ def test_resume_refuses_when_a_lost_attempt_spent_every_step(tiny_cfg, tmp_path,
 def test_privacy_json_is_written_before_each_sample_grid(tiny_cfg, tmp_path, monkeypatch):
     """A grid released at step 3 reflects three steps: privacy.json must already say so, even
     though its own cadence (every 10 steps) has not come round."""
-    cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5", "privacy.log_every_n_steps=10",
-                   "logger.sample_every_n_steps=3", "trainer.checkpoint_every_n_steps=100")
-    run_dir = tmp_path / "run"
-    _crash_at(monkeypatch, 3)
-    with pytest.raises(_Crash):
-        run_pipeline(cfg, run_dir)
+    _, run_dir = _crashed_run(tiny_cfg, tmp_path, monkeypatch, 3, "method.train.steps=6",
+                              "privacy.log_every_n_steps=10", "logger.sample_every_n_steps=3",
+                              "trainer.checkpoint_every_n_steps=100")
     assert _spent(run_dir) == 3
 
 
