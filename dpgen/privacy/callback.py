@@ -21,7 +21,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from dpgen.privacy.ledger import MechanismEvent, PrivacyLedger, compute_epsilon
+from dpgen.privacy.ledger import PrivacyLedger, compute_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ class PrivacyAccountantCallback(Callback):
             self._write(trainer)
         elif self.output_every_n_steps and trainer.global_step % self.output_every_n_steps == 0:
             self._write(trainer)
-        if self.ledger.remaining_steps(self.stage) <= 0:
-            trainer.should_stop = True
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer)
@@ -73,8 +71,7 @@ class PrivacyAccountantCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         checkpointed = state_dict["ledger"]
-        lost = self.ledger.steps_spent(self.stage) - sum(
-            e.count for e in map(MechanismEvent.from_json, checkpointed.get("events", [])) if e.stage == self.stage)
+        lost = self.ledger.steps_spent(self.stage) - PrivacyLedger.from_json(checkpointed).steps_spent(self.stage)
         self.ledger.load_state_dict(checkpointed)  # keeps privacy.json's record where it spent more
         if lost > 0:
             log.warning("%s: %d steps ran after the last checkpoint and were lost with the crash; their "
