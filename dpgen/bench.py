@@ -238,13 +238,13 @@ def format_table(rows: list[dict]) -> str:
             "| non-private MB | DP MB | memory × | DP overhead MB |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
+        size = (f"| {r['config']} | {r['total_parameters'] / 1e6:.2f}M ({r['trainable_parameters'] / 1e6:.2f}M) "
+                f"| {r['B']}, {r['K']} ")
         if r.get("out_of_memory"):
-            lines.append(f"| {r['config']} | {r['total_parameters'] / 1e6:.2f}M ({r['trainable_parameters'] / 1e6:.2f}M) "
-                         f"| {r['B']}, {r['K']} | out of memory |" + " |" * 6)
+            lines.append(size + "| out of memory |" + " |" * 6)
             continue
         lines.append(
-            f"| {r['config']} | {r['total_parameters'] / 1e6:.2f}M ({r['trainable_parameters'] / 1e6:.2f}M) "
-            f"| {r['B']}, {r['K']} | {r['nonprivate_step_s']:.3f} "
+            size + f"| {r['nonprivate_step_s']:.3f} "
             f"| {r['dp_step_s']:.3f} [{r['dp_step_min_s']:.3f}–{r['dp_step_max_s']:.3f}] "
             f"| {r['time_ratio']:.2f} [{r['time_ratio_min']:.2f}–{r['time_ratio_max']:.2f}] "
             f"| {r['nonprivate_peak_mb']:.0f} | {r['dp_peak_mb']:.0f} | {r['memory_ratio']:.2f} "
