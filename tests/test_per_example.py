@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpgen.models.unet import build_unet
-from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
+from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError, exact_fp32
 
 TINY = {"name": "t", "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 4,
@@ -49,10 +49,8 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 @pytest.fixture
 def exact_cuda_matmuls():
     """The comparisons below test formulas, not TF32 rounding (on by default for CUDA convolutions)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with exact_fp32():
+        yield
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
