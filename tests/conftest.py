@@ -17,6 +17,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/dp_helpers.py
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# CUDA-only tests: marked `gpu`, skipped cleanly where no CUDA device is visible (CI).
+NEEDS_CUDA = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+def on_cuda(*values: object) -> object:
+    """A parametrize case that runs only with CUDA."""
+    return pytest.param(*values, marks=NEEDS_CUDA)
+
 
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

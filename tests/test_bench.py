@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import on_cuda
 from omegaconf import OmegaConf
 
 from dpgen.bench import format_table, run_bench
@@ -44,12 +45,7 @@ def test_bench_rows_carry_the_issue_fields_and_consistent_ratios():
     assert table.count("\n") == len(rows) + 1 and "unet_tiny/attention_only/mixed" in table
 
 
-def _on_cuda(precision):
-    return pytest.param("cuda", precision, marks=[
-        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-
-
-@pytest.mark.parametrize(("device", "precision"), [("cpu", "bf16"), _on_cuda("32"), _on_cuda("bf16")])
+@pytest.mark.parametrize(("device", "precision"), [("cpu", "bf16"), on_cuda("cuda", "32"), on_cuda("cuda", "bf16")])
 def test_bench_runs_on_each_device_and_precision(device, precision):
     (row,) = run_bench(_tiny(device=device, precision=precision, trainable=["full"], multiplicities=[2]))
     assert row["device"] == device and row["precision"] == precision

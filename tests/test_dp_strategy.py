@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import on_cuda
 from dp_helpers import TinyDPModule, make_batch, one_dp_step, reference_update
 
 from dpgen.errors import ConfigError
@@ -114,15 +115,10 @@ def test_ghost_clipping_refuses_an_autocast_forward_whoever_calls_it():
                              forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
 
-def _on_cuda(*values):
-    return pytest.param(*values, marks=[pytest.mark.gpu,
-                                        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-
-
 @pytest.mark.parametrize(("device", "clipping", "autocast"), [
     *[("cpu", c, False) for c in CLIPPING_MODES], ("cpu", "materialize", True), ("cpu", "mixed", True),
-    *[_on_cuda("cuda", c, False) for c in CLIPPING_MODES], _on_cuda("cuda", "materialize", True),
-    _on_cuda("cuda", "mixed", True)])
+    *[on_cuda("cuda", c, False) for c in CLIPPING_MODES], on_cuda("cuda", "materialize", True),
+    on_cuda("cuda", "mixed", True)])
 def test_one_examples_clipped_contribution_never_exceeds_the_bound(device, clipping, autocast):
     """The sensitivity the accountant assumes: every example is clipped here (C far below its
     norm), and what it adds to the sum has norm at most C, up to fp32 rounding. A sum taken by
@@ -140,10 +136,8 @@ def test_one_examples_clipped_contribution_never_exceeds_the_bound(device, clipp
         assert clip * 0.999 < norm <= clip * (1 + 1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("clipping", "precision"), [
-    (c, p) for c in CLIPPING_MODES for p in ("32-true", "bf16-mixed") if (c, p) != ("ghost", "bf16-mixed")])
+    on_cuda(c, p) for c in CLIPPING_MODES for p in ("32-true", "bf16-mixed") if (c, p) != ("ghost", "bf16-mixed")])
 def test_update_on_cuda_equals_the_cpu_reference(clipping, precision):
     batch, cfg, ref = _median_clip_setting(4, clipping)
     update = one_dp_step(TinyDPModule(4), batch, cfg, device="cuda", precision=precision)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import on_cuda
 
 from dpgen.models.unet import build_unet
 from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError, exact_fp32
@@ -42,10 +43,6 @@ def test_unet_per_example_gradients_match_explicit_loop(k):
         assert (got - want).norm() <= 1e-4 * want.norm()
 
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                       reason="needs CUDA")])
-
-
 @pytest.fixture
 def exact_cuda_matmuls():
     """The comparisons below test formulas, not TF32 rounding (on by default for CUDA convolutions)."""
@@ -53,7 +50,7 @@ def exact_cuda_matmuls():
         yield
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", ["cpu", on_cuda("cuda")])
 @pytest.mark.parametrize("mode", ["norms", "mixed"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode, device, exact_cuda_matmuls):
