@@ -77,26 +77,13 @@ class _Crash(RuntimeError):
 
 
 def test_resume_after_crash_matches_uninterrupted(tiny_cfg, tmp_path, monkeypatch):
-    from dpgen.privacy import callback
-
     cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5")
     clean = tmp_path / "clean"
     run_pipeline(cfg, clean)
 
-    crashed = tmp_path / "crashed"
-    original = callback.PrivacyAccountantCallback.on_train_batch_end
-
-    def crash_at_step_5(self, trainer, *args):
-        original(self, trainer, *args)
-        if trainer.global_step == 5:
-            raise _Crash("simulated crash")
-
-    monkeypatch.setattr(callback.PrivacyAccountantCallback, "on_train_batch_end", crash_at_step_5)
-    with pytest.raises(_Crash):
-        run_pipeline(cfg, crashed)
+    _, crashed = _crashed_run(tiny_cfg, tmp_path, monkeypatch, 5, "method.train.steps=6")
     assert (crashed / "checkpoints" / "last.ckpt").exists()
     assert not (crashed / "model.pt").exists()
-    monkeypatch.setattr(callback.PrivacyAccountantCallback, "on_train_batch_end", original)
 
     ctx = run_pipeline(cfg, crashed)
     assert ctx.ledger.steps_spent("dp_train") == 6
