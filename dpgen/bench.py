@@ -6,6 +6,12 @@ strategy's real clipped sum, noise and optimizer step), interleaved so that mach
 hits both alike, and measures the peak memory of each. It prints the ratios and writes
 them to ``bench.output`` (``outputs/bench.json``) as a list of rows.
 
+Models are names under ``conf/model/``. A pixel UNet (``unet_*``) trains on B·K images; a
+latent model (``ldm_*``) is DP-LDM's denoiser on the latents of its autoencoder (what
+``dp_finetune`` trains on), where ``full`` is ``method.trainable=all`` and ``attention_only``
+is DP-LDM's default set (``conf/method/dpldm.yaml``). For a pixel UNet, ``attention_only``
+freezes everything but its attention blocks.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the profiler's allocation
 events of one step (peak of the running sum), plus what was allocated before the step
 (parameters, optimizer state, the batch), so both numbers are totals.
@@ -31,6 +37,14 @@ from dpgen.config import CONF_DIR
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule
+from dpgen.methods.dpldm import DPLDMModule
+from dpgen.models.ldm import (
+    build_autoencoder,
+    build_latent_denoiser,
+    is_latent_model,
+    latent_shape,
+    validate_ldm_config,
+)
 from dpgen.models.unet import build_unet
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
@@ -54,6 +68,11 @@ def load_model_config(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
+def dpldm_trainable(trainable: str) -> str:
+    """DP-LDM's parameter set for a bench set: ``all``, or the method's default (attention)."""
+    return "all" if trainable == "full" else OmegaConf.load(CONF_DIR / "method" / "dpldm.yaml").method.trainable
+
+
 def restrict_to_attention(module: torch.nn.Module) -> None:
     """Freeze everything but the attention blocks (their norms and projections)."""
     module.requires_grad_(False)
@@ -66,12 +85,36 @@ def restrict_to_attention(module: torch.nn.Module) -> None:
 
 def build_module(model_name: str, trainable: str, k: int, cfg: DictConfig, device: torch.device) -> DiffusionModule:
     torch.manual_seed(0)
-    unet = build_unet(load_model_config(model_name), cfg.image_size, cfg.channels, cfg.num_classes)
-    module = DiffusionModule(unet, cfg.num_classes, {"num_train_timesteps": 1000, "beta_schedule": "linear"},
-                             {"kind": "uniform"}, lr=1e-4, multiplicity=k, label_dropout=0.1)
+    model_cfg = load_model_config(model_name)
+    diffusion = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+    if is_latent_model(model_cfg):
+        return DPLDMModule(
+            denoiser=build_latent_denoiser(model_cfg, cfg.image_size, cfg.num_classes),
+            autoencoder=build_autoencoder(model_cfg, cfg.channels, cfg.image_size),
+            num_classes=cfg.num_classes, diffusion=diffusion, timesteps={"kind": "uniform"}, lr=1e-4,
+            multiplicity=k, label_dropout=0.1, trainable=dpldm_trainable(trainable)).to(device)
+    unet = build_unet(model_cfg, cfg.image_size, cfg.channels, cfg.num_classes)
+    module = DiffusionModule(unet, cfg.num_classes, diffusion, {"kind": "uniform"}, lr=1e-4, multiplicity=k,
+                             label_dropout=0.1)
     if trainable == "attention_only":
         restrict_to_attention(module)
     return module.to(device)
+
+
+def bench_batch(model_name: str, cfg: DictConfig, device: torch.device) -> list[Tensor]:
+    """B fixed examples as the model trains on them: images in [-1, 1], or unit-scale latents."""
+    model_cfg = load_model_config(model_name)
+    g = torch.Generator().manual_seed(0)
+    if is_latent_model(model_cfg):
+        try:
+            validate_ldm_config(model_cfg, cfg.image_size)
+        except ConfigError as err:
+            raise SystemExit(f"dpgen.bench: {err}") from err
+        examples = torch.randn(cfg.batch_size, *latent_shape(model_cfg, cfg.image_size), generator=g)
+    else:
+        examples = torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g)
+    return [examples.to(device), labels.to(device)]
 
 
 def _tensor_bytes(tensors: list[Tensor]) -> int:
@@ -199,12 +242,9 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     for trainable in cfg.trainable:
         if trainable not in TRAINABLE_SETS:
             raise SystemExit(f"dpgen.bench: bench.trainable: unknown {trainable!r}. Fix: one of {TRAINABLE_SETS}")
+    batches = {name: bench_batch(name, cfg, device) for name in cfg.models}  # refuses bad models first
     rows = []
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
-    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g)
-    batch = [images.to(device), labels.to(device)]
-    for model_name in cfg.models:
+    for model_name, batch in batches.items():
         for trainable in cfg.trainable:
             for clipping, k in itertools.product(cfg.clipping, cfg.multiplicities):
                 module = build_module(model_name, trainable, k, cfg, device)

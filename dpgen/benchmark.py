@@ -33,8 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpgen.bench import StepPair, time_step
 from dpgen.config import CONF_DIR, validate_config
-from dpgen.eval.report import ACCURACY_PNG, FID_PNG, collect_runs, write_report
+from dpgen.eval.report import ACCURACY_PNG, FID_PNG, collect_runs, method_label, write_report
 from dpgen.io import atomic_write, write_json
+from dpgen.privacy.guarantee import training_is_private
 from dpgen.stages.training import build_module
 
 log = logging.getLogger("dpgen")
@@ -78,7 +79,7 @@ class TrainingStep:
         with torch.no_grad():  # what training feeds: DP-LDM's latents are encoded once, before the steps
             inputs = module.diffusion_inputs(images)
         batch = [inputs, torch.randint(0, d.num_classes, (b,), device=device)]
-        private = bool(cfg.method.formal_guarantee)
+        private = training_is_private(cfg)
         chunk = int(cfg.privacy.max_physical_batch) if private else None
         clipping = str(cfg.privacy.get("clipping", "mixed"))
         self.pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision="32", clipping=clipping,
@@ -176,7 +177,7 @@ def readme_table(profile: DictConfig, sweep_dir: Path, calibration: dict[str, di
         acc = "–" if r["accuracy_mean"] is None else f"{100 * r['accuracy_mean']:.1f} %"
         eps_t = "non-private" if not r["private"] else _fmt(r["epsilon_target"], "g")
         train_s, total_s = _walls(sweep_dir / r["run"])
-        lines.append(f"| {r['method']} | {eps_t} | {_fmt(r['epsilon'], '.3g')} | {steps} | {acc} "
+        lines.append(f"| {method_label(r)} | {eps_t} | {_fmt(r['epsilon'], '.3g')} | {steps} | {acc} "
                      f"| {_fmt(r['fid'], '.3g')} | {_fmt(train_s, '.0f')} s | {_fmt(total_s, '.0f')} s |")
     if plots:
         lines += ["", " ".join(f"![{p.stem.replace('_', ' ')}]({p.as_posix()})" for p in plots)]

@@ -17,9 +17,11 @@ from dpgen.loggers import validate_logger_config
 from dpgen.methods import METHODS
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
+from dpgen.privacy.guarantee import NON_PRIVATE_STAGES, training_is_private
 from dpgen.privacy.strategy import CLIPPING_MODES, check_dp_precision
 from dpgen.sampling.config import validate_sampling_config
 from dpgen.stages import STAGES, run_stages
+from dpgen.stages.planning import STAGE_PLANS
 
 ACCOUNTANTS = ("pld", "rdp", "prv")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -80,6 +82,13 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
                           f"use stages from {sorted(STAGES)}")
+    private = [s for s in m.stages if s in STAGE_PLANS]
+    nonprivate = [s for s in m.stages if s in NON_PRIVATE_STAGES]
+    if private and nonprivate:
+        raise ConfigError("method.stages", list(m.stages),
+                          f"mixes DP stages ({', '.join(private)}) with {', '.join(nonprivate)}, which reads the "
+                          "sensitive images without clipping or noise, so no output could carry the guarantee",
+                          "drop the non-private stage, or use method=nonprivate for a non-private run")
     validate_sampling_config(cfg.sampling, is_latent_model(model))
     unknown = [s for s in run_stages(cfg) if s not in STAGES]
     if unknown:
@@ -105,7 +114,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     if {"dp_train", "dp_finetune"} & set(m.stages):
         _check_dp_model(cfg)
-    if m.get("formal_guarantee", True):
+    if training_is_private(cfg):
         p = cfg.privacy
         if p.eps is None or p.eps <= 0:
             raise ConfigError("privacy.eps", p.eps, "must be > 0", "set privacy.eps to e.g. 1 or 10")

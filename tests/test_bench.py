@@ -45,6 +45,28 @@ def test_bench_rows_carry_the_issue_fields_and_consistent_ratios():
     assert table.count("\n") == len(rows) + 1 and "unet_tiny/attention_only/mixed" in table
 
 
+def test_a_latent_model_benches_dpldm_on_latents_with_its_default_trainable_set(monkeypatch):
+    import dpgen.bench as bench
+    from dpgen.methods.dpldm import trainable_parameter_names
+
+    shapes = []
+    measured = bench.measure
+
+    def measure(pair, *args):
+        shapes.append(tuple(pair.batch[0].shape))
+        return measured(pair, *args)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    rows = run_bench(_tiny(models=["ldm_tiny"], multiplicities=[2], repeats=1))
+    assert [r["config"] for r in rows] == ["ldm_tiny/full/mixed", "ldm_tiny/attention_only/mixed"]
+    assert shapes == [(4, 2, 4, 4)] * 2  # 8x8 images -> the autoencoder's 2x4x4 latents
+    module = bench.build_module("ldm_tiny", "attention_only", 2, _tiny(), torch.device("cpu"))
+    sizes = {n: p.numel() for n, p in module.unet.named_parameters()}
+    assert rows[0]["trainable_parameters"] == sum(sizes.values())  # the denoiser; the autoencoder is frozen
+    assert rows[1]["trainable_parameters"] == sum(sizes[n] for n in trainable_parameter_names(module.unet, "attention"))
+    assert rows[1]["trainable_parameters"] < rows[0]["trainable_parameters"] < rows[0]["total_parameters"]
+
+
 @pytest.mark.parametrize(("device", "precision"), [("cpu", "bf16"), on_cuda("cuda", "32"), on_cuda("cuda", "bf16")])
 def test_bench_runs_on_each_device_and_precision(device, precision):
     (row,) = run_bench(_tiny(device=device, precision=precision, trainable=["full"], multiplicities=[2]))

@@ -13,6 +13,7 @@ from dpgen.config import validate_config
 from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.errors import ConfigError
 from dpgen.pipeline import run_pipeline
+from dpgen.privacy.guarantee import CPSAMPLE_NO_GUARANTEE
 from dpgen.release import ReleaseSpec, make_release
 from dpgen.sampling import (
     ProtectionGuidance,
@@ -23,7 +24,6 @@ from dpgen.sampling import (
 from dpgen.sampling.__main__ import main as resample
 from dpgen.sampling.__main__ import resampling_config
 from dpgen.stages import run_stages
-from dpgen.stages.planning import CPSAMPLE_NO_GUARANTEE
 
 ALPHAS = make_train_scheduler({"num_train_timesteps": 1000, "beta_schedule": "linear"}).alphas_cumprod
 

@@ -110,7 +110,8 @@ def _fmt(value: Any, percent: bool = False) -> str:
     return str(value)
 
 
-def _method_label(row: dict[str, Any]) -> str:
+def method_label(row: dict[str, Any]) -> str:
+    """The method, marked when DP training's guarantee was voided (CPSample): it keeps its ε."""
     voided = not row["private"] and row["epsilon"] is not None
     return f"{row['method']} (no formal DP)" if voided else str(row["method"])
 
@@ -121,7 +122,7 @@ def _markdown(rows: list[dict[str, Any]]) -> bytes:
               + ["real-data ceiling %", "FID ↓", "KID ↓", "precision", "recall", "IS", "FID held-out ↓", "run"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = ([_method_label(r), _fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
+        cells = ([method_label(r), _fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
                  + [_fmt(r.get(c), True) for c in classifiers]
                  + [_fmt(r["accuracy_real_mean"], True)] + [_fmt(r[k]) for k in _FIDELITY] + [f"`{r['run']}`"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -162,7 +163,7 @@ def _utility_markdown(rows: list[dict[str, Any]]) -> list[str]:
              "choosing classifier settings on synthetic validation data and on real data.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in studied:
-        cells = ([r["method"], _fmt(r["epsilon"])] + [_fmt(r.get(f"utility_mean_{x}"), True) for x in sizes]
+        cells = ([method_label(r), _fmt(r["epsilon"])] + [_fmt(r.get(f"utility_mean_{x}"), True) for x in sizes]
                  + [" / ".join(_fmt(r.get(f"utility_{k}_{x}"), True)
                                for k in ("ensemble", "selected_member", "hindsight_member"))
                     for x in sizes]

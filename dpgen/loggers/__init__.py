@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpgen.data.config import require_choice, require_int, to_plain
 from dpgen.errors import ConfigError
 from dpgen.loggers.grids import SampleGridCallback
+from dpgen.privacy.guarantee import guarantee_notes, has_formal_guarantee, training_is_private
 
 LOGGERS = ("csv", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -57,9 +58,12 @@ def _sweep_group() -> str | None:
 
 
 def _run_name(cfg: DictConfig) -> str:
-    if not cfg.method.get("formal_guarantee", True):
+    """``dpdm-eps10``; ``nonprivate``; ``dpdm-eps10-cpsample-no-formal-dp`` when sampling voids the
+    guarantee of a DP-trained generator, so a dashboard never shows such a run as a DP point."""
+    if not training_is_private(cfg):
         return cfg.method.name
-    return f"{cfg.method.name}-eps{cfg.privacy.eps:g}"
+    name = f"{cfg.method.name}-eps{cfg.privacy.eps:g}"
+    return name if has_formal_guarantee(cfg) else f"{name}-{cfg.sampling.name}-no-formal-dp"
 
 
 @contextmanager
@@ -120,4 +124,7 @@ def log_results(cfg: DictConfig, run_dir: Path) -> None:
             summary[name] = json.loads(path.read_text())
     wandb.run.summary.update({**summary.get("metrics", {}), "privacy": summary.get("privacy", {})})
     if (run_dir / "samples.png").exists():
-        wandb.run.log({"samples": wandb.Image(str(run_dir / "samples.png"), caption="final samples, one row per class")})
+        caption = "final samples, one row per class"
+        if not has_formal_guarantee(cfg):
+            caption += "; no formal DP guarantee: " + " ".join(guarantee_notes(cfg))
+        wandb.run.log({"samples": wandb.Image(str(run_dir / "samples.png"), caption=caption)})

@@ -6,13 +6,20 @@ What trains under DP is ``method.trainable``, by parameter name of the :class:`L
 * ``attention`` (default): inside every ``Transformer2DModel`` (the transformers of the
   ``CrossAttnDownBlock2D`` / ``UNetMidBlock2DCrossAttn`` / ``CrossAttnUpBlock2D`` blocks) the
   input GroupNorm ``norm``, ``proj_in``, ``proj_out``, and in each transformer block the
-  self-attention ``norm1`` + ``attn1.*`` and the cross-attention ``norm2`` + ``attn2.*``;
-  plus the class embedder ``class_embedder.weight``. The transformer blocks' feed-forward
-  (``norm3`` + ``ff.*``) stays frozen: it is as large as the attention itself.
+  self-attention ``norm1`` + ``attn1.*`` and the cross-attention's value and output
+  projections ``attn2.to_v`` + ``attn2.to_out``; plus the class embedder
+  ``class_embedder.weight``. The transformer blocks' feed-forward (``norm3`` + ``ff.*``) stays
+  frozen: it is as large as the attention itself.
 * ``attention_only``: the same without the class embedder.
 * ``transformer``: whole ``Transformer2DModel`` modules, feed-forward included, plus the class
   embedder: the set DP-LDM's released code fine-tunes.
 * ``all``: every denoiser parameter.
+
+The cross-attention attends to one token, the class embedding (:class:`LatentDenoiser`): a
+softmax over a single key is 1 whatever the query, so ``attn2.to_q``, ``attn2.to_k`` and the
+query's pre-norm ``norm2`` cannot change the output and get no gradient (only float rounding,
+about 1e-9). The attention sets leave them frozen: under DP-SGD they would get only noise and
+cost per-example work.
 
 ``method.blocks`` (e.g. ``[mid_block, up_blocks.0]``) restricts the attention sets to the
 transformers inside those UNet blocks: the paper's ablation over which layers to fine-tune.
@@ -21,6 +28,7 @@ The autoencoder is always frozen. Clipping, noise and accounting are the shared 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +50,8 @@ from dpgen.models.ldm import (
 
 TRAINABLE = ("attention", "attention_only", "transformer", "all")
 _FEED_FORWARD = ("norm3", "ff")  # a transformer block's feed-forward and its pre-norm
+# In a transformer block, what only the cross-attention's scores depend on (see above).
+_ONE_TOKEN_DEAD = re.compile(r"transformer_blocks\.\d+\.(norm2|attn2\.to_q|attn2\.to_k)\.")
 
 
 def attention_blocks(denoiser: LatentDenoiser) -> dict[str, nn.Module]:
@@ -71,6 +81,8 @@ def trainable_parameter_names(denoiser: LatentDenoiser, trainable: str,
             if not isinstance(module, Transformer2DModel):
                 continue
             for param_name, _ in module.named_parameters():
+                if _ONE_TOKEN_DEAD.match(param_name):
+                    continue
                 if trainable == "transformer" or not set(param_name.split(".")) & set(_FEED_FORWARD):
                     names.add(f"unet.{block_name}.{module_name}.{param_name}")
     return names

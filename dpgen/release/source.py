@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import describe_data
 from dpgen.methods import DiffusionModule
+from dpgen.privacy.guarantee import has_formal_guarantee, training_is_private
 from dpgen.stages.training import FINAL_WEIGHTS, build_module
 
 # The ledger's own slack for comparing a spent epsilon with its target (float round-off only).
@@ -35,9 +36,10 @@ class SourceRun:
 
     @property
     def formal_guarantee(self) -> bool:
-        """False for methods without a guarantee and for runs whose ledger gave it up (CPSample)."""
+        """False when a stage of the run read the sensitive images without DP (``train``, CPSample)
+        and when its ledger gave the guarantee up."""
         ledger_kept_it = self.privacy.get("formal_guarantee", "epsilon_spent" in self.privacy)
-        return bool(self.cfg.method.get("formal_guarantee", True)) and bool(ledger_kept_it)
+        return has_formal_guarantee(self.cfg) and bool(ledger_kept_it)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -79,9 +81,8 @@ def open_run(run_dir: str | Path) -> SourceRun:
                            f"Fix: finish it with `python -m dpgen +resume={run_dir}` and its original overrides")
 
     privacy_file = run_dir / "privacy.json"
-    marked_nonprivate = not cfg.method.get("formal_guarantee", True)
     if not privacy_file.is_file():
-        if not marked_nonprivate:
+        if training_is_private(cfg):
             raise ReleaseError(f"{run_dir}: no privacy.json, so the guarantee of method {cfg.method.name} "
                                "cannot be stated. Fix: release only runs whose privacy.json is intact")
         return SourceRun(run_dir, cfg, {}, done)

@@ -17,19 +17,13 @@ from omegaconf import DictConfig
 from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
+from dpgen.privacy.guarantee import guarantee_notes, training_is_private
 from dpgen.privacy.ledger import POISSON_GAUSSIAN, PlannedStage, PrivacyLedger, compute_epsilon
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
 
 log = logging.getLogger("dpgen")
-
-NO_GUARANTEE = ("This run carries no formal differential-privacy guarantee: it trains on the "
-                "sensitive data without clipping or noise.")
-CPSAMPLE_NO_GUARANTEE = ("This run's samples carry no formal differential-privacy guarantee: CPSample's "
-                         "protection classifier is trained on the sensitive training images without "
-                         "clipping or noise. Any epsilon reported covers the generator's training only; "
-                         "CPSample's protection is empirical (see the audit metrics).")
 
 
 def _plan_dp_sgd(stage: str) -> Callable[[DictConfig, int], list[PlannedStage]]:
@@ -78,9 +72,9 @@ STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
 
 def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     cfg = ctx.cfg
-    sampling_note = None if cfg.sampling.get("formal_guarantee", True) else CPSAMPLE_NO_GUARANTEE
-    if not cfg.method.get("formal_guarantee", True):
-        note = " ".join(n for n in (NO_GUARANTEE, sampling_note) if n)
+    notes = guarantee_notes(cfg)
+    if not training_is_private(cfg):
+        note = " ".join(notes)
         if is_rank_zero():
             write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name, "note": note})
         log.warning(note)
@@ -92,9 +86,9 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     ledger.plan(stages)
     if ctx.privacy_json.exists():  # resuming: what earlier attempts spent stays spent
         ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
-    if sampling_note:
-        ledger.void_guarantee(sampling_note)
-        log.warning(sampling_note)
+    if notes:  # DP training, but something else reads the sensitive images (CPSample)
+        ledger.void_guarantee(" ".join(notes))
+        log.warning(" ".join(notes))
     if is_rank_zero():  # one ledger file: other ranks (external launch) keep theirs in memory
         ledger.write(ctx.privacy_json)
     for ev in ledger.planned:

@@ -19,8 +19,8 @@ from dpgen.data.dataset import stack_items
 from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.io import save_torch
 from dpgen.models.protection import ProtectionClassifier
+from dpgen.privacy.guarantee import CPSAMPLE_NO_GUARANTEE
 from dpgen.sampling import ProtectionGuidance, ProtectionSettings, train_protection_classifier
-from dpgen.stages.planning import CPSAMPLE_NO_GUARANTEE
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext

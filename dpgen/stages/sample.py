@@ -16,7 +16,7 @@ import torch
 from dpgen.diffusion.sampling import run_solver
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers.grids import save_grid
-from dpgen.stages.planning import CPSAMPLE_NO_GUARANTEE
+from dpgen.privacy.guarantee import CPSAMPLE_NO_GUARANTEE
 from dpgen.stages.protection import load_protection_guidance, protection_summary
 from dpgen.stages.training import load_final_module
 
