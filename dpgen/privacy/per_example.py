@@ -366,9 +366,12 @@ class PerExampleGradients:
         for module, acts, backprops in self._kept:
             # Gradients are linear in the output gradient: scaling each row's output gradient by
             # its example's factor, then summing over all rows as one "example", is the clipped sum.
+            # In the parameters' dtype: under bf16 autocast the output gradient is bf16, and
+            # rounding the factors or the scaled rows to bf16 lets a clipped example exceed C.
+            dtype = next(p for p in module.parameters(recurse=False) if p.requires_grad).dtype
             k = backprops.shape[0] // len(factors)
-            rows = factors.to(backprops.dtype).repeat(k).view(-1, *([1] * (backprops.dim() - 1)))
-            for p, g in self._samplers[module](module, acts, backprops * rows, 1).items():
+            rows = factors.to(dtype).repeat(k).view(-1, *([1] * (backprops.dim() - 1)))
+            for p, g in self._samplers[module](module, acts, backprops.to(dtype) * rows, 1).items():
                 out[p] = g[0] if p not in out else out[p] + g[0]
         return [out[p] if p in out else torch.zeros_like(p) for p in self.params]
 
