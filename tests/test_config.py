@@ -92,15 +92,21 @@ def test_unreachable_budget_is_refused_before_any_stage(tiny_cfg, tmp_path):
     assert not (tmp_path / "run" / "stages.json").exists()
 
 
-def test_batchnorm_is_refused_under_dp(tiny_cfg):
+@pytest.mark.parametrize("norm", ["trainable", "frozen", "affine_free", "instance_tracking"])
+def test_batchnorm_is_refused_under_dp(tiny_cfg, norm):
+    """Frozen or affine-free, a BatchNorm still mixes the examples of a batch in training mode
+    and saves their running statistics un-noised (Opacus's validator checks trainable ones only)."""
     from dp_helpers import TinyDPModule, make_batch, one_dp_step
 
     from dpgen.privacy.strategy import DPSGDConfig
 
     module = TinyDPModule(1)
-    module.net.norm = torch.nn.BatchNorm2d(4)
+    layer = {"trainable": torch.nn.BatchNorm2d(4), "frozen": torch.nn.BatchNorm2d(4).requires_grad_(False),
+             "affine_free": torch.nn.BatchNorm2d(4, affine=False),
+             "instance_tracking": torch.nn.InstanceNorm2d(4, track_running_stats=True)}[norm]
+    module.net.norm = layer
     cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, dataset_size=40)
-    with pytest.raises(ValueError, match="BatchNorm"):
+    with pytest.raises(ValueError, match="BatchNorm|InstanceNorm"):
         one_dp_step(module, make_batch(4), cfg)
 
 

@@ -240,3 +240,36 @@ def test_unsupported_trainable_layer_is_refused():
 
     with pytest.raises(UnsupportedLayerError):
         PerExampleGradients(Odd())
+
+
+def test_a_conv_padding_other_than_zeros_is_refused():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(UnsupportedLayerError, match="padding_mode='reflect'"):
+        PerExampleGradients(net)
+
+
+class _WeightAlsoUsedOutsideItsModule(torch.nn.Module):
+    """``lin.weight`` also enters through ``F.linear``, where no hook of ``lin`` sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(6, 6)
+
+    def per_example_loss(self, batch):
+        h = torch.tanh(self.lin(batch[0]))
+        return torch.nn.functional.linear(h, self.lin.weight).pow(2).sum(1, keepdim=True)
+
+
+@ALL_MODES
+def test_a_gradient_the_hooks_cannot_see_never_passes_clipping(clipping):
+    """Every mode sums only what the hooks saw, by the formulas that gave the norms. Ghost mode
+    used to take its sum from autograd, which also saw the outside use: 1.6-2.1 C per example."""
+    module = _WeightAlsoUsedOutsideItsModule()
+    engine = PerExampleGradients(module)
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    clip = 1e-3
+    for i in range(6):
+        grad_sum, _ = clipped_gradient_sum(engine, module.per_example_loss, [x[i:i + 1]], clip, 8, clipping)
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grad_sum)).item()
+        assert norm <= clip * (1 + 1e-5)

@@ -209,6 +209,12 @@ def _ghost_pays(layer: nn.Module, acts: torch.Tensor, output: torch.Tensor, batc
 
 
 def _sampler_for(layer: nn.Module) -> FoldedSampler:
+    if isinstance(layer, nn.modules.conv._ConvNd) and layer.padding_mode != "zeros":
+        # Every formula here (ours and Opacus's) pads with zeros: the norms would be of another
+        # gradient than the one the layer has.
+        raise UnsupportedLayerError(
+            f"trainable {type(layer).__name__} with padding_mode={layer.padding_mode!r}: per-example "
+            "gradients assume zero padding; use padding_mode='zeros' or freeze it")
     if type(layer) is nn.Linear:
         return _linear
     if _is_plain_conv(layer):
@@ -255,7 +261,8 @@ class PerExampleGradients:
     depends on the capture mode:
 
     * ``materialize``: the layer's per-example gradients, ``p.grad_sample`` ``[B, *p.shape]``.
-    * ``norms``: only their squared norms (for a second, reweighted backward: ghost clipping).
+    * ``norms``: only their squared norms; a second, reweighted backward through the retained
+      graph then gives the clipped sum, layer by layer (ghost clipping, :meth:`reweighted_sum`).
     * ``mixed`` (book-keeping, Bu et al. 2023): per layer, until the clip factors are known,
       either the per-example gradients (``B*P`` values) or the layer's input and output
       gradient; the clipped sum of the latter is one ordinary weight gradient with output
@@ -286,6 +293,8 @@ class PerExampleGradients:
         self._calls: dict[nn.Module, int] = {}  # forward calls per module in this capture
         self._sq_norms: torch.Tensor | None = None  # [B], of layers whose gradients are not kept
         self._kept: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # book-keeping layers
+        self._retained_roots: list[torch.Tensor] = []  # norms mode: where the reweighted backward goes
+        self._sums: dict[nn.Parameter, torch.Tensor] | None = None  # filled by the reweighted backward
         owner: dict[nn.Parameter, nn.Module] = {}
         for module in model.modules():
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -328,6 +337,8 @@ class PerExampleGradients:
         """Process the forward pass that produced ``loss`` (see the class docstring)."""
         if self._roots:
             torch.autograd.grad(loss, self._roots, allow_unused=True, retain_graph=retain_graph)
+        if retain_graph:
+            self._retained_roots = list(self._roots)
         self._roots.clear()
         if self._pending:
             # Silently zero gradients would hide a bug: an output that never received a
@@ -351,6 +362,23 @@ class PerExampleGradients:
             if p.grad_sample is not None:
                 total += p.grad_sample.flatten(1).float().pow(2).sum(1)
         return total
+
+    def reweighted_sum(self, weighted_loss: torch.Tensor) -> list[torch.Tensor]:
+        """``norms`` mode, after ``backward(loss, retain_graph=True)``: the gradient of
+        ``weighted_loss`` (each example's loss times its clip factor), summed by the layer hooks.
+
+        Every layer's share comes from the same formula, on the same inputs, that gave its norms,
+        never from autograd's own parameter gradient: a gradient the hooks cannot see (a weight
+        also used outside its module) then cannot slip past clipping.
+        """
+        assert self._mode == "norms" and self._retained_roots, "reweighted_sum() needs backward(retain_graph=True)"
+        self._sums = {}
+        try:
+            torch.autograd.grad(weighted_loss, self._retained_roots, allow_unused=True)
+            return [self._sums.get(p, torch.zeros_like(p)) for p in self.params]
+        finally:
+            self._sums = None
+            self._retained_roots = []
 
     def weighted_sum(self, factors: torch.Tensor) -> list[torch.Tensor]:
         """``sum_b factors[b] * grad_b`` for every trainable parameter (not in ``norms`` mode)."""
@@ -378,6 +406,7 @@ class PerExampleGradients:
     def clear(self) -> None:
         self._sq_norms = None
         self._kept.clear()
+        self._retained_roots = []
         self._calls.clear()
         for p in self.params:
             p.grad_sample = None
@@ -447,9 +476,16 @@ class PerExampleGradients:
 
     def _accumulate(self, key: int, module: nn.Module, box: list[torch.Tensor], backprops: torch.Tensor,
                     batch: int, keep: str, ghost: bool) -> None:
-        if self._pending.pop(key, None) is None:
-            return  # a later backward through a retained graph (ghost clipping's second pass)
-        acts = box.pop()
+        if self._pending.pop(key, None) is None:  # a backward through the retained graph
+            if self._sums is not None and box:  # reweighted_sum: all rows as one example
+                acts = box.pop()
+                with exact_fp32():
+                    for p, g in self._samplers[module](module, acts, backprops, 1).items():
+                        self._sums[p] = g[0] if p not in self._sums else self._sums[p] + g[0]
+            return
+        # In norms mode the input stays for the reweighted backward; autograd's retained graph
+        # holds the same tensor, so this costs no memory.
+        acts = box[0] if self._mode == "norms" else box.pop()
         if self._calls[module] > 1:
             # Shared weights: an example's gradient is the sum over calls, and the norm of a
             # sum is not the sum of norms, so keep the gradients and add them up.

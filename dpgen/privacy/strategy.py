@@ -119,7 +119,8 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
       then a weighted sum. Memory grows with B times the trainable parameters.
     - ``ghost``: a first backward keeps only per-example norms (one layer's gradients at a
       time), a second backward of the loss reweighted by the clip factors gives the clipped
-      sum directly. About one extra backward pass, no ``B*P`` memory.
+      sum, each layer's share by the formula that gave its norm. About one extra backward
+      pass, no ``B*P`` memory.
     - ``mixed``: one backward; each layer keeps either its per-example gradients or its
       input and output gradient (``PerExampleGradients`` says which), and the clipped sum of
       the latter is one ordinary weight gradient with reweighted output gradients (book-keeping).
@@ -151,9 +152,7 @@ def clipped_gradient_sum(engine: PerExampleGradients, per_example_loss: Callable
                 with exact_fp32():
                     engine.backward(per_example.sum(), retain_graph=True)
                     factors = clip_factors(engine.squared_norms(), max_grad_norm)
-                    grads = torch.autograd.grad((factors.detach() * per_example).sum(), params,
-                                                allow_unused=True)
-                clipped = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                    clipped = engine.reweighted_sum((factors.detach() * per_example).sum())
             else:
                 engine.backward(per_example.sum())
                 clipped = engine.weighted_sum(clip_factors(engine.squared_norms(), max_grad_norm))
@@ -178,9 +177,18 @@ def assert_dp_compatible(module: torch.nn.Module) -> None:
     """Refuse modules that per-example clipping cannot make private, before any training.
 
     Opacus's validator flags e.g. BatchNorm, whose batch statistics mix examples so that one
-    example's gradient depends on the others in its batch.
+    example's gradient depends on the others in its batch. It only looks at trainable modules;
+    a frozen or affine-free BatchNorm mixes examples all the same, and its running statistics
+    of the sensitive batches would be saved un-noised, so every module is checked for those.
     """
     from opacus.validators import ModuleValidator
+
+    for name, m in module.named_modules():
+        tracks = isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.track_running_stats
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or tracks:
+            raise ValueError(f"model is not DP-compatible: {name} ({type(m).__name__}) mixes examples or keeps "
+                             "running statistics of the sensitive batches, trainable or not. "
+                             "Fix: use GroupNorm or LayerNorm")
 
     errors = ModuleValidator.validate(module, strict=False)
     if errors:
