@@ -90,3 +90,28 @@ def test_stratified_split_quotas_and_determinism():
     again = stratified_split(labels, 10, seed=1)
     assert np.array_equal(test, again[1])
     assert not np.array_equal(test, stratified_split(labels, 10, seed=2)[1])
+
+
+def test_content_fingerprint_follows_pixels_labels_and_files(tmp_path):
+    from torch.utils.data import Subset
+
+    from dpgen.data.dataset import FileImageDataset, content_fingerprint
+
+    info = DatasetInfo("t", 2, ("a", "b"), 1, 4)
+    images, labels = torch.zeros(3, 1, 4, 4), torch.tensor([0, 1, 0])
+    base = content_fingerprint(TensorImageDataset(images, labels, info))
+    assert content_fingerprint(TensorImageDataset(images.clone(), labels.clone(), info)) == base
+    changed = images.clone()
+    changed[2, 0, 3, 3] = 1e-3
+    assert content_fingerprint(TensorImageDataset(changed, labels, info)) != base
+    assert content_fingerprint(TensorImageDataset(images, torch.tensor([0, 1, 1]), info)) != base
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", (4, 4), i).save(paths[-1])
+    files = FileImageDataset(paths, [0, 1, 0], info, transform=lambda img: torch.zeros(1, 4, 4))
+    before = content_fingerprint(files)
+    assert content_fingerprint(Subset(files, [0, 2])) != content_fingerprint(Subset(files, [0, 1]))
+    Image.new("L", (5, 4), 9).save(paths[1])  # the same path re-exported with other content
+    assert content_fingerprint(files) != before

@@ -148,3 +148,23 @@ def test_num_samples_and_metric_selection(tiny_cfg, tmp_path, monkeypatch):
     assert metrics["num_samples"] == 100 and ("train", 100) in events.log and added["samples"] == 100
     assert set(metrics["downstream_accuracy"]) == {"mlp", "mean"}
     assert "fid" in metrics and not {"kid_mean", "precision", "inception_score_mean", "fid_heldout"} & set(metrics)
+
+
+def test_real_data_references_key_on_the_content_of_the_splits(tiny_cfg, tmp_path, monkeypatch):
+    """Another sensitive set under the same config (same root re-exported, a copied config)
+    must not read this one's cached numbers: the key holds both splits' fingerprints."""
+    keys = []
+    monkeypatch.setattr(evaluate_stage, "cached_reference", lambda _dir, _kind, key, _compute: keys.append(key) or {})
+    cfg = tiny_cfg("method=nonprivate")
+    ctx = _context(cfg, tmp_path / "a")
+    held_out = ctx.held_out_test_set()
+    evaluate_stage._real_classifiers(ctx, held_out)
+    train = ctx.train_set
+    images = train.images.clone()
+    images[0, 0, 0, 0] += 0.5  # one pixel of one image
+    ctx.train_set = TensorImageDataset(images, train.labels, train.info)
+    evaluate_stage._real_classifiers(ctx, held_out)
+    ctx.train_set = train
+    evaluate_stage._real_classifiers(ctx, held_out)
+    assert keys[0]["content"] != keys[1]["content"] and keys[0] == keys[2]
+    assert keys[0]["data"] == keys[1]["data"]

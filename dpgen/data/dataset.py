@@ -5,13 +5,14 @@ Images are float32 ``[C, S, S]`` in [-1, 1]; labels are python ints in ``[0, num
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,28 @@ def stack_items(dataset: Dataset, indices: Sequence[int] | None = None) -> tuple
     idx = range(len(dataset)) if indices is None else [int(i) for i in indices]
     items = [dataset[i] for i in idx]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def content_fingerprint(dataset: Dataset) -> str:
+    """A hash of what ``dataset`` holds: its images and labels (in memory), or its files' paths,
+    sizes and modification times with the labels (read from files). Caches of numbers computed
+    on a sensitive set key on it, so that another set at the same config never reads them."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, Subset):  # data.train_limit over files: the files and which of them
+        digest.update(content_fingerprint(dataset.dataset).encode())
+        digest.update(torch.as_tensor(dataset.indices).numpy().tobytes())
+        return digest.hexdigest()[:16]
+    if isinstance(dataset, FileImageDataset):
+        for path in dataset.paths:
+            stat = Path(path).stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        labels = dataset.labels
+    else:
+        images, labels = ((dataset.images, dataset.labels) if isinstance(dataset, TensorImageDataset)
+                          else stack_items(dataset))
+        digest.update(images.contiguous().numpy().tobytes())
+    digest.update(labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class TensorImageDataset(Dataset):

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from dpgen.data.dataset import stack_items
+from dpgen.data.dataset import content_fingerprint, stack_items
 from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
 from dpgen.eval.downstream import (
     TrainedClassifier,
@@ -56,6 +56,12 @@ def _downstream(ctx: RunContext, images: torch.Tensor, labels: torch.Tensor) -> 
                              TrainSettings.from_config(d), seed=ctx.cfg.seed)
 
 
+def _content(ctx: RunContext, held_out: Dataset) -> list[str]:
+    """What the real-data references were computed on: the same config at another root, or
+    the same root re-exported, must not reuse another sensitive set's numbers."""
+    return [content_fingerprint(ctx.train_set), content_fingerprint(held_out)]
+
+
 def _real_classifiers(ctx: RunContext, held_out: Dataset) -> dict[str, float]:
     """The ceiling: the same classifiers trained on the real training split."""
     cfg = ctx.cfg
@@ -65,7 +71,8 @@ def _real_classifiers(ctx: RunContext, held_out: Dataset) -> dict[str, float]:
         images, labels = stack_items(ctx.train_set)
         return final_accuracy(_downstream(ctx, images, labels), held_out)
 
-    key = {"data": _plain(cfg.data), "downstream": _plain(cfg.eval.downstream), "seed": cfg.seed}
+    key = {"data": _plain(cfg.data), "downstream": _plain(cfg.eval.downstream), "seed": cfg.seed,
+           "content": _content(ctx, held_out)}
     return cached_reference(cfg.eval.cache_dir, "downstream", key, compute)
 
 
@@ -87,7 +94,8 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
             log.info("evaluate: %s of the samples vs the held-out real split", ", ".join(pairwise))
             out.update({f"{k}_heldout": v for k, v in fid.compare("samples", "heldout", pairwise).items()})
         if e.reference:
-            key = {"data": _plain(cfg.data), "extractor": extractor.weights_sha256, "seed": cfg.seed,
+            key = {"data": _plain(cfg.data), "content": _content(ctx, held_out),
+                   "extractor": extractor.weights_sha256, "seed": cfg.seed,
                    "settings": {k: v for k, v in fid_cfg.items() if k not in ("glyphs", "glyphnet", "weights_path")}}
             out["fidelity_reference"] = cached_reference(e.cache_dir, "fidelity", key, lambda: {
                 "compares": "real training split vs real held-out split",
