@@ -189,3 +189,19 @@ def test_class_counts_use_equal_shares_or_a_public_prior_only():
     assert all(np.bincount(labels[a:a + 100], minlength=10).min() >= 4 for a in range(0, 1000, 100))
     with pytest.raises(ValueError, match="non-negative"):
         ReleaseSpec(5, "npz", class_prior=(1.0, -1.0)).check(2)
+
+
+def test_the_card_names_the_public_data_of_every_pretraining_method(tmp_path):
+    from dpgen.release.datacard import NOT_COVERED, _public_data
+    from dpgen.release.source import SourceRun
+
+    def public(*overrides):
+        cfg = compose_config([f"paths.cache_dir={tmp_path}", f"paths.data_root={tmp_path}", *overrides])
+        return _public_data(SourceRun(tmp_path, cfg, {}, []))
+
+    privimage = public("method=privimage")
+    assert privimage["name"] == "glyphs" and "DP semantic query" in privimage["pretrained_on"]
+    assert public("method=dpldm")["name"] == "glyphs" and "pretrained_on" not in public("method=dpldm")
+    assert public("method=dpdm")["name"] == "glyphs"
+    assert public("method=dpdm", "method.pretrain=none", "method.stages=[dp_train,sample,evaluate]") is None
+    assert any("N of the sensitive training split is treated as public" in line for line in NOT_COVERED)

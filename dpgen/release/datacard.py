@@ -22,7 +22,7 @@ from dpgen.release.shards import ReleaseSpec
 from dpgen.release.source import SourceRun
 
 JSON_NAME, MARKDOWN_NAME = "datacard.json", "DATACARD.md"
-_PUBLIC_STAGES = ("pretrain_autoencoder", "pretrain_ldm")
+_PUBLIC_STAGES = ("pretrain_autoencoder", "pretrain_ldm", "train_query_classifier", "pretrain_selected")
 _PRIVACY_KEYS = ("epsilon_spent", "epsilon_target", "delta", "accountant", "epsilon_by_accountant",
                  "neighbouring", "dataset_size")
 NOT_COVERED = [
@@ -32,6 +32,8 @@ NOT_COVERED = [
     "and carry no guarantee.",
     "The class labels are the requested ones (uniform, or the public prior below), not the "
     "sensitive class proportions.",
+    "The size N of the sensitive training split is treated as public, as in Opacus and the DP "
+    "image-generation papers: it sets the sampling rate and is stated here unprotected.",
 ]
 
 
@@ -63,6 +65,9 @@ def _public_data(run: SourceRun) -> dict[str, Any] | None:
         return None
     public = OmegaConf.to_container(cfg.public, resolve=True)
     public.pop("cache_dir", None)
+    if "pretrain_selected" in cfg.method.stages:
+        public["pretrained_on"] = ("the public classes chosen by the DP semantic query (selection.json), "
+                                   "relabelled to the sensitive classes")
     return public
 
 

@@ -235,6 +235,9 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
     its examples) for ``method.train.steps`` logical steps, as planned for ``stage``; resumes
     from the last checkpoint; writes the final weights."""
     cfg = ctx.cfg
+    if len(dataset) != ctx.ledger.dataset_size:  # q = B/N and the q·N normaliser assume this N
+        raise ValueError(f"{stage}: {len(dataset)} training examples, but the privacy plan was made for "
+                         f"N={ctx.ledger.dataset_size}")
     strategy = dp_strategy(ctx, stage)
     remaining = ctx.ledger.remaining_steps(stage)
     ckpt_dir = ctx.path("checkpoints")
