@@ -34,14 +34,14 @@ def _linear(layer: nn.Linear, acts: torch.Tensor, backprops: torch.Tensor, batch
     # [K*B, ..., in] -> [K, B, T, in]: copy k of example b and its positions t are all summed
     # into example b's gradient by the same contraction.
     dtype = layer.weight.dtype  # accumulate in the parameter dtype, also under bf16 autocast
-    k = acts.shape[0] // batch
-    a = acts.to(dtype).reshape(k, batch, -1, acts.shape[-1])
-    g = backprops.to(dtype).reshape(k, batch, -1, backprops.shape[-1])
+    g = _per_example_positions(backprops.to(dtype), batch)  # [B, K*T, out]; a view when K=1
     out = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = torch.einsum("kbto,kbti->boi", g, a)
+        # bmm rather than einsum: the same kernel without einsum's parsing, which costs as much
+        # as the product itself at attention-block sizes (B=64, 64 positions, 32 channels).
+        out[layer.weight] = torch.bmm(g.transpose(1, 2), _per_example_positions(acts.to(dtype), batch))
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g.sum((0, 2))
+        out[layer.bias] = g.sum(1)
     return out
 
 
@@ -55,16 +55,26 @@ def _conv2d(layer: nn.Conv2d, acts: torch.Tensor, backprops: torch.Tensor, batch
     k = acts.shape[0] // batch
     dtype = layer.weight.dtype
     c, o = acts.shape[1], backprops.shape[1]
-    a = acts.to(dtype).reshape(k, batch * c, *acts.shape[2:])
-    g = backprops.to(dtype).reshape(k, batch * o, *backprops.shape[2:])
     out = {}
-    if layer.weight.requires_grad:
+    if layer.weight.requires_grad and _is_pointwise(layer):
+        # A 1x1 convolution is a Linear over positions: one batched contraction, about 10x faster
+        # here than the grouped weight gradient at 64 channels (timed at B=64, 4x4 and 8x8).
+        a = acts.to(dtype).reshape(k, batch, c, -1)
+        g = backprops.to(dtype).reshape(k, batch, o, -1)
+        out[layer.weight] = torch.einsum("kbot,kbit->boi", g, a).view(batch, *layer.weight.shape)
+    elif layer.weight.requires_grad:
+        a = acts.to(dtype).reshape(k, batch * c, *acts.shape[2:])
+        g = backprops.to(dtype).reshape(k, batch * o, *backprops.shape[2:])
         w = torch.nn.grad.conv2d_weight(a, (batch * o, c, *layer.kernel_size), g, stride=layer.stride,
                                         padding=layer.padding, dilation=layer.dilation, groups=batch)
         out[layer.weight] = w.view(batch, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g.sum((0, 2, 3)).view(batch, o)
+        out[layer.bias] = backprops.to(dtype).reshape(k, batch, o, -1).sum((0, 3))
     return out
+
+
+def _is_pointwise(layer: nn.Conv2d) -> bool:
+    return layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
 
 
 def _fold_after(opacus_fn: Callable) -> FoldedSampler:
@@ -85,7 +95,8 @@ def _fold_after(opacus_fn: Callable) -> FoldedSampler:
 
 
 def _per_example_positions(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """[K*B, T, F] copy-major rows -> [B, K*T, F]: an example's K copies become extra positions."""
+    """[K*B, ..., F] copy-major rows -> [B, K*T, F]: an example's K copies (and its positions)
+    become the positions of one row."""
     k = t.shape[0] // batch
     return t.reshape(k, batch, -1, t.shape[-1]).transpose(0, 1).reshape(batch, -1, t.shape[-1])
 
