@@ -19,6 +19,9 @@ TINY = {"name": "t", "block_out_channels": [8, 16], "down_block_types": ["DownBl
 def test_unet_per_example_gradients_match_explicit_loop(k):
     torch.manual_seed(0)
     unet = build_unet(TINY, image_size=8, channels=1, num_classes=3)
+    # Every formula: 3x3 and 1x1 (skip-connection) convolutions, Linear, GroupNorm, embeddings.
+    kernels = {m.kernel_size for m in unet.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {(1, 1), (3, 3)} <= kernels
     b = 4
     x = torch.randn(b * k, 1, 8, 8)
     t = torch.randint(0, 1000, (b * k,))
