@@ -66,3 +66,16 @@ def test_dp_and_non_private_training_cannot_be_mixed(tiny_cfg):
 def test_the_flag_is_gone_so_a_config_cannot_claim_a_guarantee(tiny_cfg):
     with pytest.raises(Exception, match="formal_guarantee"):
         tiny_cfg("method=nonprivate", "method.formal_guarantee=true")
+
+
+def test_every_stage_is_classified_as_dp_non_private_or_public():
+    """The guarantee is a denylist of non-private stages: a new stage must be placed on purpose."""
+    from dpgen.privacy.guarantee import NON_PRIVATE_STAGES
+    from dpgen.stages import STAGES
+    from dpgen.stages.planning import STAGE_PLANS
+
+    public_or_evaluation = {"pretrain_public", "pretrain_autoencoder", "pretrain_ldm", "train_query_classifier",
+                            "pretrain_selected", "warmup", "sample", "evaluate"}
+    groups = [set(STAGE_PLANS), set(NON_PRIVATE_STAGES), public_or_evaluation]
+    assert set().union(*groups) == set(STAGES)
+    assert sum(len(g) for g in groups) == len(STAGES)  # each in exactly one group

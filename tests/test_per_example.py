@@ -57,7 +57,8 @@ def exact_cuda_matmuls():
 @pytest.mark.parametrize("mode", ["norms", "mixed"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode, device, exact_cuda_matmuls):
-    """Ghost norms and book-keeping give the same norms and clipped sums as the explicit loop."""
+    """Ghost clipping (norms, then the reweighted backward) and book-keeping give the same norms
+    and clipped sums as the explicit loop."""
     torch.manual_seed(0)
     unet = build_unet(TINY, image_size=8, channels=1, num_classes=3).to(device)
     b = 6
@@ -72,21 +73,23 @@ def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode,
     params = engine.params
     factors = torch.rand(b, device=device)
     with engine.capture(b, mode=mode):
-        engine.backward(row_losses(slice(None)).view(k, b).mean(0).sum())
+        losses = row_losses(slice(None)).view(k, b).mean(0)
+        engine.backward(losses.sum(), retain_graph=mode == "norms")
         sq_norms = engine.squared_norms()
         if mode == "mixed":
             weighted = engine.weighted_sum(factors)
             # Both kinds of layer occur in this UNet: 8x8 layers keep gradients, 4x4 ones activations.
             assert engine._kept and any(p.grad_sample is not None for p in params)
+        else:  # ghost clipping: the reweighted backward, summed by the same hooks
+            weighted = engine.reweighted_sum((factors * losses).sum())
     engine.remove()
     refs = [torch.autograd.grad(row_losses(torch.arange(k, device=device) * b + i).mean(), params)
             for i in range(b)]
     want_sq = torch.stack([sum(r.pow(2).sum() for r in ref) for ref in refs])
     torch.testing.assert_close(sq_norms, want_sq, rtol=1e-4, atol=1e-8)
-    if mode == "mixed":
-        for j, got in enumerate(weighted):
-            want = sum(factors[i] * refs[i][j] for i in range(b))
-            assert (got - want).norm() <= 1e-4 * want.norm() + 1e-7
+    for j, got in enumerate(weighted):
+        want = sum(factors[i] * refs[i][j] for i in range(b))
+        assert (got - want).norm() <= 1e-4 * want.norm() + 1e-7
 
 
 class _InPlaceNet(torch.nn.Module):

@@ -7,9 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, tiny_overrides
+from omegaconf import OmegaConf
 
-from dpgen.pipeline import run_pipeline
+from dpgen.pipeline import _check_resume_config, run_pipeline
 from dpgen.privacy.ledger import MechanismEvent, compute_epsilon
+from dpgen.stages.training import build_module
 
 DESIGN_METRICS_KEYS = {"method", "epsilon", "delta", "num_samples", "downstream_accuracy",
                        "trainable_parameters", "total_parameters", "train_wall_s", "total_wall_s",
@@ -173,3 +176,21 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     run_pipeline(tiny_cfg("method=nonprivate"), run_dir)
     with pytest.raises(ValueError, match="different configuration"):
         run_pipeline(tiny_cfg("method=nonprivate", "seed=3"), run_dir)
+    # A run saved with the retired formal_guarantee flags (before stop 22) still resumes.
+    saved = OmegaConf.load(run_dir / "run_config.yaml")
+    saved.method.formal_guarantee, saved.sampling.formal_guarantee = False, True
+    OmegaConf.save(saved, run_dir / "run_config.yaml")
+    _check_resume_config(tiny_cfg("method=nonprivate"), run_dir)
+
+
+def test_resume_refuses_a_checkpoint_that_trained_another_parameter_set(tmp_path):
+    from dpgen.stages.training import _check_checkpoint_trains_the_same_parameters
+
+    module = build_module(compose_config(tiny_overrides(tmp_path)))
+    n = len(module.trainable_parameters())
+    path = tmp_path / "last.ckpt"
+    torch.save({"optimizer_states": [{"param_groups": [{"params": list(range(n + 3))}]}]}, path)
+    with pytest.raises(ValueError, match=f"trained {n + 3} parameter tensors, this dpgen trains {n}"):
+        _check_checkpoint_trains_the_same_parameters(str(path), module, "dp_train")
+    torch.save({"optimizer_states": [{"param_groups": [{"params": list(range(n))}]}]}, path)
+    _check_checkpoint_trains_the_same_parameters(str(path), module, "dp_train")

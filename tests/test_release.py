@@ -201,6 +201,7 @@ def test_the_card_names_the_public_data_of_every_pretraining_method(tmp_path):
 
     privimage = public("method=privimage")
     assert privimage["name"] == "glyphs" and "DP semantic query" in privimage["pretrained_on"]
+    assert "pretrained_on" not in public("method=privimage", "method.selection=all")  # no query
     assert public("method=dpldm")["name"] == "glyphs" and "pretrained_on" not in public("method=dpldm")
     assert public("method=dpdm")["name"] == "glyphs"
     assert public("method=dpdm", "method.pretrain=none", "method.stages=[dp_train,sample,evaluate]") is None

@@ -12,13 +12,14 @@ What trains under DP is ``method.trainable``, by parameter name of the :class:`L
   frozen: it is as large as the attention itself.
 * ``attention_only``: the same without the class embedder.
 * ``transformer``: whole ``Transformer2DModel`` modules, feed-forward included, plus the class
-  embedder: the set DP-LDM's released code fine-tunes.
+  embedder: the set DP-LDM's released code fine-tunes (less the cross-attention parameters
+  that cannot learn, below).
 * ``all``: every denoiser parameter.
 
 The cross-attention attends to one token, the class embedding (:class:`LatentDenoiser`): a
 softmax over a single key is 1 whatever the query, so ``attn2.to_q``, ``attn2.to_k`` and the
 query's pre-norm ``norm2`` cannot change the output and get no gradient (only float rounding,
-about 1e-9). The attention sets leave them frozen: under DP-SGD they would get only noise and
+about 1e-9). The three attention sets leave them frozen: under DP-SGD they would get only noise and
 cost per-example work.
 
 ``method.blocks`` (e.g. ``[mid_block, up_blocks.0]``) restricts the attention sets to the

@@ -31,7 +31,7 @@ class UnsupportedLayerError(TypeError):
 
 
 def _linear(layer: nn.Linear, acts: torch.Tensor, backprops: torch.Tensor, batch: int) -> dict:
-    # [K*B, ..., in] -> [K, B, T, in]: copy k of example b and its positions t are all summed
+    # [K*B, ..., in] -> [B, K*T, in]: copy k of example b and its positions t are all summed
     # into example b's gradient by the same contraction.
     dtype = layer.weight.dtype  # accumulate in the parameter dtype, also under bf16 autocast
     g = _per_example_positions(backprops.to(dtype), batch)  # [B, K*T, out]; a view when K=1
@@ -465,7 +465,8 @@ class PerExampleGradients:
         # output carries its own input in the closure, and the contributions add up. The
         # input sits in a box the hook empties: the hook lives as long as the graph, and
         # holding every layer's input to the end of backward would cost a copy of all
-        # activations that autograd itself frees layer by layer.
+        # activations that autograd itself frees layer by layer. (In norms mode the box is
+        # emptied by the reweighted backward, while autograd retains the graph anyway.)
         box = [acts]
         output.register_hook(lambda grad: self._accumulate(key, module, box, grad.detach(), batch, keep, ghost))
 

@@ -65,17 +65,22 @@ def _public_data(run: SourceRun) -> dict[str, Any] | None:
         return None
     public = OmegaConf.to_container(cfg.public, resolve=True)
     public.pop("cache_dir", None)
-    if "pretrain_selected" in cfg.method.stages:
+    if "pretrain_selected" in cfg.method.stages and cfg.method.get("selection") == "semantic":
         public["pretrained_on"] = ("the public classes chosen by the DP semantic query (selection.json), "
                                    "relabelled to the sensitive classes")
     return public
 
 
 def _parameters(run: SourceRun) -> dict[str, int]:
-    """As in metrics.json (the denoiser), plus everything sampling runs (a decoder, if any)."""
+    """As in metrics.json (the denoiser), plus everything sampling runs (a decoder, if any). The
+    trained count comes from metrics.json where the run wrote one: what was trained then, even if
+    today's dpgen would train another set (DP-LDM's before stop 22)."""
     module = run.generator
+    metrics = run.run_dir / "metrics.json"
+    recorded = json.loads(metrics.read_text()).get("trainable_parameters") if metrics.is_file() else None
     return {
-        "trainable_parameters": sum(p.numel() for p in module.unet.parameters() if p.requires_grad),
+        "trainable_parameters": recorded if recorded is not None else
+        sum(p.numel() for p in module.unet.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in module.unet.parameters()),
         "sampling_parameters": sum(p.numel() for p in module.parameters()),
     }

@@ -242,6 +242,8 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
     remaining = ctx.ledger.remaining_steps(stage)
     ckpt_dir = ctx.path("checkpoints")
     resume = _resume_path(ckpt_dir)
+    if resume is not None:
+        _check_checkpoint_trains_the_same_parameters(resume, module, stage)
     spent = ctx.ledger.steps_spent(stage)
     if resume is None and spent:
         # An attempt spent budget but left no checkpoint: its steps are gone from the model and
@@ -262,6 +264,18 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
     if is_rank_zero():  # under DDP spawn this process is rank 0 and holds rank 0's results
         ctx.ledger.write(ctx.privacy_json)
         _save_final(ctx, module)
+
+
+def _check_checkpoint_trains_the_same_parameters(path: str, module: DiffusionModule, stage: str) -> None:
+    """Refuse, before any step, a checkpoint whose optimizer trained another parameter set (a run
+    started by a dpgen whose trainable set differed, e.g. DP-LDM's before stop 22)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    saved = sum(len(group["params"]) for state in checkpoint.get("optimizer_states", [])
+                for group in state["param_groups"])
+    now = len(module.trainable_parameters())
+    if saved and saved != now:
+        raise ValueError(f"{stage}: checkpoint {path} trained {saved} parameter tensors, this dpgen trains {now}. "
+                         "Fix: finish the run with the dpgen version that started it, or start a new run")
 
 
 def dp_train(ctx: RunContext) -> None:
