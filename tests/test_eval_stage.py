@@ -106,9 +106,17 @@ def test_fidelity_names_its_extractor_and_the_reference_is_computed_once(evaluat
     reference = perfect["fidelity_reference"]
     assert reference["feature_extractor"] == "glyphnet-v1" and reference["fid"] >= 0
     assert [e for e in log if e[0] == "compare"] == [
-        ("compare", "samples", "train"), ("compare", "samples", "heldout"), ("compare", "train", "heldout")]
+        ("compare", "samples", "train"), ("compare", "samples", "heldout"), ("compare", "heldout_n", "train"),
+        ("compare", "samples_n", "train")]
+    # The reference and its generator counterpart score as many images each (FID depends on it):
+    # here the 300 samples and 300 of the 1000 held-out images.
+    assert perfect["fidelity_set_sizes"] == {"samples": N_SAMPLES, "train": N_REAL_TRAIN, "heldout": 1000,
+                                             "reference": N_SAMPLES}
+    assert reference["compares"].startswith(f"{N_SAMPLES} real held-out images")
+    # n is every sample here, so the counterpart is the headline FID (in another order).
+    assert perfect["fid_at_reference_size"] == pytest.approx(perfect["fid"], rel=1e-4)
     useless, log = evaluated["useless"]
-    assert ("compare", "train", "heldout") not in log
+    assert ("compare", "heldout_n", "train") not in log
     assert useless["fidelity_reference"] == reference
     # Fidelity ignores labels: the useless run (same images, shuffled labels) scores the same;
     # and the held-out comparison is its own, not a copy of the training one.

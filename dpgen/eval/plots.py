@@ -96,13 +96,19 @@ def fid_figure(rows: Rows) -> Figure:
         log.warning("report: runs use several feature extractors %s; FID plot shows %s only",
                     sorted(extractors), extractor)
     rows = [r for r in rows if r["feature_extractor"] == extractor]
+    # FID depends on the number of images: where the runs scored their samples at the size of the
+    # real-data reference, plot that, so the reference line is what an ideal generator would get.
+    matched = any(r.get("fid_at_reference_size") is not None for r in rows)
+    key = "fid_at_reference_size" if matched else "fid"
     fig, ax = _axes(f"Fidelity vs privacy ({extractor or 'no'} features)",
-                    "FID to the real training split (lower is better)", rows)
-    n = _private_lines(ax, rows, "fid", 1.0)
-    nonprivate = [r["fid"] for r in rows if r["epsilon"] is None and r["fid"] is not None]
+                    "FID to the real training split" + (", at the reference's size" if matched else "")
+                    + " (lower is better)", rows)
+    n = _private_lines(ax, rows, key, 1.0)
+    nonprivate = [r[key] for r in rows if r["epsilon"] is None and r.get(key) is not None]
     _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black")
     reference = [r["fid_reference"] for r in rows if r["fid_reference"] is not None]
-    _ceiling(ax, _mean(reference), "real held-out vs real train", ":", "grey")
+    label = "real held-out vs real train" + ("" if matched else " (other sample size)")
+    _ceiling(ax, _mean(reference), label, ":", "grey")
     _finish(ax, n)
     return fig
 

@@ -21,7 +21,7 @@ log = logging.getLogger("dpgen")
 
 CSV_NAME, MD_NAME = "report.csv", "report.md"
 ACCURACY_PNG, FID_PNG = "accuracy_vs_epsilon.png", "fid_vs_epsilon.png"
-_FIDELITY = ("fid", "kid_mean", "precision", "recall", "inception_score_mean", "fid_heldout")
+_FIDELITY = ("fid", "kid_mean", "precision", "recall", "inception_score_mean", "fid_heldout", "fid_at_reference_size")
 _AUDIT = ("replication_rate", "mia_auc", "mia_tpr_at_fpr_1pct")  # with eval.audit=true (else empty)
 
 
@@ -119,7 +119,8 @@ def method_label(row: dict[str, Any]) -> str:
 def _markdown(rows: list[dict[str, Any]]) -> bytes:
     classifiers = [k for k in _columns(rows) if k.startswith("accuracy_") and k not in ("accuracy_mean", "accuracy_real_mean")]
     header = (["method", "ε target", "ε spent", "accuracy % (mean)"] + [f"{c[9:]} %" for c in classifiers]
-              + ["real-data ceiling %", "FID ↓", "KID ↓", "precision", "recall", "IS", "FID held-out ↓", "run"])
+              + ["real-data ceiling %", "FID ↓", "KID ↓", "precision", "recall", "IS", "FID held-out ↓",
+                 "FID at reference size ↓", "run"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = ([method_label(r), _fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
@@ -137,7 +138,9 @@ def _markdown(rows: list[dict[str, Any]]) -> bytes:
         f"have no formal guarantee (non-private ceiling). A run marked \"no formal DP\" spent its ε in DP "
         f"training but then used the sensitive data outside DP (CPSample sampling): its ε is no guarantee.",
         f"Fidelity against the real training split, features: {', '.join(extractors) or '–'}; "
-        f"real held-out vs real train FID (reference): {', '.join(f'{v:.4g}' for v in references) or '–'}.",
+        f"real held-out vs real train FID (reference): {', '.join(f'{v:.4g}' for v in references) or '–'}; "
+        "it compares as many held-out images as the `fid_at_reference_size` column scores samples "
+        "(FID grows as sets shrink, so only that column is comparable with it).",
         "The real-data ceiling and fidelity reference are computed on the sensitive data without privacy; "
         "they are reference points, not released outputs.",
         "",

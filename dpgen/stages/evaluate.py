@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from dpgen.data.dataset import content_fingerprint, stack_items
 from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
@@ -94,12 +94,24 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
             log.info("evaluate: %s of the samples vs the held-out real split", ", ".join(pairwise))
             out.update({f"{k}_heldout": v for k, v in fid.compare("samples", "heldout", pairwise).items()})
         if e.reference:
-            key = {"data": _plain(cfg.data), "content": _content(ctx, held_out),
+            # FID and precision/recall depend on the set sizes, so the reference (real held-out
+            # images against the training split) and the generator's counterpart use the same
+            # number n of images each: the smaller of the two sets, drawn once by the seed.
+            n = min(len(samples), len(held_out))
+            g = torch.Generator().manual_seed(cfg.seed)
+            fid.add("samples_n", FidelityImages(samples[torch.randperm(len(samples), generator=g)[:n]]))
+            fid.add("heldout_n", Subset(FidelityImages(held_out), torch.randperm(len(held_out), generator=g)[:n].tolist()))
+            key = {"data": _plain(cfg.data), "content": _content(ctx, held_out), "n": n,
                    "extractor": extractor.weights_sha256, "seed": cfg.seed,
                    "settings": {k: v for k, v in fid_cfg.items() if k not in ("glyphs", "glyphnet", "weights_path")}}
             out["fidelity_reference"] = cached_reference(e.cache_dir, "fidelity", key, lambda: {
-                "compares": "real training split vs real held-out split",
-                "feature_extractor": extractor.name, **fid.compare("train", "heldout", metrics)})
+                "compares": f"{n} real held-out images vs the real training split",
+                "feature_extractor": extractor.name, **fid.compare("heldout_n", "train", pairwise)})
+            log.info("evaluate: %s of %d samples vs the real training split, the reference's sample size",
+                     ", ".join(pairwise), n)
+            out.update({f"{k}_at_reference_size": v for k, v in fid.compare("samples_n", "train", pairwise).items()})
+            out["fidelity_set_sizes"] = {"samples": len(samples), "train": len(ctx.train_set),
+                                         "heldout": len(held_out), "reference": n}
     return out
 
 
