@@ -160,3 +160,14 @@ def test_a_utility_study_gets_its_own_table(sweep):
     md = (sweep / MD_NAME).read_text()
     assert "Utility study" in md
     assert "| dpdm | 9.96 | 81.0 | 86.0 | 78.0 / 79.0 / 81.0 | 84.0 / 80.0 / 86.0 | 0.62 | 0.45 | 83.0 / 85.0 | `1` |" in md
+
+
+def test_an_old_ledger_without_the_flag_counts_as_private_when_it_spent_epsilon(tmp_path):
+    from dpgen.eval.report import _row
+
+    run = tmp_path / "old"
+    run.mkdir()
+    write_json(run / "privacy.json", {"epsilon_spent": 9.9, "epsilon_target": 10.0, "delta": 1e-5})
+    write_json(run / "metrics.json", {"method": "dpdm", "downstream_accuracy": {"mean": 0.7}})
+    row = _row(tmp_path, run / "metrics.json")
+    assert row["private"] and row["epsilon"] == 9.9

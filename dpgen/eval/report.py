@@ -34,7 +34,8 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
     m = json.loads(metrics_file.read_text())
     privacy_file = run_dir / "privacy.json"
     p = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
-    private = bool(p.get("formal_guarantee", m.get("formal_guarantee", False)))
+    # A ledger from before the flag existed states its guarantee by spending ε (as in dpgen.release).
+    private = bool(p.get("formal_guarantee", "epsilon_spent" in p or m.get("formal_guarantee", False)))
     # A DP-trained run whose guarantee was voided (CPSample sampling) keeps the ε of its training,
     # but is neither a private point nor part of the non-private ceiling.
     epsilon = p.get("epsilon_spent", m.get("epsilon"))
