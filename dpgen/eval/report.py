@@ -16,6 +16,7 @@ from typing import Any
 
 from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure
 from dpgen.io import atomic_write
+from dpgen.privacy.guarantee import ledger_kept_guarantee
 
 log = logging.getLogger("dpgen")
 
@@ -34,8 +35,7 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
     m = json.loads(metrics_file.read_text())
     privacy_file = run_dir / "privacy.json"
     p = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
-    # A ledger from before the flag existed states its guarantee by spending ε (as in dpgen.release).
-    private = bool(p.get("formal_guarantee", "epsilon_spent" in p or m.get("formal_guarantee", False)))
+    private = ledger_kept_guarantee(p) if p else bool(m.get("formal_guarantee", False))
     # A DP-trained run whose guarantee was voided (CPSample sampling) keeps the ε of its training,
     # but is neither a private point nor part of the non-private ceiling.
     epsilon = p.get("epsilon_spent", m.get("epsilon"))

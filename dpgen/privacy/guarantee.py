@@ -8,6 +8,7 @@ run does. Every other stage either goes through a mechanism charged to the ledge
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 NO_GUARANTEE = ("This run carries no formal differential-privacy guarantee: it trains on the "
@@ -46,3 +47,9 @@ def guarantee_notes(cfg: Any) -> list[str]:
 
 def has_formal_guarantee(cfg: Any) -> bool:
     return not guarantee_notes(cfg)
+
+
+def ledger_kept_guarantee(privacy: Mapping[str, Any]) -> bool:
+    """What a run's ``privacy.json`` says: its ``formal_guarantee``, or for a ledger from before
+    that key existed, whether it spent an ε at all."""
+    return bool(privacy.get("formal_guarantee", "epsilon_spent" in privacy))

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import describe_data
 from dpgen.methods import DiffusionModule
-from dpgen.privacy.guarantee import has_formal_guarantee, training_is_private
+from dpgen.privacy.guarantee import has_formal_guarantee, ledger_kept_guarantee, training_is_private
 from dpgen.stages.training import FINAL_WEIGHTS, build_module
 
 # The ledger's own slack for comparing a spent epsilon with its target (float round-off only).
@@ -38,8 +38,7 @@ class SourceRun:
     def formal_guarantee(self) -> bool:
         """False when a stage of the run read the sensitive images without DP (``train``, CPSample)
         and when its ledger gave the guarantee up."""
-        ledger_kept_it = self.privacy.get("formal_guarantee", "epsilon_spent" in self.privacy)
-        return has_formal_guarantee(self.cfg) and bool(ledger_kept_it)
+        return has_formal_guarantee(self.cfg) and ledger_kept_guarantee(self.privacy)
 
     @property
     def class_names(self) -> tuple[str, ...]:
