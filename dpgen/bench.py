@@ -163,6 +163,10 @@ class StepPair:
         self.generator = fresh_generator(batch[0].device)
         self.autocast = precision == "bf16"
         assert_dp_compatible(module)
+        # Built once, as the strategy does for a run; its hooks are attached only for the DP step,
+        # as a non-private run has none.
+        self.engine = PerExampleGradients(module)
+        self.engine.remove()
 
     def _context(self) -> Any:
         return torch.autocast(self.batch[0].device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -176,15 +180,14 @@ class StepPair:
 
     def private(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        # Hooks live only for the DP step, as in training: a non-private run has none.
-        engine = PerExampleGradients(self.module)
+        self.engine.attach()
         try:
-            grad_sum, _ = clipped_gradient_sum(engine, self.module.per_example_loss, self.batch, self.clip,
+            grad_sum, _ = clipped_gradient_sum(self.engine, self.module.per_example_loss, self.batch, self.clip,
                                                self.max_physical_batch, self.clipping, forward_context=self._context)
         finally:
-            engine.remove()
+            self.engine.remove()
         add_gaussian_noise(grad_sum, self.std, self.generator)
-        for p, g in zip(engine.params, grad_sum):
+        for p, g in zip(self.engine.params, grad_sum):
             p.grad = g / len(self.batch[0])  # stands in for q·N; the cost is the same
         self.optimizer.step()
 

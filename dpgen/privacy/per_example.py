@@ -5,17 +5,18 @@ being copy k of example b (``x.repeat(K, 1, 1, 1)``). DP-SGD needs, for each *ex
 gradient of the mean over its K copies, clipped as one vector. Computing per-row gradients and averaging
 afterwards would hold ``B*K`` gradient copies; instead the K copies are folded into the
 reduction that builds each per-example gradient (for Linear and Conv2d they become extra
-positions of the same einsum), so what is stored is ``B*P``, never ``B*K*P``.
+positions of the same contraction), so what is stored is ``B*P``, never ``B*K*P``.
 
-Opacus's layer formulas (``GradSampleModule.GRAD_SAMPLERS``) are reused for every other layer type
-we do not fold ourselves. We do not use ``GradSampleModule`` itself because it allocates its
-per-row buffers at the row count ``B*K`` and cannot be told that rows come in groups.
+Linear, Conv2d, GroupNorm and LayerNorm are folded here. Opacus's layer formulas
+(``GradSampleModule.GRAD_SAMPLERS``) are reused for every other layer type (embeddings, ...).
+We do not use ``GradSampleModule`` itself because it allocates its per-row buffers at the row
+count ``B*K`` and cannot be told that rows come in groups.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -59,9 +60,9 @@ def _conv2d(layer: nn.Conv2d, acts: torch.Tensor, backprops: torch.Tensor, batch
     if layer.weight.requires_grad and _is_pointwise(layer):
         # A 1x1 convolution is a Linear over positions: one batched contraction, about 10x faster
         # here than the grouped weight gradient at 64 channels (timed at B=64, 4x4 and 8x8).
-        a = acts.to(dtype).reshape(k, batch, c, -1)
-        g = backprops.to(dtype).reshape(k, batch, o, -1)
-        out[layer.weight] = torch.einsum("kbot,kbit->boi", g, a).view(batch, *layer.weight.shape)
+        a = _per_example_channels(acts.to(dtype), batch)  # [B, C, K*T]
+        g = _per_example_channels(backprops.to(dtype), batch)  # [B, O, K*T]
+        out[layer.weight] = torch.bmm(g, a.transpose(1, 2)).view(batch, *layer.weight.shape)
     elif layer.weight.requires_grad:
         a = acts.to(dtype).reshape(k, batch * c, *acts.shape[2:])
         g = backprops.to(dtype).reshape(k, batch * o, *backprops.shape[2:])
@@ -70,6 +71,35 @@ def _conv2d(layer: nn.Conv2d, acts: torch.Tensor, backprops: torch.Tensor, batch
         out[layer.weight] = w.view(batch, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.to(dtype).reshape(k, batch, o, -1).sum((0, 3))
+    return out
+
+
+def _group_norm(layer: nn.GroupNorm, acts: torch.Tensor, backprops: torch.Tensor, batch: int) -> dict:
+    # Opacus's formula (normalised input times output gradient, summed over positions), with the
+    # K copies summed by the same reduction; about 5x faster than Opacus's einsum at these sizes.
+    dtype = layer.weight.dtype
+    k, c = acts.shape[0] // batch, layer.num_channels
+    g = backprops.to(dtype).reshape(k, batch, c, -1)
+    out = {}
+    if layer.weight.requires_grad:
+        normed = F.group_norm(acts.to(dtype), layer.num_groups, eps=layer.eps).reshape(k, batch, c, -1)
+        out[layer.weight] = (normed * g).sum((0, 3))
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum((0, 3))
+    return out
+
+
+def _layer_norm(layer: nn.LayerNorm, acts: torch.Tensor, backprops: torch.Tensor, batch: int) -> dict:
+    # As _group_norm: the copies and the positions before the normalised dimensions are summed at once.
+    dtype = layer.weight.dtype
+    k, shape = acts.shape[0] // batch, layer.normalized_shape
+    g = backprops.to(dtype).reshape(k, batch, -1, *shape)
+    out = {}
+    if layer.weight.requires_grad:
+        normed = F.layer_norm(acts.to(dtype), shape, eps=layer.eps).reshape(k, batch, -1, *shape)
+        out[layer.weight] = (normed * g).sum((0, 2))
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum((0, 2))
     return out
 
 
@@ -98,7 +128,22 @@ def _per_example_positions(t: torch.Tensor, batch: int) -> torch.Tensor:
     """[K*B, ..., F] copy-major rows -> [B, K*T, F]: an example's K copies (and its positions)
     become the positions of one row."""
     k = t.shape[0] // batch
+    if k == 1:  # one reshape (a view) instead of three: this runs for every Linear layer
+        return t.reshape(batch, -1, t.shape[-1])
     return t.reshape(k, batch, -1, t.shape[-1]).transpose(0, 1).reshape(batch, -1, t.shape[-1])
+
+
+def _per_example_channels(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """[K*B, C, H, W] copy-major rows -> [B, C, K*H*W]: a view when K=1."""
+    k = t.shape[0] // batch
+    if k == 1:
+        return t.reshape(batch, t.shape[1], -1)
+    return t.reshape(k, batch, t.shape[1], -1).permute(1, 2, 0, 3).reshape(batch, t.shape[1], -1)
+
+
+def _norms_of(grads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """One ``[B]`` fp32 tensor of per-example norms per gradient ``[B, ...]``: one kernel each."""
+    return [torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads]
 
 
 def _is_plain_conv(layer: nn.Module) -> bool:
@@ -230,6 +275,10 @@ def _sampler_for(layer: nn.Module) -> FoldedSampler:
         return _linear
     if _is_plain_conv(layer):
         return _conv2d
+    if type(layer) is nn.GroupNorm:
+        return _group_norm
+    if type(layer) is nn.LayerNorm and layer.weight is not None:
+        return _layer_norm
     opacus_fn = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
     if opacus_fn is None:
         raise UnsupportedLayerError(
@@ -240,6 +289,14 @@ def _sampler_for(layer: nn.Module) -> FoldedSampler:
 
 
 MODES = ("materialize", "norms", "mixed")
+
+# Mixed mode keeps a layer's formed per-example gradients, rather than its input and output
+# gradient, up to this multiple of the latter's size. Autograd frees far more than a trainable
+# layer's own input as backward goes on (every intermediate of the frozen and parameter-free ops
+# around it), so the peak barely moves. Measured with `make bench` (B=64, K=1/4/16), 4 instead of
+# 2 leaves every DP peak where it was but one (ldm_small, all trainable, K=1: 117 -> 121 MB, 1.02x
+# the non-private step) and spares DP-LDM's attention set 16 of its 24 second weight gradients.
+KEEP_GRADIENTS_UP_TO = 4
 
 
 @contextmanager
@@ -279,8 +336,8 @@ class PerExampleGradients:
       gradient; the clipped sum of the latter is one ordinary weight gradient with output
       gradients scaled by the clip factors, so no second backward is needed. A layer whose
       norm comes from the ghost identity keeps its input and output gradient; one whose norm
-      forms the gradients keeps them unless they exceed twice its activations
-      (``_what_to_keep``). High-resolution layers with few parameters keep gradients;
+      forms the gradients keeps them unless they exceed ``KEEP_GRADIENTS_UP_TO`` times its
+      input and output gradient (``_what_to_keep``). High-resolution layers with few parameters keep gradients;
       low-resolution layers with many parameters keep activations.
 
     Squared norms are taken by the ghost-norm identity where it costs less arithmetic and fits
@@ -302,7 +359,13 @@ class PerExampleGradients:
         self._batch: int | None = None
         self._mode = "materialize"
         self._calls: dict[nn.Module, int] = {}  # forward calls per module in this capture
-        self._sq_norms: torch.Tensor | None = None  # [B], of layers whose gradients are not kept
+        self._decisions: dict[tuple, tuple[str, bool]] = {}  # _what_to_keep, by module, mode and shapes
+        # Per-example norms, taken as each layer is processed (its gradients are still in cache), of
+        # every module called once: [B] squared norms of ghost layers, and a [B] norm per gradient
+        # tensor of the others, squared and summed in one go by squared_norms(). A module called
+        # more than once is normed there, from its summed gradients.
+        self._sq_norms: torch.Tensor | None = None
+        self._norms: list[torch.Tensor] = []
         self._kept: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # book-keeping layers
         self._retained_roots: list[torch.Tensor] = []  # norms mode: where the reweighted backward goes
         self._sums: dict[nn.Parameter, torch.Tensor] | None = None  # filled by the reweighted backward
@@ -320,10 +383,18 @@ class PerExampleGradients:
                         "untie them or freeze them")
             self._samplers[module] = _sampler_for(module)
             self._trainable_numel[module] = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+        self.attach()
+
+    def attach(self) -> None:
+        """Register the hooks (done on construction; again after :meth:`remove`)."""
+        if self._handles:
+            return
+        for module in self._samplers:
             self._handles.append(module.register_forward_pre_hook(self._prepare_input))
             self._handles.append(module.register_forward_hook(self._hook_output))
 
     def remove(self) -> None:
+        """Remove the hooks: the model runs as if the engine did not exist, until :meth:`attach`."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -369,9 +440,12 @@ class PerExampleGradients:
         total = torch.zeros(self._batch, device=self.params[0].device if self.params else None)
         if self._sq_norms is not None:
             total += self._sq_norms
-        for p in self.params:
-            if p.grad_sample is not None:
-                total += p.grad_sample.flatten(1).float().pow(2).sum(1)
+        norms = list(self._norms)
+        for module, calls in self._calls.items():
+            if calls > 1:  # shared weights: the norm of the gradient summed over the calls
+                norms += _norms_of(p.grad_sample for p in module.parameters(recurse=False) if p.grad_sample is not None)
+        if norms:
+            total += torch.stack(norms).square().sum(0)
         return total
 
     def reweighted_sum(self, weighted_loss: torch.Tensor) -> list[torch.Tensor]:
@@ -401,7 +475,8 @@ class PerExampleGradients:
         out: dict[nn.Parameter, torch.Tensor] = {}
         for p in self.params:
             if p.grad_sample is not None:
-                out[p] = torch.einsum("b,b...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
+                # A vector-matrix product: reads the B*P values once, as a weighted sum must.
+                out[p] = (factors.to(p.grad_sample.dtype) @ p.grad_sample.flatten(1)).view(p.shape)
         for module, acts, backprops in self._kept:
             # Gradients are linear in the output gradient: scaling each row's output gradient by
             # its example's factor, then summing over all rows as one "example", is the clipped sum.
@@ -416,6 +491,7 @@ class PerExampleGradients:
 
     def clear(self) -> None:
         self._sq_norms = None
+        self._norms.clear()
         self._kept.clear()
         self._retained_roots = []
         self._calls.clear()
@@ -460,7 +536,10 @@ class PerExampleGradients:
         batch, key = self._batch, next(self._keys)
         self._pending[key] = module
         self._calls[module] = self._calls.get(module, 0) + 1
-        keep, ghost = self._what_to_keep(module, acts, output, batch)
+        decision = (module, self._mode, batch, acts.shape, output.shape)
+        if decision not in self._decisions:  # the same every step: shapes repeat
+            self._decisions[decision] = self._what_to_keep(module, acts, output, batch)
+        keep, ghost = self._decisions[decision]
         # A module may run several times per forward pass (weight sharing): each call's
         # output carries its own input in the closure, and the contributions add up. The
         # input sits in a box the hook empties: the hook lives as long as the graph, and
@@ -481,10 +560,10 @@ class PerExampleGradients:
             # A ghost layer never forms its gradients; in mixed mode its sum is one weight gradient.
             return ("norms" if self._mode == "norms" else "activations"), ghost
         # The norm forms this layer's per-example gradients anyway: keeping them makes the clipped
-        # sum a cheap contraction instead of a second weight gradient, which is worth holding up to
-        # twice the memory of the input and output gradient.
+        # sum a cheap contraction instead of a second weight gradient.
         per_example = batch * self._trainable_numel[module]
-        return ("gradients" if per_example <= 2 * (acts.numel() + output.numel()) else "activations"), False
+        small = per_example <= KEEP_GRADIENTS_UP_TO * (acts.numel() + output.numel())
+        return ("gradients" if small else "activations"), False
 
     def _accumulate(self, key: int, module: nn.Module, box: list[torch.Tensor], backprops: torch.Tensor,
                     batch: int, keep: str, ghost: bool) -> None:
@@ -508,11 +587,12 @@ class PerExampleGradients:
             if ghost:
                 self._add_sq_norms(_ghost_sq_norms(module, acts, backprops, batch))
                 return
-            for p, g in self._samplers[module](module, acts, backprops, batch).items():
-                if keep == "gradients":
+            grads = self._samplers[module](module, acts, backprops, batch)
+            if self._calls[module] == 1:
+                self._norms += _norms_of(grads.values())
+            if keep == "gradients":
+                for p, g in grads.items():
                     p.grad_sample = g if p.grad_sample is None else p.grad_sample + g
-                else:
-                    self._add_sq_norms(g.flatten(1).float().pow(2).sum(1))
 
     def _add_sq_norms(self, sq: torch.Tensor) -> None:
         self._sq_norms = sq if self._sq_norms is None else self._sq_norms + sq
