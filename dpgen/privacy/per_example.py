@@ -337,8 +337,8 @@ class PerExampleGradients:
       gradients scaled by the clip factors, so no second backward is needed. A layer whose
       norm comes from the ghost identity keeps its input and output gradient; one whose norm
       forms the gradients keeps them unless they exceed ``KEEP_GRADIENTS_UP_TO`` times its
-      input and output gradient (``_what_to_keep``). High-resolution layers with few parameters keep gradients;
-      low-resolution layers with many parameters keep activations.
+      input and output gradient (``_what_to_keep``). High-resolution layers with few parameters
+      keep gradients; low-resolution layers with many parameters keep activations.
 
     Squared norms are taken by the ghost-norm identity where it costs less arithmetic and fits
     in the gradients' memory (``_ghost_pays``).
