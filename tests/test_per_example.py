@@ -92,6 +92,63 @@ def test_unet_norms_and_weighted_sums_match_explicit_loop_in_every_mode(k, mode,
         assert (got - want).norm() <= 1e-4 * want.norm() + 1e-7
 
 
+class _SharedNet(torch.nn.Module):
+    """A Linear called twice per forward (shared weights), beside a LayerNorm and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(5, 5)
+        self.norm = torch.nn.LayerNorm(5)
+        self.head = torch.nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = self.shared(torch.tanh(self.shared(x)))
+        return self.head(self.norm(h)).squeeze(-1).pow(2).mean(-1)  # x: [rows, tokens, 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["materialize", "norms", "mixed"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_shared_weights_and_fp64_match_explicit_loop_in_every_mode(k, mode, dtype):
+    """A module called twice is normed from the sum of its calls' gradients (the norm of a sum is
+    not the sum of norms); an fp64 model keeps working. Norms and weighted sums against the loop."""
+    torch.manual_seed(0)
+    net = _SharedNet().to(dtype)
+    b = 4
+    x = torch.randn(k * b, 3, 5, dtype=dtype)
+    engine = PerExampleGradients(net)
+    params = engine.params
+    factors = torch.rand(b, dtype=dtype)
+    with engine.capture(b, mode=mode):
+        losses = net(x).view(k, b).mean(0)
+        engine.backward(losses.sum(), retain_graph=mode == "norms")
+        assert engine._calls[net.shared] == 2
+        sq_norms = engine.squared_norms()
+        if mode == "norms":
+            weighted = engine.reweighted_sum((factors * losses).sum())
+        else:
+            weighted = engine.weighted_sum(factors)
+    engine.remove()
+    refs = [torch.autograd.grad(net(x[torch.arange(k) * b + i]).mean(), params) for i in range(b)]
+    want_sq = torch.stack([sum(r.pow(2).sum() for r in ref) for ref in refs])
+    torch.testing.assert_close(sq_norms, want_sq.float(), rtol=1e-5, atol=1e-9)
+    for j, got in enumerate(weighted):
+        torch.testing.assert_close(got, sum(factors[i] * refs[i][j] for i in range(b)), rtol=1e-5, atol=1e-7)
+
+
+def test_a_removed_engine_refuses_to_capture_instead_of_recording_nothing():
+    net = _SharedNet()
+    engine = PerExampleGradients(net)
+    engine.remove()
+    with pytest.raises(RuntimeError, match="attach"), engine.capture(2):
+        pass
+    engine.attach()
+    with engine.capture(2):
+        engine.backward(net(torch.randn(2, 3, 5)).sum())
+        assert engine.squared_norms().gt(0).all()
+    engine.remove()
+
+
 class _InPlaceNet(torch.nn.Module):
     """A layer whose output is modified in place downstream, and an embedding root."""
 
@@ -256,14 +313,24 @@ def test_mixed_capture_keeps_gradients_where_their_norm_forms_them_anyway():
     b, k = 6, 1
     x, t, y = torch.randn(b * k, 1, 8, 8), torch.randint(0, 1000, (b * k,)), torch.randint(0, 3, (b * k,))
     engine = PerExampleGradients(unet)
+    sizes = {}
+    probes = [m.register_forward_hook(lambda m, i, o: sizes.__setitem__(m, i[0].numel() + o.numel()))
+              for m in engine._samplers]
     with engine.capture(b, mode="mixed"):
         engine.backward(unet(x, t, class_labels=y).sample.pow(2).flatten(1).mean(1).sum())
         kept = {module: (acts, backprops) for module, acts, backprops in engine._kept}
-        assert kept
-        for module, (acts, backprops) in kept.items():
+        assert kept and len(kept) < len(engine._samplers)
+        for module in engine._samplers:
             per_example = b * sum(p.numel() for p in module.parameters())
-            ghost = _ghost_pays(module, acts, backprops, b)
-            assert ghost or per_example > KEEP_GRADIENTS_UP_TO * (acts.numel() + backprops.numel()), module
+            if module in kept:
+                acts, backprops = kept[module]
+                ghost = _ghost_pays(module, acts, backprops, b)
+                assert ghost or per_example > KEEP_GRADIENTS_UP_TO * (acts.numel() + backprops.numel()), module
+            else:  # the small ones keep their formed gradients
+                assert all(p.grad_sample is not None for p in module.parameters()), module
+                assert per_example <= KEEP_GRADIENTS_UP_TO * sizes[module], module
+    for probe in probes:
+        probe.remove()
     engine.remove()
 
 

@@ -10,7 +10,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dpgen.eval.plots import accuracy_figure, fid_figure
-from dpgen.eval.report import ACCURACY_PNG, CSV_NAME, FID_PNG, MD_NAME, collect_runs, write_report
+from dpgen.eval.report import (
+    ACCURACY_PNG,
+    CSV_NAME,
+    FID_PNG,
+    MD_NAME,
+    ReportError,
+    collect_runs,
+    write_report,
+)
 from dpgen.io import write_json
 from dpgen.report import SweepReport, main
 
@@ -22,6 +30,14 @@ RUNS = [
     ("3", "dpldm", 1.0, 0.98, 0.60, 2.0),
     ("4", "nonprivate", None, None, 0.90, 0.5),
 ]
+
+
+def _run_config(run, method, eps, seed, **method_keys):
+    """A saved config like a run's: steps follow ε (the plan), the cache path differs per run."""
+    OmegaConf.save({"seed": seed, "paths": {"cache_dir": f"/tmp/cache-{run.name}"},
+                    "method": {"name": method, "multiplicity": 1, "train": {"steps": int(10 * (eps or 1))},
+                               **method_keys},
+                    "privacy": {"eps": eps, "clipping": "mixed"}}, run / "run_config.yaml")
 
 
 @pytest.fixture
@@ -43,6 +59,7 @@ def sweep(tmp_path):
             "fid": fid, "kid_mean": fid / 10, "precision": 0.6, "recall": 0.5, "inception_score_mean": 5.0,
             "fid_heldout": fid + 0.1, "fid_feature_extractor": "glyphnet-v1",
             "fidelity_reference": {"fid": 0.05, "feature_extractor": "glyphnet-v1"}})
+        _run_config(run, method, target, seed=int(job))
     (tmp_path / "4" / "checkpoints").mkdir()  # unrelated files are ignored
     (tmp_path / "unfinished").mkdir()  # a run without metrics.json is not in the report
     return tmp_path
@@ -171,3 +188,40 @@ def test_an_old_ledger_without_the_flag_counts_as_private_when_it_spent_epsilon(
     write_json(run / "metrics.json", {"method": "dpdm", "downstream_accuracy": {"mean": 0.7}})
     row = _row(tmp_path, run / "metrics.json")
     assert row["private"] and row["epsilon"] == 9.9
+
+
+def test_runs_that_differ_in_more_than_seed_and_paths_are_not_averaged_as_repeats(sweep):
+    """A sweep over K at ε=10 beside repeats over seeds: each K is its own line, named by the key
+    that sets it apart; keys that differ only across ε (planned steps) split nothing."""
+    for job, k, acc in (("6", 4, 0.9), ("7", 4, 0.95)):
+        run = sweep / job
+        for name in ("privacy.json", "metrics.json"):
+            write_json(run / name, json.loads((sweep / "1" / name).read_text()))
+        metrics = json.loads((run / "metrics.json").read_text())
+        write_json(run / "metrics.json", {**metrics, "downstream_accuracy": {"cnn": acc, "mlp": acc, "mean": acc}})
+        _run_config(run, "dpdm", 10.0, seed=int(job), multiplicity=k)
+    rows = collect_runs(sweep)
+    settings = {r["run"]: r["setting"] for r in rows}
+    assert settings["0"] == settings["1"] == settings["2"] == "method.multiplicity=1"
+    assert settings["6"] == settings["7"] == "method.multiplicity=4"
+    assert settings["3"] == settings["4"] == ""  # nothing sets dpldm's or nonprivate's runs apart
+    ax = accuracy_figure(rows).axes[0]
+    assert _series(ax, "dpdm [method.multiplicity=1] (mean ± sd of repeats)")[1] == pytest.approx([50.0, 75.0])
+    assert _series(ax, "dpdm [method.multiplicity=4] (mean ± sd of repeats)") == (
+        [pytest.approx(9.96)], [pytest.approx(92.5)])
+    write_report(sweep)
+    md = (sweep / MD_NAME).read_text()
+    assert "| method | setting | ε target |" in md and "| dpdm | method.multiplicity=4 | 10 | 9.96 | 90.0 |" in md
+
+
+def test_canary_audits_get_their_own_table_not_a_generator_row(sweep):
+    audit = sweep / "audit"
+    write_json(audit / "metrics.json", {"method": "dpdm", "epsilon": 9.9, "delta": 1e-5, "canary_audit": {
+        "epsilon_claimed": 9.9, "epsilon_lower_bound": 0.42, "epsilon_lower_bound_clopper_pearson": 0.3,
+        "confidence": 0.95, "exceeds_claim": False, "canaries": 256, "canary_auc": 0.55}})
+    assert "audit" not in {r["run"] for r in collect_runs(sweep)}
+    write_report(sweep)
+    md = (sweep / MD_NAME).read_text()
+    assert "Canary audits" in md and "| dpdm | 9.9 | 0.42 | 0.3 | 0.95 | False | 256 | 0.55 | `audit` |" in md
+    with pytest.raises(ReportError, match="only 1 canary audits"):
+        collect_runs(audit)

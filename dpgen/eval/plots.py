@@ -28,28 +28,45 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _private_lines(ax: Any, rows: Rows, key: str, scale: float) -> int:
-    """One line per DP-trained method; repeats at the same ε target are averaged (± std). Runs
-    whose guarantee was voided (CPSample) get their own dashed line at the ε of their training."""
+    """One line per DP-trained method and setting; repeats at the same ε target are averaged
+    (± std). Runs whose guarantee was voided (CPSample) get their own dashed line at the ε of
+    their training."""
     points = [r for r in rows if r["epsilon"] and r.get(key) is not None]
-    for method, private in sorted({(r["method"], r["private"]) for r in points}, key=lambda mp: (not mp[1], mp[0])):
+    lines = sorted({(r["method"], r["private"], r.get("setting", "")) for r in points},
+                   key=lambda line: (not line[1], line[0], line[2]))
+    for method, private, setting in lines:
         groups: dict[Any, list[dict[str, Any]]] = {}
         for r in points:
-            if (r["method"], r["private"]) == (method, private):
+            if (r["method"], r["private"], r.get("setting", "")) == (method, private, setting):
                 groups.setdefault(r["epsilon_target"], []).append(r)
         series = sorted((statistics.fmean(r["epsilon"] for r in g),
                          statistics.fmean(scale * r[key] for r in g),
                          statistics.pstdev(scale * r[key] for r in g)) for g in groups.values())
         xs, ys, errs = zip(*series)
         repeated = any(len(g) > 1 for g in groups.values())
-        label = method if private else f"{method}, no formal DP (sampling used the data)"
+        label = (method if private else f"{method}, no formal DP (sampling used the data)") + _setting(setting)
         ax.errorbar(xs, ys, yerr=errs if repeated else None, marker="o", capsize=3, linestyle="-" if private else "--",
                     label=f"{label} (mean ± sd of repeats)" if repeated else label)
     return len(points)
 
 
+def _setting(setting: str) -> str:
+    return f" [{setting}]" if setting else ""
+
+
 def _ceiling(ax: Any, value: float | None, label: str, style: str, color: str, unit: str = "") -> None:
     if value is not None:
         ax.axhline(value, linestyle=style, color=color, linewidth=1.5, label=f"{label}: {value:.3g}{unit}")
+
+
+def _nonprivate_ceilings(ax: Any, rows: Rows, key: str, scale: float, unit: str = "") -> None:
+    """The non-private generator's mean, one line per setting (repeats averaged)."""
+    settings: dict[str, list[float]] = {}
+    for r in rows:
+        if r["epsilon"] is None and r.get(key) is not None:
+            settings.setdefault(r.get("setting", ""), []).append(scale * r[key])
+    for setting, values in sorted(settings.items()):
+        _ceiling(ax, _mean(values), "non-private generator (no DP)" + _setting(setting), "--", "black", unit)
 
 
 def _axes(title: str, ylabel: str, rows: Rows) -> tuple[Figure, Any]:
@@ -81,8 +98,7 @@ def accuracy_figure(rows: Rows) -> Figure:
     fig, ax = _axes(f"Utility vs privacy (mean of {', '.join(classifiers) or 'no'} classifiers)",
                     "accuracy on held-out real data (%)", rows)
     n = _private_lines(ax, rows, "accuracy_mean", 100.0)
-    nonprivate = [100 * r["accuracy_mean"] for r in rows if r["epsilon"] is None and r["accuracy_mean"] is not None]
-    _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black", "%")
+    _nonprivate_ceilings(ax, rows, "accuracy_mean", 100.0, "%")
     real = [100 * r["accuracy_real_mean"] for r in rows if r["accuracy_real_mean"] is not None]
     _ceiling(ax, _mean(real), "classifiers trained on real data", ":", "grey", "%")
     _finish(ax, n)
@@ -104,8 +120,7 @@ def fid_figure(rows: Rows) -> Figure:
                     "FID to the real training split" + (", at the reference's size" if matched else "")
                     + " (lower is better)", rows)
     n = _private_lines(ax, rows, key, 1.0)
-    nonprivate = [r[key] for r in rows if r["epsilon"] is None and r.get(key) is not None]
-    _ceiling(ax, _mean(nonprivate), "non-private generator (no DP)", "--", "black")
+    _nonprivate_ceilings(ax, rows, key, 1.0)
     reference = [r["fid_reference"] for r in rows if r["fid_reference"] is not None]
     label = "real held-out vs real train" + ("" if matched else " (other sample size)")
     _ceiling(ax, _mean(reference), label, ":", "grey")

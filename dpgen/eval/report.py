@@ -3,6 +3,12 @@
 A run is finished when its directory holds ``metrics.json``; ``privacy.json`` beside it gives
 the guarantee. Runs of a method without a formal guarantee (``nonprivate``) have no ε and
 are drawn as the ceiling, next to the real-data references.
+
+Runs of one method at one ε target are repeats only if their configs (``run_config.yaml``) agree
+on everything but seeds, paths, hardware, logging and speed-only settings; otherwise each run's
+``setting`` names the keys that tell them apart, and the plots draw one line per setting. Canary
+audits (``python -m dpgen.audit``) train on canaries and are never evaluated: they get their own
+table, not a row among the generators.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ import csv
 import io
 import json
 import logging
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure
 from dpgen.io import atomic_write
@@ -24,10 +33,72 @@ CSV_NAME, MD_NAME = "report.csv", "report.md"
 ACCURACY_PNG, FID_PNG = "accuracy_vs_epsilon.png", "fid_vs_epsilon.png"
 _FIDELITY = ("fid", "kid_mean", "precision", "recall", "inception_score_mean", "fid_heldout", "fid_at_reference_size")
 _AUDIT = ("replication_rate", "mia_auc", "mia_tpr_at_fpr_1pct")  # with eval.audit=true (else empty)
+_CANARY = ("epsilon_claimed", "epsilon_lower_bound", "epsilon_lower_bound_clopper_pearson", "confidence",
+           "exceeds_claim", "canaries", "canary_auc")
+
+
+# Config keys that may differ between repeats of one setting: the x-axis (ε), seeds, where files
+# live, hardware and logging, and settings that change only memory or speed (the clipping modes
+# and physical batch give the same update; sampling and feature batches the same distribution).
+_REPEAT_MAY_VARY_LAST = {"seed", "split_seed", "cache_dir", "root", "data_root", "num_threads",
+                         "log_every_n_steps", "checkpoint_every_n_steps"}
+_REPEAT_MAY_VARY = {"privacy.eps", "privacy.max_physical_batch", "privacy.clipping", "sample.batch_size",
+                    "eval.fid.batch_size", "eval.utility.sample_shard_size", "audit.loss_score.batch_size",
+                    "trainer.accelerator", "trainer.strategy", "trainer.devices", "trainer.num_nodes"}
+_REPEAT_MAY_VARY_PREFIX = ("paths.", "logger.", "hydra.")
 
 
 class ReportError(ValueError):
     pass
+
+
+def _may_vary_between_repeats(key: str) -> bool:
+    return (key in _REPEAT_MAY_VARY or key.rsplit(".", 1)[-1] in _REPEAT_MAY_VARY_LAST
+            or key.startswith(_REPEAT_MAY_VARY_PREFIX))
+
+
+def _flat_config(run_dir: Path) -> dict[str, str]:
+    """The run's saved config as dotted keys -> JSON text of the value ({} if it has none)."""
+    path = run_dir / "run_config.yaml"
+    if not path.is_file():
+        return {}
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
+
+    walk(OmegaConf.to_container(OmegaConf.load(path)), "")
+    return flat
+
+
+def _label_settings(rows: list[dict[str, Any]], configs: list[dict[str, str]]) -> None:
+    """Sets each row's ``setting``: its values of the keys that differ between runs of its method at
+    one ε target (keys that vary only with ε, such as planned steps, do not split the line). A run
+    without a saved config cannot be placed: it is marked so when its method's runs differ."""
+    groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for row, cfg in zip(rows, configs):
+        if cfg:
+            groups[(row["method"], row["epsilon_target"])].append(cfg)
+    distinguishing: dict[Any, set[str]] = defaultdict(set)
+    for (method, _), cfgs in groups.items():
+        keys = set().union(*cfgs)
+        distinguishing[method] |= {k for k in keys if not _may_vary_between_repeats(k)
+                                   and len({c.get(k) for c in cfgs}) > 1}
+    for row, cfg in zip(rows, configs):
+        keys = sorted(distinguishing[row["method"]])
+        if keys and not cfg:
+            row["setting"] = "config unknown (no run_config.yaml)"
+        else:
+            row["setting"] = ", ".join(f"{k}={'–' if cfg.get(k) is None else _plain(cfg[k])}" for k in keys)
+
+
+def _plain(json_text: str) -> str:
+    value = json.loads(json_text)
+    return value if isinstance(value, str) else json_text
 
 
 def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
@@ -43,6 +114,7 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
         "method": m.get("method"),
+        "setting": "",
         "private": private,
         "epsilon_target": p.get("epsilon_target") if epsilon is not None else None,
         "epsilon": epsilon,
@@ -77,15 +149,40 @@ def _utility_columns(study: dict[str, Any]) -> dict[str, Any]:
     return cols
 
 
-def collect_runs(root: str | Path) -> list[dict[str, Any]]:
-    """One row per finished run below ``root`` (``root`` itself may be a run)."""
-    root = Path(root)
+def _finished(root: Path) -> tuple[list[Path], list[Path]]:
+    """The ``metrics.json`` of generator runs and of canary audits below ``root``."""
     if not root.is_dir():
         raise ReportError(f"{root}: not a directory. Fix: pass a run or multirun directory")
-    rows = [_row(root, f) for f in sorted(root.rglob("metrics.json"))]
-    if not rows:
-        raise ReportError(f"{root}: no finished run (no metrics.json) below it. Fix: pass a run or sweep directory")
-    return sorted(rows, key=lambda r: (not r["private"], r["method"] or "", r["epsilon"] or 0.0, r["run"]))
+    runs, audits = [], []
+    for f in sorted(root.rglob("metrics.json")):
+        (audits if "canary_audit" in json.loads(f.read_text()) else runs).append(f)
+    return runs, audits
+
+
+def collect_runs(root: str | Path) -> list[dict[str, Any]]:
+    """One row per finished generator run below ``root`` (``root`` itself may be a run)."""
+    root = Path(root)
+    files, audits = _finished(root)
+    if not files:
+        found = f" (only {len(audits)} canary audits, reported by python -m dpgen.audit)" if audits else ""
+        raise ReportError(f"{root}: no finished run (no metrics.json) below it{found}. "
+                          "Fix: pass a run or sweep directory")
+    rows = [_row(root, f) for f in files]
+    _label_settings(rows, [_flat_config(f.parent) for f in files])
+    return sorted(rows, key=lambda r: (not r["private"], r["method"] or "", r["setting"], r["epsilon"] or 0.0,
+                                       r["run"]))
+
+
+def collect_audits(root: str | Path) -> list[dict[str, Any]]:
+    """One row per finished canary audit below ``root``: the claimed ε against its empirical lower bound."""
+    root = Path(root)
+    rows = []
+    for f in _finished(root)[1]:
+        m = json.loads(f.read_text())
+        audit = m["canary_audit"]
+        rows.append({"run": str(f.parent.relative_to(root)) if f.parent != root else ".",
+                     "method": m.get("method"), **{k: audit.get(k) for k in _CANARY}})
+    return rows
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -117,18 +214,21 @@ def method_label(row: dict[str, Any]) -> str:
     return f"{row['method']} (no formal DP)" if voided else str(row["method"])
 
 
-def _markdown(rows: list[dict[str, Any]]) -> bytes:
+def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]]) -> bytes:
     classifiers = [k for k in _columns(rows) if k.startswith("accuracy_") and k not in ("accuracy_mean", "accuracy_real_mean")]
-    header = (["method", "ε target", "ε spent", "accuracy % (mean)"] + [f"{c[9:]} %" for c in classifiers]
+    settings = any(r["setting"] for r in rows)
+    header = (["method"] + (["setting"] if settings else []) + ["ε target", "ε spent", "accuracy % (mean)"]
+              + [f"{c[9:]} %" for c in classifiers]
               + ["real-data ceiling %", "FID ↓", "KID ↓", "precision", "recall", "IS", "FID held-out ↓",
                  "FID at reference size ↓", "run"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = ([method_label(r), _fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
+        cells = ([method_label(r)] + ([r["setting"] or "–"] if settings else [])
+                 + [_fmt(r["epsilon_target"]), _fmt(r["epsilon"]), _fmt(r["accuracy_mean"], True)]
                  + [_fmt(r.get(c), True) for c in classifiers]
                  + [_fmt(r["accuracy_real_mean"], True)] + [_fmt(r[k]) for k in _FIDELITY] + [f"`{r['run']}`"])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _utility_markdown(rows)
+    lines += _utility_markdown(rows) + _audit_markdown(audits)
     extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
     references = sorted({r["fid_reference"] for r in rows if r["fid_reference"] is not None})
     delta = sorted({r["delta"] for r in rows if r["delta"] is not None})
@@ -150,6 +250,20 @@ def _markdown(rows: list[dict[str, Any]]) -> bytes:
         "",
     ]
     return ("# dpgen sweep report\n\n" + "\n".join(lines + notes)).encode()
+
+
+def _audit_markdown(audits: list[dict[str, Any]]) -> list[str]:
+    if not audits:
+        return []
+    lines = ["", "Canary audits (`python -m dpgen.audit`): models trained on the sensitive split with canaries "
+             "inserted, never sampled or evaluated. The empirical ε is a lower bound (Steinke, Nasr & "
+             "Jagielski 2023); one above the claimed ε means the implementation is less private than it says.",
+             "", "| method | ε claimed | ε lower bound | Clopper-Pearson bound | confidence | exceeds claim | "
+             "canaries | canary AUC | run |", "|" + "---|" * 9]
+    for a in audits:
+        cells = [str(a["method"])] + [_fmt(a[k]) for k in _CANARY] + [f"`{a['run']}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _utility_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -182,9 +296,10 @@ def write_report(root: str | Path) -> list[Path]:
     """Write the CSV, Markdown table and both plots into ``root``; returns their paths."""
     root = Path(root)
     rows = collect_runs(root)
+    audits = collect_audits(root)
     paths = [root / CSV_NAME, root / MD_NAME, root / ACCURACY_PNG, root / FID_PNG]
     atomic_write(paths[0], lambda f: f.write(_csv(rows)))
-    atomic_write(paths[1], lambda f: f.write(_markdown(rows)))
+    atomic_write(paths[1], lambda f: f.write(_markdown(rows, audits)))
     save_figure(accuracy_figure(rows), paths[2])
     save_figure(fid_figure(rows), paths[3])
     log.info("report: %d runs -> %s", len(rows), ", ".join(str(p) for p in paths))

@@ -110,8 +110,8 @@ def _is_pointwise(layer: nn.Conv2d) -> bool:
 def _fold_after(opacus_fn: Callable) -> FoldedSampler:
     """Per-row gradients from Opacus's formula, summed over each example's K rows.
 
-    Used for layers whose parameters are small (norms, embeddings), where a transient
-    ``B*K`` copy of one layer's gradient is negligible.
+    Used for every layer type we do not fold ourselves; in our models only the class embedding,
+    whose transient ``B*K`` copy of one layer's gradient is negligible.
     """
 
     def sampler(layer: nn.Module, acts: torch.Tensor, backprops: torch.Tensor, batch: int) -> dict:
@@ -142,8 +142,10 @@ def _per_example_channels(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _norms_of(grads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """One ``[B]`` fp32 tensor of per-example norms per gradient ``[B, ...]``: one kernel each."""
-    return [torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads]
+    """One ``[B]`` fp32 tensor of per-example norms per gradient ``[B, ...]``: one kernel each,
+    accumulated in at least fp32 (fp64 parameters keep fp64 until the result)."""
+    return [torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).float()
+            for g in grads]
 
 
 def _is_plain_conv(layer: nn.Module) -> bool:
@@ -404,6 +406,9 @@ class PerExampleGradients:
         """Record per-example gradients (or what ``mode`` keeps) for ``batch_size`` examples (``B*K`` rows)."""
         if mode not in MODES:
             raise ValueError(f"capture mode {mode!r}: use one of {MODES}")
+        if self._samplers and not self._handles:
+            # Without hooks nothing is recorded, and the clipped sum would silently be zero.
+            raise RuntimeError("capture() on an engine whose hooks were removed: call attach() first")
         self.clear()
         self._batch = batch_size
         self._mode = mode
@@ -538,6 +543,8 @@ class PerExampleGradients:
         self._calls[module] = self._calls.get(module, 0) + 1
         decision = (module, self._mode, batch, acts.shape, output.shape)
         if decision not in self._decisions:  # the same every step: shapes repeat
+            if len(self._decisions) > 100_000:  # Poisson batch sizes add keys; bound the memory
+                self._decisions.clear()
             self._decisions[decision] = self._what_to_keep(module, acts, output, batch)
         keep, ghost = self._decisions[decision]
         # A module may run several times per forward pass (weight sharing): each call's
