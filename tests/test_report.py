@@ -225,3 +225,31 @@ def test_canary_audits_get_their_own_table_not_a_generator_row(sweep):
     assert "Canary audits" in md and "| dpdm | 9.9 | 0.42 | 0.3 | 0.95 | False | 256 | 0.55 | `audit` |" in md
     with pytest.raises(ReportError, match="only 1 canary audits"):
         collect_runs(audit)
+
+
+def test_repeats_survive_a_resume_and_a_voided_twin_but_image_folders_and_rescoring_split(sweep):
+    """A restarted repeat (`resume=`) and a CPSample resample of a repeat (another line: no formal
+    DP) leave the repeats together; two image folders are two datasets, not two paths to one;
+    a run re-scored by `python -m dpgen.evaluate` is compared on the eval config it was scored with."""
+    cfg = OmegaConf.load(sweep / "2" / "run_config.yaml")
+    cfg.resume = str(sweep / "2")
+    OmegaConf.save(cfg, sweep / "2" / "run_config.yaml")
+    voided = sweep / "1-cpsample"
+    for name in ("privacy.json", "metrics.json"):
+        write_json(voided / name, {**json.loads((sweep / "1" / name).read_text()), "formal_guarantee": False})
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(sweep / "1" / "run_config.yaml"),
+                                   {"sampling": {"name": "cpsample", "scale": 2.0}}), voided / "run_config.yaml")
+    settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
+    assert settings["1"] == settings["2"] == "" and settings["1-cpsample"] == ""
+    for job, root in (("1", "/data/camelyon17"), ("2", "/data/chestxray")):
+        OmegaConf.save(OmegaConf.merge(OmegaConf.load(sweep / job / "run_config.yaml"),
+                                       {"data": {"name": "imagefolder", "root": root}}), sweep / job / "run_config.yaml")
+    settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
+    assert settings["1"] == "data.root=/data/camelyon17" and settings["2"] == "data.root=/data/chestxray"
+    for job in ("1", "2"):
+        OmegaConf.save(OmegaConf.merge(OmegaConf.load(sweep / job / "run_config.yaml"),
+                                       {"data": {"name": "mnist", "root": f"/mnt/{job}/mnist"}}),
+                       sweep / job / "run_config.yaml")
+    OmegaConf.save({"downstream": {"epochs": 30}}, sweep / "2" / "evaluate_config.yaml")
+    settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
+    assert settings["1"] == "eval.downstream.epochs=–" and settings["2"] == "eval.downstream.epochs=30"

@@ -40,11 +40,14 @@ _CANARY = ("epsilon_claimed", "epsilon_lower_bound", "epsilon_lower_bound_cloppe
 # Config keys that may differ between repeats of one setting: the x-axis (ε), seeds, where files
 # live, hardware and logging, and settings that change only memory or speed (the clipping modes
 # and physical batch give the same update; sampling and feature batches the same distribution).
-_REPEAT_MAY_VARY_LAST = {"seed", "split_seed", "cache_dir", "root", "data_root", "num_threads",
+# Also `resume` (the run directory a restarted run continues) and the guarantee flags that stop 22
+# retired, as the pipeline's own resume check ignores them.
+_REPEAT_MAY_VARY_LAST = {"seed", "split_seed", "cache_dir", "root", "data_root", "weights_path", "num_threads",
                          "log_every_n_steps", "checkpoint_every_n_steps"}
-_REPEAT_MAY_VARY = {"privacy.eps", "privacy.max_physical_batch", "privacy.clipping", "sample.batch_size",
-                    "eval.fid.batch_size", "eval.utility.sample_shard_size", "audit.loss_score.batch_size",
-                    "trainer.accelerator", "trainer.strategy", "trainer.devices", "trainer.num_nodes"}
+_REPEAT_MAY_VARY = {"privacy.eps", "privacy.max_physical_batch", "privacy.clipping", "privacy.log_train_loss",
+                    "sample.batch_size", "eval.fid.batch_size", "eval.utility.sample_shard_size",
+                    "audit.loss_score.batch_size", "trainer.accelerator", "trainer.strategy", "trainer.devices",
+                    "trainer.num_nodes", "resume", "method.formal_guarantee", "sampling.formal_guarantee"}
 _REPEAT_MAY_VARY_PREFIX = ("paths.", "logger.", "hydra.")
 
 
@@ -52,16 +55,23 @@ class ReportError(ValueError):
     pass
 
 
-def _may_vary_between_repeats(key: str) -> bool:
+def _may_vary_between_repeats(key: str, configs: list[dict[str, str]]) -> bool:
+    if key == "data.root" and any(c.get("data.name") == '"imagefolder"' for c in configs):
+        return False  # an image folder's root is the dataset itself
     return (key in _REPEAT_MAY_VARY or key.rsplit(".", 1)[-1] in _REPEAT_MAY_VARY_LAST
             or key.startswith(_REPEAT_MAY_VARY_PREFIX))
 
 
 def _flat_config(run_dir: Path) -> dict[str, str]:
-    """The run's saved config as dotted keys -> JSON text of the value ({} if it has none)."""
+    """The run's saved config as dotted keys -> JSON text of the value ({} if it has none). A run
+    re-scored by ``python -m dpgen.evaluate`` was scored with its ``evaluate_config.yaml``."""
     path = run_dir / "run_config.yaml"
     if not path.is_file():
         return {}
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    rescored = run_dir / "evaluate_config.yaml"
+    if rescored.is_file():
+        config["eval"] = OmegaConf.to_container(OmegaConf.load(rescored))
     flat: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -71,25 +81,26 @@ def _flat_config(run_dir: Path) -> dict[str, str]:
         else:
             flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
 
-    walk(OmegaConf.to_container(OmegaConf.load(path)), "")
+    walk(config, "")
     return flat
 
 
 def _label_settings(rows: list[dict[str, Any]], configs: list[dict[str, str]]) -> None:
-    """Sets each row's ``setting``: its values of the keys that differ between runs of its method at
-    one ε target (keys that vary only with ε, such as planned steps, do not split the line). A run
-    without a saved config cannot be placed: it is marked so when its method's runs differ."""
+    """Sets each row's ``setting``: its values of the keys that differ between runs of one line
+    (method, and whether the guarantee held) at one ε target. Such a key splits the line at every
+    ε; keys that differ only across ε targets (per-ε presets of steps or learning rate) do not.
+    A run without a saved config cannot be placed: it is marked so when its line's runs differ."""
     groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for row, cfg in zip(rows, configs):
         if cfg:
-            groups[(row["method"], row["epsilon_target"])].append(cfg)
-    distinguishing: dict[Any, set[str]] = defaultdict(set)
-    for (method, _), cfgs in groups.items():
+            groups[(row["method"], row["private"], row["epsilon_target"])].append(cfg)
+    distinguishing: dict[tuple, set[str]] = defaultdict(set)
+    for (method, private, _), cfgs in groups.items():
         keys = set().union(*cfgs)
-        distinguishing[method] |= {k for k in keys if not _may_vary_between_repeats(k)
-                                   and len({c.get(k) for c in cfgs}) > 1}
+        distinguishing[(method, private)] |= {k for k in keys if not _may_vary_between_repeats(k, cfgs)
+                                              and len({c.get(k) for c in cfgs}) > 1}
     for row, cfg in zip(rows, configs):
-        keys = sorted(distinguishing[row["method"]])
+        keys = sorted(distinguishing[(row["method"], row["private"])])
         if keys and not cfg:
             row["setting"] = "config unknown (no run_config.yaml)"
         else:
