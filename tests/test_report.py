@@ -147,7 +147,7 @@ def test_command_line_and_multirun_callback(sweep, tmp_path_factory, capsys):
     main([str(sweep)])
     assert capsys.readouterr().out.split() == [str(sweep / n) for n in (CSV_NAME, MD_NAME, ACCURACY_PNG, FID_PNG)]
     empty = tmp_path_factory.mktemp("empty")
-    with pytest.raises(SystemExit, match=r"^dpgen.report: .*no finished run"):
+    with pytest.raises(SystemExit, match=r"^dpgen.report: .*no finished generator run"):
         main([str(empty)])
     (sweep / CSV_NAME).unlink()
     SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
@@ -239,6 +239,9 @@ def test_repeats_survive_a_resume_and_a_voided_twin_but_image_folders_and_rescor
         write_json(voided / name, {**json.loads((sweep / "1" / name).read_text()), "formal_guarantee": False})
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(sweep / "1" / "run_config.yaml"),
                                    {"sampling": {"name": "cpsample", "scale": 2.0}}), voided / "run_config.yaml")
+    cfg = OmegaConf.load(sweep / "1" / "run_config.yaml")
+    cfg.trainer = {"strategy": "ddp", "devices": 2, "process_group_backend": "gloo"}  # another machine
+    OmegaConf.save(cfg, sweep / "1" / "run_config.yaml")
     settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
     assert settings["1"] == settings["2"] == "" and settings["1-cpsample"] == ""
     for job, root in (("1", "/data/camelyon17"), ("2", "/data/chestxray")):

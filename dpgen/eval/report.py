@@ -46,9 +46,8 @@ _REPEAT_MAY_VARY_LAST = {"seed", "split_seed", "cache_dir", "root", "data_root",
                          "log_every_n_steps", "checkpoint_every_n_steps"}
 _REPEAT_MAY_VARY = {"privacy.eps", "privacy.max_physical_batch", "privacy.clipping", "privacy.log_train_loss",
                     "sample.batch_size", "eval.fid.batch_size", "eval.utility.sample_shard_size",
-                    "audit.loss_score.batch_size", "trainer.accelerator", "trainer.strategy", "trainer.devices",
-                    "trainer.num_nodes", "resume", "method.formal_guarantee", "sampling.formal_guarantee"}
-_REPEAT_MAY_VARY_PREFIX = ("paths.", "logger.", "hydra.")
+                    "audit.loss_score.batch_size", "resume", "method.formal_guarantee", "sampling.formal_guarantee"}
+_REPEAT_MAY_VARY_PREFIX = ("paths.", "logger.", "hydra.", "trainer.")  # but trainer.precision: see below
 
 
 class ReportError(ValueError):
@@ -58,6 +57,8 @@ class ReportError(ValueError):
 def _may_vary_between_repeats(key: str, configs: list[dict[str, str]]) -> bool:
     if key == "data.root" and any(c.get("data.name") == '"imagefolder"' for c in configs):
         return False  # an image folder's root is the dataset itself
+    if key == "trainer.precision":
+        return False  # bf16 and fp32 training are different settings; the rest of trainer is hardware
     return (key in _REPEAT_MAY_VARY or key.rsplit(".", 1)[-1] in _REPEAT_MAY_VARY_LAST
             or key.startswith(_REPEAT_MAY_VARY_PREFIX))
 
@@ -176,7 +177,7 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
     files, audits = _finished(root)
     if not files:
         found = f" (only {len(audits)} canary audits, reported by python -m dpgen.audit)" if audits else ""
-        raise ReportError(f"{root}: no finished run (no metrics.json) below it{found}. "
+        raise ReportError(f"{root}: no finished generator run (no metrics.json) below it{found}. "
                           "Fix: pass a run or sweep directory")
     rows = [_row(root, f) for f in files]
     _label_settings(rows, [_flat_config(f.parent) for f in files])
