@@ -206,3 +206,36 @@ def test_the_card_names_the_public_data_of_every_pretraining_method(tmp_path):
     assert public("method=dpdm")["name"] == "glyphs"
     assert public("method=dpdm", "method.pretrain=none", "method.stages=[dp_train,sample,evaluate]") is None
     assert any("N of the sensitive training split is treated as public" in line for line in NOT_COVERED)
+
+
+def test_a_release_continues_only_with_the_same_sampler_and_protection(run_dir, tmp_path, monkeypatch):
+    """`python -m dpgen.sampling` copies a DP run's weights into a CPSample twin: shards of the twin
+    must never be finished under the DP run's card (or the other way round), nor shards of another
+    solver setting under one card."""
+    out, args = tmp_path / "out", ["--num-samples", N, "--format", "npz", "--shard-size", SHARD,
+                                   "--batch-size", SHARD]
+    monkeypatch.setattr(make, "sample_shard", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):  # the DP run's release dies before its first shard: a manifest only
+        main([str(run_dir), *map(str, args), "--out", str(out)])
+    assert json.loads((out / "manifest.json").read_text())["shards"] == {}
+    steps = tmp_path / "steps"
+    shutil.copytree(run_dir, steps)
+    cfg = OmegaConf.load(steps / "run_config.yaml")
+    cfg.sample.steps += 1
+    OmegaConf.save(cfg, steps / "run_config.yaml")
+    assert "holds another release" in _refused([steps, *args, "--out", out])
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin)
+    cfg = OmegaConf.load(twin / "run_config.yaml")
+    cfg.sampling = compose_config(tiny_overrides(tmp_path / "work") + ["sampling=cpsample"]).sampling
+    OmegaConf.save(cfg, twin / "run_config.yaml")
+    (twin / "protection_classifier.pt").write_bytes(b"a classifier trained on the sensitive images")
+    assert "holds another release" in _refused([twin, *args, "--out", out])
+
+
+def test_a_card_without_a_guarantee_never_calls_sampling_free(tmp_path):
+    run = _finished_run(tmp_path, "method=nonprivate", private=False)
+    out = tmp_path / "out"
+    main([str(run), "--num-samples", "4", "--format", "npz", "--out", str(out), "--batch-size", "4"])
+    card = (out / "DATACARD.md").read_text()
+    assert "costs no privacy" not in card and "No formal guarantee covers these samples" in card

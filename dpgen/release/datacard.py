@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import dpgen
 from dpgen.diffusion.sampling import run_solver
 from dpgen.io import atomic_write
+from dpgen.privacy.guarantee import guarantee_notes
 from dpgen.release.shards import ReleaseSpec
 from dpgen.release.source import SourceRun
 
@@ -97,7 +98,8 @@ def _sampler_name(cfg: DictConfig) -> str:
 def statement(run: SourceRun) -> str:
     p = run.privacy
     if not run.formal_guarantee:
-        why = p.get("note") or f"method {run.cfg.method.name} trains without a differential-privacy guarantee."
+        why = p.get("note") or " ".join(guarantee_notes(run.cfg)) or (
+            "the run's privacy.json says its guarantee did not hold.")
         return f"NO FORMAL PRIVACY GUARANTEE: {why}"
     return (f"Differentially private synthetic data: ε = {p['epsilon_spent']:.4g}, δ = {p['delta']:g} "
             f"for adding or removing one example of the sensitive training split ({run.cfg.data.name}, "
@@ -161,7 +163,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         "| | |",
         "|---|---|",
         _row("formal guarantee", "yes" if formal else "**no**"),
-        _row("ε spent", f"{card['epsilon_spent']:.4g}" if card["epsilon_spent"] is not None else None),
+        _row("ε spent" if formal else "ε spent by the generator's training (no guarantee for these samples)",
+             f"{card['epsilon_spent']:.4g}" if card["epsilon_spent"] is not None else None),
         _row("ε target", card["epsilon_target"]),
         _row("δ", card["delta"]),
         _row("accountant", card["accountant"]),
@@ -177,7 +180,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         *[f"| {e['stage']} | {e['mechanism']} | {e['noise_multiplier']:.4g} | {e.get('sample_rate', 1.0):.4g} "
           f"| {e.get('steps', e.get('count', 1))} |" for e in card["events"]],
         "",
-        "Sampling the trained generator is post-processing and costs no privacy.",
+        ("Sampling the trained generator is post-processing and costs no privacy." if formal else
+         "No formal guarantee covers these samples: any ε above describes how the generator was trained, "
+         "and the sampling or the training read the sensitive data outside differential privacy."),
         "Not covered: " + " ".join(card["not_covered"]),
     ]
     if card.get("note"):

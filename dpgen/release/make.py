@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dpgen.data import build_dataset
@@ -37,7 +37,7 @@ from dpgen.release.shards import (
     write_npz_shard,
 )
 from dpgen.release.source import ReleaseError, SourceRun, open_run
-from dpgen.stages.protection import load_protection_guidance
+from dpgen.stages.protection import CLASSIFIER_FILE, load_protection_guidance
 from dpgen.stages.sample import to_uint8_hwc
 
 log = logging.getLogger("dpgen")
@@ -51,10 +51,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def generator_identity(weights: Path, spec: ReleaseSpec) -> dict[str, Any]:
+def generator_identity(weights: Path, spec: ReleaseSpec, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """What a resumed set of shards must share with the one it continues: the generator's
-    weights and the request."""
-    return {"model_sha256": _sha256(weights), **spec.to_json()}
+    weights, how it is sampled (solver settings, CPSample and its classifier) and the request.
+
+    The weights alone do not say it: ``python -m dpgen.sampling`` copies a DP run's weights into
+    a CPSample twin, and shards of the two in one release would carry the DP run's data card.
+    """
+    sample = {k: v for k, v in OmegaConf.to_container(cfg.sample, resolve=True).items()
+              if k not in ("num_samples", "batch_size")}  # the request's own batch size is in the spec
+    sampling = cfg.get("sampling")
+    classifier = run_dir / CLASSIFIER_FILE
+    return {"model_sha256": _sha256(weights), **spec.to_json(), "sample": sample,
+            "sampling": OmegaConf.to_container(sampling, resolve=True) if sampling is not None else None,
+            "protection_classifier_sha256": _sha256(classifier) if classifier.is_file() else None}
 
 
 def _existing_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -155,7 +165,7 @@ def make_release(run_dir: str | Path, out: str | Path, spec: ReleaseSpec, device
     run = open_run(run_dir)
     names = run.class_names
     spec.check(len(names))
-    identity = generator_identity(run.weights, spec)
+    identity = generator_identity(run.weights, spec, run.cfg, run.run_dir)
     manifest = _existing_manifest(out, identity)
     if manifest is not None and manifest.get("complete"):
         log.info("release: %s is already complete", out)

@@ -150,7 +150,8 @@ def _utility_samples(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
     device = "cuda" if cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu"
     log.info("evaluate: utility study: %d samples of the generator -> %s", n, out)
     write_shards(load_final_module(ctx).to(device), cfg.sample, out, spec,
-                 generator_identity(ctx.path(FINAL_WEIGHTS), spec), [str(c) for c in range(cfg.data.num_classes)],
+                 generator_identity(ctx.path(FINAL_WEIGHTS), spec, cfg, ctx.run_dir),
+                 [str(c) for c in range(cfg.data.num_classes)],
                  replace_other=True, eps_correction=load_protection_guidance(ctx.run_dir, cfg, device))
     return read_npz_shards(out, spec)
 
