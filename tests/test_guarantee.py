@@ -31,6 +31,8 @@ def test_shipped_methods_and_sampling_get_the_guarantee_their_stages_give(tiny_c
     cpsample = tiny_cfg("sampling=cpsample", "privacy.eps=4")
     assert training_is_private(cpsample) and guarantee_notes(cpsample) == [CPSAMPLE_NO_GUARANTEE]
     assert _run_name(cpsample) == "dpdm-eps4-cpsample-no-formal-dp"
+    named = tiny_cfg("sampling=cpsample", "logger=wandb", "logger.run_name=mine")
+    assert _run_name(named) == "mine-cpsample-no-formal-dp"  # a user's name keeps the warning
     for method in ("dpldm", "privimage", "feta"):
         cfg = compose_config([f"paths.cache_dir={tmp_path}", f"paths.data_root={tmp_path}", f"method={method}"])
         assert has_formal_guarantee(cfg), method

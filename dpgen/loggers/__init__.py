@@ -59,10 +59,11 @@ def _sweep_group() -> str | None:
 
 def _run_name(cfg: DictConfig) -> str:
     """``dpdm-eps10``; ``nonprivate``; ``dpdm-eps10-cpsample-no-formal-dp`` when sampling voids the
-    guarantee of a DP-trained generator, so a dashboard never shows such a run as a DP point."""
+    guarantee of a DP-trained generator, so a dashboard never shows such a run as a DP point. A
+    name the user sets (``logger.run_name``) keeps that suffix."""
     if not training_is_private(cfg):
-        return cfg.method.name
-    name = f"{cfg.method.name}-eps{cfg.privacy.eps:g}"
+        return cfg.logger.get("run_name") or cfg.method.name
+    name = cfg.logger.get("run_name") or f"{cfg.method.name}-eps{cfg.privacy.eps:g}"
     return name if has_formal_guarantee(cfg) else f"{name}-{cfg.sampling.name}-no-formal-dp"
 
 
@@ -77,7 +78,7 @@ def experiment(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     lg = cfg.logger
     run = wandb.init(
         dir=str(run_dir), mode=lg.mode, project=lg.project, entity=lg.entity,
-        group=lg.group or _sweep_group(), tags=list(lg.tags), name=lg.run_name or _run_name(cfg),
+        group=lg.group or _sweep_group(), tags=list(lg.tags), name=_run_name(cfg),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     # Lightning defines this x axis only for runs it creates itself.

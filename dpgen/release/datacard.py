@@ -35,6 +35,8 @@ NOT_COVERED = [
     "sensitive class proportions.",
     "The size N of the sensitive training split is treated as public, as in Opacus and the DP "
     "image-generation papers: it sets the sampling rate and is stated here unprotected.",
+    "The class names and their number are treated as public (for an image folder, the names of "
+    "its class folders).",
 ]
 
 
