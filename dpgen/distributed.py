@@ -79,12 +79,19 @@ def validate_trainer_config(t: DictConfig) -> None:
     for key in ("devices", "num_nodes"):
         if not isinstance(t[key], int) or t[key] < 1:
             raise ConfigError(f"trainer.{key}", t[key], "must be a positive integer", f"set trainer.{key}=1 or more")
+    world = external_world()
     if strategy != "ddp":
         if t.devices * t.num_nodes > 1:
             raise ConfigError("trainer.devices", t.devices, "several devices need trainer.strategy=ddp",
                               "use trainer=ddp (GPUs) or trainer=ddp_cpu, or trainer.devices=1")
+        if world is not None:
+            # Each process would run its own DP-SGD on the whole sensitive set, with its own noise,
+            # and the ledger would count only one of them.
+            raise ConfigError("trainer.strategy", strategy, f"the launcher started {world[1]} processes, and "
+                              "without DDP each would train on the sensitive data uncounted",
+                              f"use trainer=ddp (or ddp_cpu) with trainer.devices x trainer.num_nodes = {world[1]}, "
+                              "or start one process")
         return
-    world = external_world()
     if world is None and t.num_nodes > 1:
         raise ConfigError("trainer.num_nodes", t.num_nodes, "several nodes need one process per device, "
                           "started by the cluster", "launch with hydra/launcher=submitit_slurm (or srun/torchrun)")

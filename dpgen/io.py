@@ -3,6 +3,7 @@ Cache locks: two jobs of a sweep that need the same cache entry compute it once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,9 @@ log = logging.getLogger("dpgen")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through ``write(fileobj)`` to a temporary file beside ``path``, fsync, rename."""
+    """Write through ``write(fileobj)`` to a temporary file beside ``path`` (the same filesystem,
+    so the rename is atomic), fsync, rename, fsync the directory: readers see the old file or the
+    new one, never half, and after a power loss the rename has not rolled back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -29,10 +32,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's files are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # not every platform can fsync a directory
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

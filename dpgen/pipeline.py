@@ -83,14 +83,16 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
-def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: float = 2.0) -> None:
-    """Under an external launcher, ranks > 0 wait here until rank 0 has finished ``stages``
-    (or failed after ``since``, this attempt's start: older failures were resumed from)."""
+def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: float = 2.0,
+                        file: Path | None = None) -> None:
+    """Under an external launcher, ranks > 0 wait here until rank 0 has finished ``stages`` and
+    written ``file`` (or failed after ``since``, this attempt's start: older failures were resumed
+    from)."""
     while True:
         state = _load_state(run_dir)
         if state.get("failed_at", 0.0) >= since:
             raise RuntimeError(f"rank 0 failed in stage {state['failed']}; see its log")
-        if set(stages) <= set(state["completed"]):
+        if set(stages) <= set(state["completed"]) and (file is None or file.exists()):
             return
         time.sleep(poll_s)
 
@@ -126,7 +128,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
                 continue
             if rank != 0:
                 if name in DDP_STAGES:
-                    _wait_for_rank_zero(run_dir, stages[:i], since=start)
+                    # A DP stage first in line has no stage to wait for, but needs rank 0's ledger.
+                    _wait_for_rank_zero(run_dir, stages[:i], since=start,
+                                        file=ctx.privacy_json if ctx.ledger is not None else None)
                     if ctx.ledger is not None:  # rank 0's ledger, with what earlier stages spent
                         ctx.ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
                     log.info("stage %s: rank %d joins", name, rank)

@@ -166,3 +166,54 @@ def test_the_pretraining_cache_is_keyed_by_the_sensitive_class_names(tmp_path):
     path["mnist5k"] = pretrain_cache_path(compose_config([*base, "data=mnist5k"]))
     assert path["mnist"] != path["fashion_mnist"]
     assert path["mnist"] == path["mnist5k"]
+
+
+@pytest.mark.parametrize("trainer", ["trainer=cpu", "trainer=ddp_cpu"])
+def test_processes_started_by_a_launcher_must_match_a_ddp_geometry(trainer, tmp_path, monkeypatch):
+    """torchrun/srun with two processes and no DDP would run two DP-SGDs on the sensitive data and
+    charge one: refused before any work. With DDP over two devices it is the external launch mode."""
+    from dpgen.config import validate_config
+    from dpgen.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = compose_config([*tiny_overrides(tmp_path), trainer, *(["trainer.devices=2"] if "ddp" in trainer else [])])
+    if "ddp" in trainer:
+        validate_config(cfg)
+    else:
+        with pytest.raises(ConfigError, match="started 2 processes"):
+            validate_config(cfg)
+
+
+def test_a_seeded_poisson_sampler_is_refused_across_ranks():
+    """A generator would be copied into every rank, which would all draw the same uniforms."""
+    import torch
+
+    from dpgen.privacy.sampling import PoissonBatchSampler
+
+    PoissonBatchSampler(10, 0.5, 1, generator=torch.Generator().manual_seed(0))  # one process: fine
+    with pytest.raises(ValueError, match="DDP ranks"):
+        PoissonBatchSampler(10, 0.5, 1, rank=0, world_size=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_joining_rank_waits_for_rank_zeros_ledger(tmp_path):
+    """A DP stage first in line has no earlier stage to wait for; rank 0's privacy.json may not exist yet."""
+    from dpgen.io import write_json
+    from dpgen.pipeline import _wait_for_rank_zero
+
+    write_json(tmp_path / "stages.json", {"completed": [], "wall_s": {}})
+    ledger = tmp_path / "privacy.json"
+    writer = threading.Timer(0.3, lambda: write_json(ledger, {"events": []}))
+    writer.start()
+    _wait_for_rank_zero(tmp_path, [], since=1.0, poll_s=0.05, file=ledger)
+    assert ledger.exists()
+    writer.join()
+
+
+def test_files_are_written_atomically_and_readable_by_others(tmp_path):
+    from dpgen.io import write_json
+
+    write_json(tmp_path / "metrics.json", {"fid": 1.0})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"fid": 1.0}
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left

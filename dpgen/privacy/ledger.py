@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from dpgen.errors import ConfigError
+from dpgen.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -822,33 +822,7 @@ class PrivacyLedger:
         self.note = state.get("note", self.note)
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write ``privacy.json`` atomically: readers see the old file or the new one, never half.
-
-        The temporary file lives in the destination directory so that ``os.replace`` is a
-        same-filesystem rename.
-        """
-        path = os.fspath(path)
+        """Write ``privacy.json`` atomically (``dpgen.io.atomic_write``)."""
         # Serialise first: an accountant failure must not leave a temporary file behind.
         text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; privacy.json is meant to be read
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        # Make the rename itself durable; not every platform can fsync a directory.
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))

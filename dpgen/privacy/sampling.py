@@ -38,6 +38,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if generator is not None and world_size > 1:
+            # A generator given here is copied into every rank: all would draw the same uniforms,
+            # and their shards would be correlated instead of one Poisson sample of the whole set.
+            raise ValueError("a seeded generator cannot be shared by DDP ranks; leave it None (fresh OS entropy)")
         self.indices = torch.arange(rank, num_samples, world_size)
         self.sample_rate = sample_rate
         self.steps = steps
