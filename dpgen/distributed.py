@@ -43,8 +43,10 @@ def external_world() -> tuple[int, int] | None:
     """``(rank, world size)`` when a launcher started this process as one of several ranks."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    # srun sets the step's own task count; a batch script's single process sees only the job's.
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1"))
+    if SLURMEnvironment.detect() and tasks > 1:
+        return int(os.environ["SLURM_PROCID"]), tasks
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
@@ -90,7 +92,7 @@ def validate_trainer_config(t: DictConfig) -> None:
             raise ConfigError("trainer.strategy", strategy, f"the launcher started {world[1]} processes, and "
                               "without DDP each would train on the sensitive data uncounted",
                               f"use trainer=ddp (or ddp_cpu) with trainer.devices x trainer.num_nodes = {world[1]}, "
-                              "or start one process")
+                              "or start one process (in a SLURM allocation of several tasks: srun -n 1)")
         return
     if world is None and t.num_nodes > 1:
         raise ConfigError("trainer.num_nodes", t.num_nodes, "several nodes need one process per device, "

@@ -20,6 +20,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 log = logging.getLogger("dpgen")
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Write through ``write(fileobj)`` to a temporary file beside ``path`` (the same filesystem,
     so the rename is atomic), fsync, rename, fsync the directory: readers see the old file or the
@@ -32,7 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's files are meant to be read by others
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

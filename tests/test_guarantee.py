@@ -33,6 +33,7 @@ def test_shipped_methods_and_sampling_get_the_guarantee_their_stages_give(tiny_c
     assert _run_name(cpsample) == "dpdm-eps4-cpsample-no-formal-dp"
     named = tiny_cfg("sampling=cpsample", "logger=wandb", "logger.run_name=mine")
     assert _run_name(named) == "mine-cpsample-no-formal-dp"  # a user's name keeps the warning
+    assert _run_name(tiny_cfg("method=nonprivate", "logger=wandb", "logger.run_name=ours-eps1")) == "ours-eps1-nonprivate"
     for method in ("dpldm", "privimage", "feta"):
         cfg = compose_config([f"paths.cache_dir={tmp_path}", f"paths.data_root={tmp_path}", f"method={method}"])
         assert has_formal_guarantee(cfg), method

@@ -239,3 +239,9 @@ def test_a_card_without_a_guarantee_never_calls_sampling_free(tmp_path):
     main([str(run), "--num-samples", "4", "--format", "npz", "--out", str(out), "--batch-size", "4"])
     card = (out / "DATACARD.md").read_text()
     assert "costs no privacy" not in card and "No formal guarantee covers these samples" in card
+
+
+def test_a_release_from_an_older_dpgen_is_not_continued(run_dir, tmp_path):
+    out = tmp_path / "old"
+    write_json(out / "manifest.json", {"release": {"num_samples": N}, "shards": {}, "complete": False})
+    assert "started by an older dpgen" in _refused([run_dir, "--num-samples", N, "--format", "npz", "--out", out])

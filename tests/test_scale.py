@@ -210,10 +210,32 @@ def test_a_joining_rank_waits_for_rank_zeros_ledger(tmp_path):
     writer.join()
 
 
-def test_files_are_written_atomically_and_readable_by_others(tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_are_written_atomically_with_the_mode_open_would_give(umask, tmp_path):
     from dpgen.io import write_json
 
-    write_json(tmp_path / "metrics.json", {"fid": 1.0})
+    saved = os.umask(umask)
+    try:
+        write_json(tmp_path / "metrics.json", {"fid": 1.0})
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(saved)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"fid": 1.0}
-    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "plain"]  # no temporary file left
+
+
+def test_one_process_of_a_multi_task_slurm_allocation_is_one_process(monkeypatch):
+    """A batch script runs once in an allocation of several tasks; srun steps say their own count."""
+    from dpgen.distributed import external_world
+
+    for k in ("WORLD_SIZE", "RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert external_world() == (0, 4)  # no step count: the job's, as Lightning reads it
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert external_world() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert external_world() == (0, 4)

@@ -60,9 +60,11 @@ def _sweep_group() -> str | None:
 def _run_name(cfg: DictConfig) -> str:
     """``dpdm-eps10``; ``nonprivate``; ``dpdm-eps10-cpsample-no-formal-dp`` when sampling voids the
     guarantee of a DP-trained generator, so a dashboard never shows such a run as a DP point. A
-    name the user sets (``logger.run_name``) keeps that suffix."""
+    name the user sets (``logger.run_name``) keeps that suffix, and a non-private run's name says
+    so."""
     if not training_is_private(cfg):
-        return cfg.logger.get("run_name") or cfg.method.name
+        name = cfg.logger.get("run_name")
+        return f"{name}-nonprivate" if name and "nonprivate" not in name else name or cfg.method.name
     name = cfg.logger.get("run_name") or f"{cfg.method.name}-eps{cfg.privacy.eps:g}"
     return name if has_formal_guarantee(cfg) else f"{name}-{cfg.sampling.name}-no-formal-dp"
 

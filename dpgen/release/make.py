@@ -78,6 +78,9 @@ def _existing_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | 
         raise ReleaseError(f"--out={out}: holds files that are not a dpgen release. Fix: pass a new or empty directory")
     manifest = json.loads(manifest_file.read_text())
     theirs = manifest.get("release", {})
+    if "sample" not in theirs:
+        raise ReleaseError(f"--out={out}: holds a release started by an older dpgen, which did not record how "
+                           "it sampled, so it cannot be continued safely. Fix: pass a new directory")
     differ = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in identity.items() if theirs.get(k) != v]
     if differ:
         raise ReleaseError(f"--out={out}: holds another release (differs in {'; '.join(differ)}). "
