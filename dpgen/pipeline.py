@@ -91,7 +91,7 @@ def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: 
     while True:
         state = _load_state(run_dir)
         if state.get("failed_at", 0.0) >= since:
-            raise RuntimeError(f"rank 0 failed in stage {state['failed']}; see its log")
+            raise RuntimeError(f"rank 0 failed ({state['failed']}); see its log")
         if set(stages) <= set(state["completed"]) and (file is None or file.exists()):
             return
         time.sleep(poll_s)
@@ -119,38 +119,45 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
     ctx = RunContext(cfg=cfg, run_dir=run_dir, wall_s=state["wall_s"])
     if train_set is not None:
         ctx.train_set = train_set
-    ctx.ledger = plan_privacy(ctx)
-    stages = list(run_stages(cfg) if stages is None else stages)
-    with experiment(cfg, run_dir):
-        for i, name in enumerate(stages):
-            if name in state["completed"]:
-                log.info("stage %s: already complete, skipping", name)
-                continue
-            if rank != 0:
-                if name in DDP_STAGES:
-                    # A DP stage first in line has no stage to wait for, but needs rank 0's ledger.
-                    _wait_for_rank_zero(run_dir, stages[:i], since=start,
-                                        file=ctx.privacy_json if ctx.ledger is not None else None)
-                    if ctx.ledger is not None:  # rank 0's ledger, with what earlier stages spent
-                        ctx.ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
-                    log.info("stage %s: rank %d joins", name, rank)
+    try:
+        ctx.ledger = plan_privacy(ctx)
+        stages = list(run_stages(cfg) if stages is None else stages)
+        with experiment(cfg, run_dir):
+            for i, name in enumerate(stages):
+                if name in state["completed"]:
+                    log.info("stage %s: already complete, skipping", name)
+                    continue
+                if rank != 0:
+                    if name in DDP_STAGES:
+                        # A DP stage first in line has no stage to wait for, but needs rank 0's ledger.
+                        _wait_for_rank_zero(run_dir, stages[:i], since=start,
+                                            file=ctx.privacy_json if ctx.ledger is not None else None)
+                        if ctx.ledger is not None:  # rank 0's ledger, with what earlier stages spent
+                            ctx.ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
+                        log.info("stage %s: rank %d joins", name, rank)
+                        STAGES[name](ctx)
+                    continue
+                log.info("stage %s: starting", name)
+                t0 = time.time()
+                try:
                     STAGES[name](ctx)
-                continue
-            log.info("stage %s: starting", name)
-            t0 = time.time()
-            try:
-                STAGES[name](ctx)
-            except BaseException:
-                write_json(run_dir / "stages.json", {**state, "failed": name, "failed_at": time.time()})
-                raise
-            ctx.wall_s[name] = ctx.wall_s.get(name, 0.0) + time.time() - t0
-            state["completed"].append(name)
-            state["wall_s"] = ctx.wall_s
-            write_json(run_dir / "stages.json", state)
-            log.info("stage %s: done in %.1f s", name, time.time() - t0)
-        if rank == 0:
-            _record_total_wall(ctx)
-            log_results(cfg, run_dir)
+                except BaseException:
+                    write_json(run_dir / "stages.json", {**state, "failed": name, "failed_at": time.time()})
+                    raise
+                ctx.wall_s[name] = ctx.wall_s.get(name, 0.0) + time.time() - t0
+                state["completed"].append(name)
+                state["wall_s"] = ctx.wall_s
+                write_json(run_dir / "stages.json", state)
+                log.info("stage %s: done in %.1f s", name, time.time() - t0)
+            if rank == 0:
+                _record_total_wall(ctx)
+                log_results(cfg, run_dir)
+    except BaseException:
+        # A failure before any stage (planning, W&B) is recorded too: ranks waiting for rank 0
+        # would otherwise wait until the job's time limit. A stage's own failure is recorded already.
+        if rank == 0 and _load_state(run_dir).get("failed_at", 0.0) < start:
+            write_json(run_dir / "stages.json", {**state, "failed": "outside a stage", "failed_at": time.time()})
+        raise
     log.info("run finished in %.1f s; results in %s", time.time() - start, run_dir.resolve())
     return ctx
 

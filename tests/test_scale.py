@@ -239,3 +239,23 @@ def test_one_process_of_a_multi_task_slurm_allocation_is_one_process(monkeypatch
     assert external_world() is None
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     assert external_world() == (0, 4)
+
+
+def test_a_failure_before_any_stage_releases_the_waiting_ranks(tmp_path, monkeypatch):
+    """Rank 0 failing in planning (or W&B) records it, so ranks waiting for it stop instead of
+    polling until the job's time limit."""
+    import time
+
+    import dpgen.pipeline as pipeline
+
+    def broken(ctx):
+        raise RuntimeError("planning failed")
+
+    monkeypatch.setattr(pipeline, "plan_privacy", broken)
+    start = time.time()
+    with pytest.raises(RuntimeError, match="planning failed"):
+        pipeline.run_pipeline(compose_config(tiny_overrides(tmp_path)), tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert state["failed"] == "outside a stage" and state["failed_at"] >= start  # checked first: no hang
+    with pytest.raises(RuntimeError, match="rank 0 failed"):
+        pipeline._wait_for_rank_zero(tmp_path / "run", ["pretrain_public"], since=start, poll_s=0.01)
