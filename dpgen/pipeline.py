@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from dpgen.data import build_dataset
-from dpgen.distributed import process_rank
+from dpgen.distributed import external_world, process_rank
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers import experiment, log_results
 from dpgen.privacy.ledger import PrivacyLedger
@@ -153,9 +153,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
                 _record_total_wall(ctx)
                 log_results(cfg, run_dir)
     except BaseException:
-        # A failure before any stage (planning, W&B) is recorded too: ranks waiting for rank 0
-        # would otherwise wait until the job's time limit. A stage's own failure is recorded already.
-        if rank == 0 and _load_state(run_dir).get("failed_at", 0.0) < start:
+        # Under a launcher, a failure of rank 0 before any stage (planning, W&B) is recorded too:
+        # ranks waiting for it would otherwise wait until the job's time limit. A stage's own
+        # failure is recorded already; a single process refused before work writes nothing.
+        if rank == 0 and external_world() is not None and _load_state(run_dir).get("failed_at", 0.0) < start:
             write_json(run_dir / "stages.json", {**state, "failed": "outside a stage", "failed_at": time.time()})
         raise
     log.info("run finished in %.1f s; results in %s", time.time() - start, run_dir.resolve())

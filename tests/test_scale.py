@@ -252,6 +252,8 @@ def test_a_failure_before_any_stage_releases_the_waiting_ranks(tmp_path, monkeyp
         raise RuntimeError("planning failed")
 
     monkeypatch.setattr(pipeline, "plan_privacy", broken)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 of two, started by a launcher
+    monkeypatch.setenv("RANK", "0")
     start = time.time()
     with pytest.raises(RuntimeError, match="planning failed"):
         pipeline.run_pipeline(compose_config(tiny_overrides(tmp_path)), tmp_path / "run")
