@@ -186,7 +186,7 @@ def test_an_old_ledger_without_the_flag_counts_as_private_when_it_spent_epsilon(
     run.mkdir()
     write_json(run / "privacy.json", {"epsilon_spent": 9.9, "epsilon_target": 10.0, "delta": 1e-5})
     write_json(run / "metrics.json", {"method": "dpdm", "downstream_accuracy": {"mean": 0.7}})
-    row = _row(tmp_path, run / "metrics.json")
+    row = _row(tmp_path, run, json.loads((run / "metrics.json").read_text()))
     assert row["private"] and row["epsilon"] == 9.9
 
 

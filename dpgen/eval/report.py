@@ -113,9 +113,12 @@ def _plain(json_text: str) -> str:
     return value if isinstance(value, str) else json_text
 
 
-def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
-    run_dir = metrics_file.parent
-    m = json.loads(metrics_file.read_text())
+def _relative(root: Path, run_dir: Path) -> str:
+    return str(run_dir.relative_to(root)) if run_dir != root else "."
+
+
+def _row(root: Path, run_dir: Path, m: dict[str, Any]) -> dict[str, Any]:
+    """The report row of the run in ``run_dir``, whose ``metrics.json`` holds ``m``."""
     privacy_file = run_dir / "privacy.json"
     p = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
     private = ledger_kept_guarantee(p) if p else bool(m.get("formal_guarantee", False))
@@ -124,7 +127,7 @@ def _row(root: Path, metrics_file: Path) -> dict[str, Any]:
     epsilon = p.get("epsilon_spent", m.get("epsilon"))
     accuracy = m.get("downstream_accuracy", {})
     row: dict[str, Any] = {
-        "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
+        "run": _relative(root, run_dir),
         "method": m.get("method"),
         "setting": "",
         "private": private,
@@ -161,26 +164,27 @@ def _utility_columns(study: dict[str, Any]) -> dict[str, Any]:
     return cols
 
 
-def _finished(root: Path) -> tuple[list[Path], list[Path]]:
-    """The ``metrics.json`` of generator runs and of canary audits below ``root``."""
+def _finished(root: Path) -> tuple[dict[Path, dict[str, Any]], dict[Path, dict[str, Any]]]:
+    """Run directory -> parsed ``metrics.json``, of generator runs and of canary audits below ``root``."""
     if not root.is_dir():
         raise ReportError(f"{root}: not a directory. Fix: pass a run or multirun directory")
-    runs, audits = [], []
+    runs, audits = {}, {}
     for f in sorted(root.rglob("metrics.json")):
-        (audits if "canary_audit" in json.loads(f.read_text()) else runs).append(f)
+        m = json.loads(f.read_text())
+        (audits if "canary_audit" in m else runs)[f.parent] = m
     return runs, audits
 
 
 def collect_runs(root: str | Path) -> list[dict[str, Any]]:
     """One row per finished generator run below ``root`` (``root`` itself may be a run)."""
     root = Path(root)
-    files, audits = _finished(root)
-    if not files:
+    runs, audits = _finished(root)
+    if not runs:
         found = f" (only {len(audits)} canary audits, reported by python -m dpgen.audit)" if audits else ""
         raise ReportError(f"{root}: no finished generator run (no metrics.json) below it{found}. "
                           "Fix: pass a run or sweep directory")
-    rows = [_row(root, f) for f in files]
-    _label_settings(rows, [_flat_config(f.parent) for f in files])
+    rows = [_row(root, run_dir, m) for run_dir, m in runs.items()]
+    _label_settings(rows, [_flat_config(run_dir) for run_dir in runs])
     return sorted(rows, key=lambda r: (not r["private"], r["method"] or "", r["setting"], r["epsilon"] or 0.0,
                                        r["run"]))
 
@@ -188,13 +192,8 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
 def collect_audits(root: str | Path) -> list[dict[str, Any]]:
     """One row per finished canary audit below ``root``: the claimed ε against its empirical lower bound."""
     root = Path(root)
-    rows = []
-    for f in _finished(root)[1]:
-        m = json.loads(f.read_text())
-        audit = m["canary_audit"]
-        rows.append({"run": str(f.parent.relative_to(root)) if f.parent != root else ".",
-                     "method": m.get("method"), **{k: audit.get(k) for k in _CANARY}})
-    return rows
+    return [{"run": _relative(root, run_dir), "method": m.get("method"),
+             **{k: m["canary_audit"].get(k) for k in _CANARY}} for run_dir, m in _finished(root)[1].items()]
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
