@@ -214,6 +214,21 @@ def test_runs_that_differ_in_more_than_seed_and_paths_are_not_averaged_as_repeat
     assert "| method | setting | ε target |" in md and "| dpdm | method.multiplicity=4 | 10 | 9.96 | 90.0 |" in md
 
 
+def test_settings_are_ordered_by_the_value_of_their_numbers(sweep):
+    """K=16 after K=4 (as text, "16" < "4"), in the table and in the plot's legend."""
+    for job, k in (("16", 16), ("6", 4)):
+        run = sweep / job
+        for name in ("privacy.json", "metrics.json"):
+            write_json(run / name, json.loads((sweep / "1" / name).read_text()))
+        _run_config(run, "dpdm", 10.0, seed=int(job), multiplicity=k)
+    rows = collect_runs(sweep)
+    assert [r["setting"][len("method.multiplicity="):] for r in rows if r["method"] == "dpdm"] == [
+        "1", "1", "1", "4", "16"]
+    labels = accuracy_figure(rows).axes[0].get_legend_handles_labels()[1]
+    dpdm = [label for label in labels if label.startswith("dpdm [")]
+    assert [label.split("=")[1].split("]")[0] for label in dpdm] == ["1", "4", "16"]
+
+
 def test_canary_audits_get_their_own_table_not_a_generator_row(sweep):
     audit = sweep / "audit"
     write_json(audit / "metrics.json", {"method": "dpdm", "epsilon": 9.9, "delta": 1e-5, "canary_audit": {

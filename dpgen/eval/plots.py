@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import statistics
 from collections import Counter
 from typing import Any
@@ -22,6 +23,15 @@ log = logging.getLogger("dpgen")
 
 Rows = list[dict[str, Any]]
 
+_NUMBER = re.compile(r"(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
+
+
+def setting_order(setting: str) -> tuple:
+    """Sort key of a ``setting`` label that orders its numbers by value (``steps=500`` before
+    ``steps=2000``). Text and numbers alternate in the split, so keys always compare."""
+    parts = _NUMBER.split(setting)
+    return tuple(float(p) if i % 2 else p for i, p in enumerate(parts))
+
 
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
@@ -33,7 +43,7 @@ def _private_lines(ax: Any, rows: Rows, key: str, scale: float) -> int:
     their training."""
     points = [r for r in rows if r["epsilon"] and r.get(key) is not None]
     lines = sorted({(r["method"], r["private"], r.get("setting", "")) for r in points},
-                   key=lambda line: (not line[1], line[0], line[2]))
+                   key=lambda line: (not line[1], line[0], setting_order(line[2])))
     for method, private, setting in lines:
         groups: dict[Any, list[dict[str, Any]]] = {}
         for r in points:
@@ -65,7 +75,7 @@ def _nonprivate_ceilings(ax: Any, rows: Rows, key: str, scale: float, unit: str 
     for r in rows:
         if r["epsilon"] is None and r.get(key) is not None:
             settings.setdefault(r.get("setting", ""), []).append(scale * r[key])
-    for setting, values in sorted(settings.items()):
+    for setting, values in sorted(settings.items(), key=lambda item: setting_order(item[0])):
         _ceiling(ax, _mean(values), "non-private generator (no DP)" + _setting(setting), "--", "black", unit)
 
 

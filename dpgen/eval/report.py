@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure
+from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure, setting_order
 from dpgen.io import atomic_write
 from dpgen.privacy.guarantee import ledger_kept_guarantee
 
@@ -185,8 +185,8 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
                           "Fix: pass a run or sweep directory")
     rows = [_row(root, run_dir, m) for run_dir, m in runs.items()]
     _label_settings(rows, [_flat_config(run_dir) for run_dir in runs])
-    return sorted(rows, key=lambda r: (not r["private"], r["method"] or "", r["setting"], r["epsilon"] or 0.0,
-                                       r["run"]))
+    return sorted(rows, key=lambda r: (not r["private"], r["method"] or "", setting_order(r["setting"]),
+                                       r["epsilon"] or 0.0, r["run"]))
 
 
 def collect_audits(root: str | Path) -> list[dict[str, Any]]:
