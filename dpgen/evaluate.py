@@ -5,7 +5,7 @@ the evaluation is today's ``conf/eval`` and ``conf/audit`` with the given overri
 before a change of the evaluation, or without the utility study or the privacy audits, is
 evaluated without retraining: ``python -m dpgen.evaluate outputs/<date>/<time> eval.audit=true``.
 Rewrites the run's
-``metrics.json`` and writes the evaluation config it used to ``evaluate_config.yaml``.
+``metrics.json`` and writes the evaluation and audit config it used to ``evaluate_config.yaml``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpgen.config import override_key, run_config_with_todays_groups
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
+from dpgen.io import atomic_write
 
 log = logging.getLogger("dpgen")
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
 
     seed_everything(cfg.seed, workers=True, verbose=False)
     evaluate(RunContext(cfg=cfg, run_dir=args.run_dir, wall_s=state["wall_s"]))
-    OmegaConf.save(cfg.eval, args.run_dir / "evaluate_config.yaml", resolve=True)
+    used = OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("eval", "audit")})
+    atomic_write(args.run_dir / "evaluate_config.yaml", lambda f: f.write(used.encode()))
     print(args.run_dir / "metrics.json")
 
 

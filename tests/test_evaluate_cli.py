@@ -38,8 +38,9 @@ def test_reevaluates_a_run_with_todays_evaluation(old_run):
     metrics = json.loads((old_run / "metrics.json").read_text())
     assert set(metrics["downstream_accuracy"]) == {"mlp", "mean"} and metrics["train_wall_s"] == 3.0
     used = OmegaConf.load(old_run / "evaluate_config.yaml")
-    assert used.downstream.classifiers == ["mlp"] and used.utility_study is False
-    assert used.cache_dir == f"{OmegaConf.load(old_run / 'run_config.yaml').paths.cache_dir}/eval"
+    assert set(used) == {"eval", "audit"} and used.audit.mia.max_examples > 0
+    assert used.eval.downstream.classifiers == ["mlp"] and used.eval.utility_study is False
+    assert used.eval.cache_dir == f"{OmegaConf.load(old_run / 'run_config.yaml').paths.cache_dir}/eval"
 
 
 def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):

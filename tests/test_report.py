@@ -268,6 +268,10 @@ def test_repeats_survive_a_resume_and_a_voided_twin_but_image_folders_and_rescor
         OmegaConf.save(OmegaConf.merge(OmegaConf.load(sweep / job / "run_config.yaml"),
                                        {"data": {"name": "mnist", "root": f"/mnt/{job}/mnist"}}),
                        sweep / job / "run_config.yaml")
-    OmegaConf.save({"downstream": {"epochs": 30}}, sweep / "2" / "evaluate_config.yaml")
+    OmegaConf.save({"downstream": {"epochs": 30}}, sweep / "2" / "evaluate_config.yaml")  # before stop 24
     settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
     assert settings["1"] == "eval.downstream.epochs=–" and settings["2"] == "eval.downstream.epochs=30"
+    OmegaConf.save({"eval": {"downstream": {"epochs": 30}}, "audit": {"mia": {"max_examples": 50}}},
+                   sweep / "2" / "evaluate_config.yaml")
+    settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
+    assert settings["2"] == "audit.mia.max_examples=50, eval.downstream.epochs=30"

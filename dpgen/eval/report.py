@@ -65,14 +65,16 @@ def _may_vary_between_repeats(key: str, configs: list[dict[str, str]]) -> bool:
 
 def _flat_config(run_dir: Path) -> dict[str, str]:
     """The run's saved config as dotted keys -> JSON text of the value ({} if it has none). A run
-    re-scored by ``python -m dpgen.evaluate`` was scored with its ``evaluate_config.yaml``."""
+    re-scored by ``python -m dpgen.evaluate`` was scored with the eval and audit config of its
+    ``evaluate_config.yaml``."""
     path = run_dir / "run_config.yaml"
     if not path.is_file():
         return {}
     config = OmegaConf.to_container(OmegaConf.load(path))
     rescored = run_dir / "evaluate_config.yaml"
     if rescored.is_file():
-        config["eval"] = OmegaConf.to_container(OmegaConf.load(rescored))
+        used = OmegaConf.to_container(OmegaConf.load(rescored))
+        config.update(used if "eval" in used else {"eval": used})  # before stop 24 it held eval alone
     flat: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
