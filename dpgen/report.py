@@ -2,7 +2,8 @@
 
 Collects ``metrics.json`` and ``privacy.json`` of every finished run below the directory into
 ``report.csv`` and ``report.md`` and draws ``accuracy_vs_epsilon.png`` and
-``fid_vs_epsilon.png`` there. A Hydra multirun calls it on its sweep directory when it ends
+``fid_vs_epsilon.png`` there; canary audits (``python -m dpgen.audit``) below it also go to
+``audits.csv``. A Hydra multirun calls it on its sweep directory when it ends
 (:class:`SweepReport`, configured under ``hydra.callbacks`` in ``conf/config.yaml``).
 """
 

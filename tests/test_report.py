@@ -12,6 +12,7 @@ from PIL import Image
 from dpgen.eval.plots import accuracy_figure, fid_figure
 from dpgen.eval.report import (
     ACCURACY_PNG,
+    AUDITS_CSV_NAME,
     CSV_NAME,
     FID_PNG,
     MD_NAME,
@@ -238,6 +239,9 @@ def test_canary_audits_get_their_own_table_not_a_generator_row(sweep):
     write_report(sweep)
     md = (sweep / MD_NAME).read_text()
     assert "Canary audits" in md and "| dpdm | 9.9 | 0.42 | 0.3 | 0.95 | False | 256 | 0.55 | `audit` |" in md
+    with open(sweep / AUDITS_CSV_NAME) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["run"] == "audit" and row["epsilon_lower_bound"] == "0.42" and row["canaries"] == "256"
     with pytest.raises(ReportError, match="only 1 canary audits"):
         collect_runs(audit)
 

@@ -29,7 +29,7 @@ from dpgen.privacy.guarantee import ledger_kept_guarantee
 
 log = logging.getLogger("dpgen")
 
-CSV_NAME, MD_NAME = "report.csv", "report.md"
+CSV_NAME, MD_NAME, AUDITS_CSV_NAME = "report.csv", "report.md", "audits.csv"
 ACCURACY_PNG, FID_PNG = "accuracy_vs_epsilon.png", "fid_vs_epsilon.png"
 _FIDELITY = ("fid", "kid_mean", "precision", "recall", "inception_score_mean", "fid_heldout", "fid_at_reference_size")
 _AUDIT = ("replication_rate", "mia_auc", "mia_tpr_at_fpr_1pct")  # with eval.audit=true (else empty)
@@ -177,8 +177,9 @@ def _finished(root: Path) -> tuple[dict[Path, dict[str, Any]], dict[Path, dict[s
     return runs, audits
 
 
-def collect_runs(root: str | Path) -> list[dict[str, Any]]:
-    """One row per finished generator run below ``root`` (``root`` itself may be a run)."""
+def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per finished generator run below ``root`` (``root`` itself may be a run), and one
+    per finished canary audit: the claimed ε against its empirical lower bound."""
     root = Path(root)
     runs, audits = _finished(root)
     if not runs:
@@ -187,15 +188,16 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
                           "Fix: pass a run or sweep directory")
     rows = [_row(root, run_dir, m) for run_dir, m in runs.items()]
     _label_settings(rows, [_flat_config(run_dir) for run_dir in runs])
-    return sorted(rows, key=lambda r: (not r["private"], r["method"] or "", setting_order(r["setting"]),
-                                       r["epsilon"] or 0.0, r["run"]))
+    rows.sort(key=lambda r: (not r["private"], r["method"] or "", setting_order(r["setting"]),
+                             r["epsilon"] or 0.0, r["run"]))
+    audit_rows = [{"run": _relative(root, run_dir), "method": m.get("method"),
+                   **{k: m["canary_audit"].get(k) for k in _CANARY}} for run_dir, m in audits.items()]
+    return rows, audit_rows
 
 
-def collect_audits(root: str | Path) -> list[dict[str, Any]]:
-    """One row per finished canary audit below ``root``: the claimed ε against its empirical lower bound."""
-    root = Path(root)
-    return [{"run": _relative(root, run_dir), "method": m.get("method"),
-             **{k: m["canary_audit"].get(k) for k in _CANARY}} for run_dir, m in _finished(root)[1].items()]
+def collect_runs(root: str | Path) -> list[dict[str, Any]]:
+    """One row per finished generator run below ``root``."""
+    return collect(root)[0]
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -306,14 +308,17 @@ def _utility_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(root: str | Path) -> list[Path]:
-    """Write the CSV, Markdown table and both plots into ``root``; returns their paths."""
+    """Write the CSV, Markdown table and both plots into ``root``, and the canary audits' CSV when
+    there are any; returns their paths."""
     root = Path(root)
-    rows = collect_runs(root)
-    audits = collect_audits(root)
+    rows, audits = collect(root)
     paths = [root / CSV_NAME, root / MD_NAME, root / ACCURACY_PNG, root / FID_PNG]
     atomic_write(paths[0], lambda f: f.write(_csv(rows)))
     atomic_write(paths[1], lambda f: f.write(_markdown(rows, audits)))
     save_figure(accuracy_figure(rows), paths[2])
     save_figure(fid_figure(rows), paths[3])
+    if audits:
+        paths.append(root / AUDITS_CSV_NAME)
+        atomic_write(paths[-1], lambda f: f.write(_csv(audits)))
     log.info("report: %d runs -> %s", len(rows), ", ".join(str(p) for p in paths))
     return paths
