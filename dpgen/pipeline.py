@@ -25,6 +25,7 @@ from dpgen.data import build_dataset
 from dpgen.distributed import external_world, process_rank
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers import experiment, log_results
+from dpgen.privacy.guarantee import RETIRED_FLAGS
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.stages import DDP_STAGES, STAGES, run_stages
 from dpgen.stages.planning import plan_privacy
@@ -72,9 +73,9 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
     now = OmegaConf.to_container(cfg, resolve=True)
     before.pop("resume", None)
     now.pop("resume", None)
-    for group in ("method", "sampling"):  # retired in stop 22: the guarantee follows from the stages
+    for group, key in (flag.split(".") for flag in RETIRED_FLAGS):
         if isinstance(before.get(group), dict):
-            before[group].pop("formal_guarantee", None)
+            before[group].pop(key, None)
     diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diffs:
         raise ValueError(

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure, setting_order
 from dpgen.io import atomic_write
-from dpgen.privacy.guarantee import ledger_kept_guarantee
+from dpgen.privacy.guarantee import RETIRED_FLAGS, ledger_kept_guarantee
 
 log = logging.getLogger("dpgen")
 
@@ -40,13 +40,13 @@ _CANARY = ("epsilon_claimed", "epsilon_lower_bound", "epsilon_lower_bound_cloppe
 # Config keys that may differ between repeats of one setting: the x-axis (ε), seeds, where files
 # live, hardware and logging, and settings that change only memory or speed (the clipping modes
 # and physical batch give the same update; sampling and feature batches the same distribution).
-# Also `resume` (the run directory a restarted run continues) and the guarantee flags that stop 22
-# retired, as the pipeline's own resume check ignores them.
+# Also `resume` (the run directory a restarted run continues) and the retired guarantee flags, as
+# the pipeline's own resume check ignores them.
 _REPEAT_MAY_VARY_LAST = {"seed", "split_seed", "cache_dir", "root", "data_root", "weights_path", "num_threads",
                          "log_every_n_steps", "checkpoint_every_n_steps"}
 _REPEAT_MAY_VARY = {"privacy.eps", "privacy.max_physical_batch", "privacy.clipping", "privacy.log_train_loss",
                     "sample.batch_size", "eval.fid.batch_size", "eval.utility.sample_shard_size",
-                    "audit.loss_score.batch_size", "resume", "method.formal_guarantee", "sampling.formal_guarantee"}
+                    "audit.loss_score.batch_size", "resume", *RETIRED_FLAGS}
 _REPEAT_MAY_VARY_PREFIX = ("paths.", "logger.", "hydra.", "trainer.")  # but trainer.precision: see below
 
 
