@@ -72,9 +72,8 @@ STAGE_PLANS: dict[str, Callable[[DictConfig, int], list[PlannedStage]]] = {
 
 def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     cfg = ctx.cfg
-    notes = guarantee_notes(cfg)
+    note = " ".join(guarantee_notes(cfg))
     if not training_is_private(cfg):
-        note = " ".join(notes)
         if is_rank_zero():
             write_json(ctx.privacy_json, {"formal_guarantee": False, "method": cfg.method.name, "note": note})
         log.warning(note)
@@ -86,9 +85,9 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     ledger.plan(stages)
     if ctx.privacy_json.exists():  # resuming: what earlier attempts spent stays spent
         ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
-    if notes:  # DP training, but something else reads the sensitive images (CPSample)
-        ledger.void_guarantee(" ".join(notes))
-        log.warning(" ".join(notes))
+    if note:  # DP training, but something else reads the sensitive images (CPSample)
+        ledger.void_guarantee(note)
+        log.warning(note)
     if is_rank_zero():  # one ledger file: other ranks (external launch) keep theirs in memory
         ledger.write(ctx.privacy_json)
     for ev in ledger.planned:
