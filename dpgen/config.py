@@ -15,6 +15,7 @@ from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.loggers import validate_logger_config
 from dpgen.methods import METHODS
+from dpgen.methods.privimage import check_selection_config
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
 from dpgen.privacy.guarantee import NON_PRIVATE_STAGES, training_is_private
@@ -64,10 +65,37 @@ def _check_dp_model(cfg: DictConfig) -> None:
                           "use a model with GroupNorm/LayerNorm only") from err
 
 
+# Where a pixel model's DP training starts (``method.pretrain``), the stages that make it, in
+# order, and the stages that start from it (the first of them loads it).
+_PRETRAINING_STAGES = {"none": (), "public": ("pretrain_public",),
+                       "selection": ("dp_semantic_query", "pretrain_selected")}
+_STARTS_FROM_PRETRAINING = ("warmup", "dp_train", "train")
+
+
+def _check_pretraining(cfg: DictConfig) -> None:
+    """A pretraining the run starts from is made by stages that run before it: found missing
+    only when the stage that loads it runs, the run would fail after DP stages had spent ε."""
+    m = cfg.method
+    source = m.get("pretrain", "none")
+    if source not in _PRETRAINING_STAGES:
+        raise ConfigError("method.pretrain", source, "unknown pretraining", f"use one of {', '.join(_PRETRAINING_STAGES)}")
+    if source == "public":
+        validate_public_config(cfg.public)
+    elif source == "selection":
+        check_selection_config(cfg)
+    stages = list(m.stages)
+    first = next((i for i, s in enumerate(stages) if s in _STARTS_FROM_PRETRAINING), None)
+    needed = list(_PRETRAINING_STAGES[source])
+    if source == "selection" and m.selection == "semantic":
+        needed.insert(0, "train_query_classifier")  # the query votes with it
+    if first is not None and [s for s in stages[:first] if s in needed] != needed:
+        raise ConfigError("method.stages", stages, f"{stages[first]} starts from method.pretrain={source}, made by "
+                          f"{' -> '.join(needed)}, which must run before it",
+                          f"put {', '.join(needed)} before {stages[first]}, or use method.pretrain=none")
+
+
 def validate_config(cfg: DictConfig) -> None:
     validate_data_config(cfg.data)
-    if "public" in cfg.method.get("pretrain", "none"):
-        validate_public_config(cfg.public)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if is_latent_model(model):
         validate_ldm_config(model, cfg.data.image_size)
@@ -82,6 +110,7 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
                           f"use stages from {sorted(STAGES)}")
+    _check_pretraining(cfg)
     private = [s for s in m.stages if s in STAGE_PLANS]
     nonprivate = [s for s in m.stages if s in NON_PRIVATE_STAGES]
     if private and nonprivate:

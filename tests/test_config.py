@@ -122,7 +122,7 @@ def test_cli_cfg_job_and_help(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "eps: 1" in out.stdout and "name: dpdm" in out.stdout
     helped = _cli("--help", tmp=tmp_path)
-    assert helped.returncode == 0 and "method: dpdm, dpldm, feta, nonprivate, privimage" in helped.stdout
+    assert helped.returncode == 0 and "method: dpdm, dpldm, feta, feta_privimage, nonprivate, privimage" in helped.stdout
 
 
 @pytest.mark.parametrize("override,key", [

@@ -221,6 +221,31 @@ def test_noise_is_not_reproducible_from_the_run_seed():
     assert not torch.equal(a[0], b[0])
 
 
+class _RecordsItsDraws(TinyDPModule):
+    """Draws per-row randomness from torch's global generator, as the diffusion methods do
+    (timesteps, diffusion noise, label dropout)."""
+
+    def per_example_loss(self, batch):
+        self.draws = torch.rand(len(batch[0]))
+        return super().per_example_loss(batch) * (1 + 0 * self.draws[:, None])
+
+
+def test_per_example_draws_are_not_reproducible_from_the_run_seed():
+    """From the public seed, one example more or less would shift every later row's draws and
+    move the clipped sum by more than C; secret draws can be coupled across neighbours."""
+    batch = make_batch(6)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        module = _RecordsItsDraws(1)
+        one_dp_step(module, batch, _config())
+        draws.append(module.draws)
+    torch.manual_seed(0)
+    from_seed = torch.rand(6)
+    assert not torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], from_seed) and not torch.equal(draws[1], from_seed)
+
+
 @ALL_MODES
 def test_frozen_parameters_get_no_per_example_work(clipping):
     module = TinyDPModule(1)

@@ -489,6 +489,17 @@ def test_a_ledger_never_unspends_when_an_older_record_is_loaded(ledger):
     assert fresh.steps_spent("dp_train") == 8
 
 
+def test_a_voided_guarantee_is_never_restored_by_loading_a_state(ledger, planned_state):
+    """As spent budget is never un-spent: a checkpoint written before CPSample voided the
+    guarantee must not make the run claim it again."""
+    ledger.void_guarantee("CPSample read the training images")
+    ledger.load_state_dict(planned_state)  # formal_guarantee true
+    assert ledger.formal_guarantee is False and ledger.note == "CPSample read the training images"
+    fresh = PrivacyLedger.from_json(planned_state)
+    fresh.load_state_dict(ledger.state_dict())  # a voided state voids a ledger that was not
+    assert fresh.formal_guarantee is False and fresh.note == "CPSample read the training images"
+
+
 def test_load_state_dict_refuses_another_budget(ledger):
     other = PrivacyLedger(2.0, DELTA, 2000)
     with pytest.raises(ConfigError, match=r"privacy\.eps.*planned for privacy\.eps=1\.0"):

@@ -163,8 +163,8 @@ def test_query_is_charged_once_and_a_resumed_run_reuses_the_release(glyph_cache,
 @pytest.fixture
 def privimage_cfg(tiny_cfg, glyph_cache):
     """The tiny run with method=privimage, reading the module's rendered glyphs."""
-    def make(*extra: str):
-        return tiny_cfg("method=privimage", f"public.cache_dir={glyph_cache}/public",
+    def make(*extra: str, method: str = "privimage"):
+        return tiny_cfg(f"method={method}", f"public.cache_dir={glyph_cache}/public",
                         f"public.samples_per_class={GLYPHS_PER_CLASS}", *QUERY_CLASSIFIER, *extra)
 
     return make
@@ -251,3 +251,43 @@ def test_privimage_end_to_end_composes_query_and_training(privimage_cfg, tmp_pat
     eps = acc.get_epsilon(privacy["delta"])
     assert 0.98 <= eps <= 1.0  # the plan spends the whole budget (calibrated within 1 %)
     assert privacy["epsilon_spent"] == pytest.approx(eps, rel=2e-3)
+
+
+def test_feta_warms_up_from_privimages_selection(privimage_cfg, tmp_path, monkeypatch):
+    """method=feta_privimage composes the two methods' stages without code of its own: the
+    query, the central images and DP-SGD share one budget, and the warm-up starts from the
+    pretraining on the selected public classes."""
+    import dpgen.stages.semantic as semantic
+
+    loaded = []
+    path_of = semantic.selected_pretraining_path
+    monkeypatch.setattr(semantic, "selected_pretraining_path", lambda ctx: loaded.append(path_of(ctx)) or loaded[-1])
+    cfg = privimage_cfg("privacy.eps=1", "method.query_classifier.epochs=1", "method.central.rounds=2",
+                        "method.warmup.curriculum=[{steps:2,blur:1.0}]", "method.warmup.batch_size=16",
+                        method="feta_privimage")
+    run_dir = tmp_path / "run"
+    run_pipeline(cfg, run_dir)
+    assert json.loads((run_dir / "stages.json").read_text())["completed"] == list(cfg.method.stages)
+    assert loaded and all(p == loaded[0] and p.exists() for p in loaded)  # pretrain_selected wrote what warmup read
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    query, central, training = privacy["events"]
+    assert [e["stage"] for e in privacy["events"]] == ["dp_semantic_query", "dp_central_images", "dp_train"]
+    acc = PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(GaussianDpEvent(query["noise_multiplier"]))
+    for event in (central, training):
+        acc.compose(PoissonSampledDpEvent(event["sample_rate"], GaussianDpEvent(event["noise_multiplier"])),
+                    event["steps"])
+    assert 0.98 <= acc.get_epsilon(privacy["delta"]) <= 1.0
+
+
+@pytest.mark.parametrize(("method", "override"), [
+    ("feta", "method.pretrain=selection"),  # feta's config has no query settings
+    ("privimage", "method.stages=[dp_semantic_query,pretrain_selected,dp_train,sample,evaluate]"),
+    ("feta_privimage", "method.stages=[train_query_classifier,dp_semantic_query,dp_central_images,warmup,"
+                       "pretrain_selected,dp_train,sample,evaluate]"),
+])
+def test_a_pretraining_no_earlier_stage_makes_is_refused_before_any_work(tiny_cfg, privimage_cfg, method, override):
+    """Found only when the stage that loads it ran, the run would fail after ε was spent."""
+    cfg = tiny_cfg(f"method={method}", override) if method == "feta" else privimage_cfg(override, method=method)
+    with pytest.raises(ConfigError, match=r"Fix: (use method=privimage|put )"):
+        validate_config(cfg)

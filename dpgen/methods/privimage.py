@@ -32,43 +32,52 @@ class PrivImageModule(DPDMModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         super().check_config(cfg)
-        m = cfg.method
-        if not has_public_data(cfg.public):
-            raise ConfigError("public", cfg.public.name, "privimage selects public classes to pretrain on",
-                              "select a public set, e.g. public=glyphs")
-        validate_public_config(cfg.public)
-        if m.pretrain != "selection":
-            raise ConfigError("method.pretrain", m.pretrain, "privimage pretrains on the public selection",
+        if cfg.method.pretrain != "selection":
+            raise ConfigError("method.pretrain", cfg.method.pretrain, "privimage pretrains on the public selection",
                               "set method.pretrain=selection (or use method=dpdm)")
-        if m.selection not in SELECTIONS:
-            raise ConfigError("method.selection", m.selection, "unknown selection", f"use one of {', '.join(SELECTIONS)}")
-        q = m.query_classifier
-        if q.name not in CLASSIFIERS:
-            raise ConfigError("method.query_classifier.name", q.name, "unknown classifier",
-                              f"use one of {', '.join(CLASSIFIERS)}")
-        _positive_int("method.query_classifier.epochs", q.epochs)
-        _positive_int("method.query_classifier.batch_size", q.batch_size)
-        if m.selection == "all":
-            return
-        public_classes = len(CHARSETS[cfg.public.charset])
-        top_k = _positive_int("method.query_top_k", m.query_top_k)
-        if top_k > public_classes:
-            raise ConfigError("method.query_top_k", top_k, f"exceeds the {public_classes} public classes",
-                              f"use at most {public_classes}")
-        per_class = _positive_int("method.classes_per_label", m.classes_per_label)
-        if per_class * cfg.data.num_classes > public_classes:
-            raise ConfigError("method.classes_per_label", per_class,
-                              f"{cfg.data.num_classes} sensitive classes x {per_class} exceeds the {public_classes} "
-                              "public classes (the selection is disjoint)",
-                              f"use at most {public_classes // cfg.data.num_classes}, or a larger public.charset")
-        sigma = m.get("query_sigma")
-        if sigma is not None:
-            if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
-                raise ConfigError("method.query_sigma", sigma, "must be a noise multiplier > 0 or null",
-                                  "set e.g. method.query_sigma=20, or null to use method.query_budget_fraction")
-        else:
-            f = m.query_budget_fraction
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
-                raise ConfigError("method.query_budget_fraction", f,
-                                  "must be in (0, 1): the query's share of privacy.eps, training gets the rest",
-                                  "set e.g. method.query_budget_fraction=0.1")
+
+
+def check_selection_config(cfg: DictConfig) -> None:
+    """The semantic query and selection of any method that pretrains on PrivImage's selection
+    (``method.pretrain=selection``: privimage, or feta_privimage)."""
+    m = cfg.method
+    if not has_public_data(cfg.public):
+        raise ConfigError("public", cfg.public.name, "method.pretrain=selection selects public classes to pretrain on",
+                          "select a public set, e.g. public=glyphs")
+    validate_public_config(cfg.public)
+    for key in ("selection", "query_classifier"):
+        if key not in m:
+            raise ConfigError(f"method.{key}", None, "method.pretrain=selection needs PrivImage's query settings",
+                              "use method=privimage or method=feta_privimage")
+    if m.selection not in SELECTIONS:
+        raise ConfigError("method.selection", m.selection, "unknown selection", f"use one of {', '.join(SELECTIONS)}")
+    q = m.query_classifier
+    if q.name not in CLASSIFIERS:
+        raise ConfigError("method.query_classifier.name", q.name, "unknown classifier",
+                          f"use one of {', '.join(CLASSIFIERS)}")
+    _positive_int("method.query_classifier.epochs", q.epochs)
+    _positive_int("method.query_classifier.batch_size", q.batch_size)
+    if m.selection == "all":
+        return
+    public_classes = len(CHARSETS[cfg.public.charset])
+    top_k = _positive_int("method.query_top_k", m.query_top_k)
+    if top_k > public_classes:
+        raise ConfigError("method.query_top_k", top_k, f"exceeds the {public_classes} public classes",
+                          f"use at most {public_classes}")
+    per_class = _positive_int("method.classes_per_label", m.classes_per_label)
+    if per_class * cfg.data.num_classes > public_classes:
+        raise ConfigError("method.classes_per_label", per_class,
+                          f"{cfg.data.num_classes} sensitive classes x {per_class} exceeds the {public_classes} "
+                          "public classes (the selection is disjoint)",
+                          f"use at most {public_classes // cfg.data.num_classes}, or a larger public.charset")
+    sigma = m.get("query_sigma")
+    if sigma is not None:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
+            raise ConfigError("method.query_sigma", sigma, "must be a noise multiplier > 0 or null",
+                              "set e.g. method.query_sigma=20, or null to use method.query_budget_fraction")
+    else:
+        f = m.query_budget_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise ConfigError("method.query_budget_fraction", f,
+                              "must be in (0, 1): the query's share of privacy.eps, training gets the rest",
+                              "set e.g. method.query_budget_fraction=0.1")

@@ -818,8 +818,10 @@ class PrivacyLedger:
             self._events = events
         if "planned" in state:
             self._planned = [MechanismEvent.from_json(e) for e in state["planned"]]
-        self.formal_guarantee = bool(state.get("formal_guarantee", self.formal_guarantee))
-        self.note = state.get("note", self.note)
+        # A voided guarantee stays void, as spent budget stays spent: a state written before
+        # the void (an older checkpoint) must not restore it.
+        if self.formal_guarantee and not state.get("formal_guarantee", True):
+            self.void_guarantee(state.get("note"))
 
     def write(self, path: str | os.PathLike) -> None:
         """Write ``privacy.json`` atomically (``dpgen.io.atomic_write``)."""

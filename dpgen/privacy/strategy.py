@@ -13,6 +13,7 @@ Methods contain no DP arithmetic: they implement ``per_example_loss(batch) -> Te
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -212,6 +213,19 @@ class _DPSGDMixin:
         self._noise_enabled = True
 
     # -- set-up ---------------------------------------------------------------------------
+    @staticmethod
+    def _reseed_example_randomness() -> None:
+        """Seed torch's global generators (CPU and CUDA) from OS entropy, on every rank.
+
+        ``per_example_loss`` draws each example's timesteps, diffusion noise and label dropout
+        from them row by row, so which draws an example gets depends on which others are in
+        its Poisson batch. The sensitivity C of the clipped sum holds only if those draws are
+        secret: then the other examples' draws can be coupled across neighbouring datasets.
+        From the run seed, which is public, removing one example shifts every later row's
+        draws and moves the sum by far more than C. (Ranks also stop repeating each other's.)
+        """
+        torch.manual_seed(secrets.randbits(63))
+
     def _check_trainer(self, trainer: Any) -> None:
         if trainer.gradient_clip_val:
             raise ValueError("trainer.gradient_clip_val must be unset under DP: clipping is per example")
@@ -284,6 +298,7 @@ class DPSGDStrategy(_DPSGDMixin, SingleDeviceStrategy):
         self._check_trainer(trainer)
         super().setup(trainer)
         self._attach_engine()
+        self._reseed_example_randomness()
 
 
 class _LedgerReturningLauncher(_MultiProcessingLauncher):
@@ -322,9 +337,7 @@ class DDPDPSGDStrategy(_DPSGDMixin, DDPStrategy):
         self._check_trainer(trainer)
         super().setup(trainer)
         self._attach_engine()
-        # Every rank starts from the run seed; offset it so that ranks do not repeat each
-        # other's diffusion noise and timesteps. (DP noise and Poisson sampling use OS entropy.)
-        torch.manual_seed((torch.initial_seed() + self.global_rank) % 2**63)
+        self._reseed_example_randomness()  # after the weights were synchronised from rank 0
 
     def configure_ddp(self) -> None:
         _sync_module_states(self.model)
