@@ -37,7 +37,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def glyph_extractor(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return resolve_extractor(_fid_cfg(str(cache)), cache / "eval", seed=0)
+    return resolve_extractor(_fid_cfg(str(cache)), cache / "eval")
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +99,24 @@ def test_glyphnet_is_trained_once_and_named_by_its_weights(glyph_extractor, tmp_
 
     monkeypatch.setattr(glyphnet_module, "train_glyphnet", no_training)
     cache = glyph_extractor.weights_path.parent.parent
-    again = resolve_extractor(_fid_cfg(str(cache)), cache / "eval", seed=0)
+    again = resolve_extractor(_fid_cfg(str(cache)), cache / "eval")
     assert again == glyph_extractor
     other = _fid_cfg(str(cache))
     other["glyphnet"]["epochs"] = 1  # another config is another extractor
     with pytest.raises(AssertionError, match="retrained"):
-        resolve_extractor(other, cache / "eval", seed=0)
+        resolve_extractor(other, cache / "eval")
+
+
+def test_glyphnet_is_seeded_by_its_own_config_not_the_runs(tmp_path, monkeypatch):
+    """Every run with one eval config must score under one extractor, whatever its seed."""
+    seeds = []
+    monkeypatch.setattr(glyphnet_module, "train_glyphnet",
+                        lambda glyphs, train: seeds.append(train.get("seed")) or {"info": {"glyph_val_accuracy": 0}})
+    cfg = _fid_cfg(str(tmp_path))
+    default = glyphnet_module.glyphnet_weights(cfg["glyphs"], cfg["glyphnet"], tmp_path)
+    assert glyphnet_module.glyphnet_weights(cfg["glyphs"], {**cfg["glyphnet"], "seed": 0}, tmp_path) == default
+    assert glyphnet_module.glyphnet_weights(cfg["glyphs"], {**cfg["glyphnet"], "seed": 1}, tmp_path) != default
+    assert seeds == [None, 1]  # trained twice: once per extractor seed, seed 0 being the default
 
 
 def _random_inception_weights(path) -> None:
@@ -129,7 +141,7 @@ def test_inception_from_a_local_weights_file(tmp_path, digits, monkeypatch):
     _random_inception_weights(weights)
     monkeypatch.setattr(tf_inception, "load_state_dict_from_url",
                         mock.Mock(side_effect=AssertionError("tried to download Inception weights")))
-    extractor = resolve_extractor({"weights_path": str(weights)}, tmp_path / "unused", seed=0)
+    extractor = resolve_extractor({"weights_path": str(weights)}, tmp_path / "unused")
     assert extractor.name == INCEPTION and extractor.weights_path == weights
     sets = {"A": digits["A"][:4], "C": digits["C"][:4]}  # precision/recall's 3 neighbours need 4
     with _session(extractor, sets) as fid:

@@ -230,6 +230,19 @@ def test_settings_are_ordered_by_the_value_of_their_numbers(sweep):
     assert [label.split("=")[1].split("]")[0] for label in dpdm] == ["1", "4", "16"]
 
 
+def test_repeats_scored_under_different_feature_extractors_are_not_averaged(sweep):
+    """Before stop 24 GlyphNet was trained with each run's seed: FIDs of such runs do not compare."""
+    for job, sha in (("1", "a" * 64), ("2", "b" * 64)):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        write_json(sweep / job / "metrics.json", {**metrics, "feature_extractor": {"weights_sha256": sha}})
+    settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
+    assert settings["1"] == "eval.fid.extractor_sha256=" + "a" * 12
+    assert settings["2"] == "eval.fid.extractor_sha256=" + "b" * 12
+    metrics = json.loads((sweep / "2" / "metrics.json").read_text())
+    write_json(sweep / "2" / "metrics.json", {**metrics, "feature_extractor": {"weights_sha256": "a" * 64}})
+    assert {r["run"]: r["setting"] for r in collect_runs(sweep)}["2"] == ""
+
+
 def test_canary_audits_get_their_own_table_not_a_generator_row(sweep):
     audit = sweep / "audit"
     write_json(audit / "metrics.json", {"method": "dpdm", "epsilon": 9.9, "delta": 1e-5, "canary_audit": {

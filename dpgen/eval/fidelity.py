@@ -60,13 +60,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_extractor(fid_cfg: Mapping[str, Any], cache_dir: str | Path, seed: int) -> FeatureExtractor:
+def resolve_extractor(fid_cfg: Mapping[str, Any], cache_dir: str | Path) -> FeatureExtractor:
     """Inception-v3 with the configured local weights, else GlyphNet (trained once, cached)."""
     if fid_cfg.get("weights_path"):
         path = Path(fid_cfg["weights_path"])
         return FeatureExtractor(INCEPTION, path, _sha256(path),
                                 f"torch-fidelity Inception-v3 with local weights {path.name}")
-    path = glyphnet_weights(fid_cfg["glyphs"], fid_cfg["glyphnet"], cache_dir, seed)
+    path = glyphnet_weights(fid_cfg["glyphs"], fid_cfg["glyphnet"], cache_dir)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     return FeatureExtractor(GLYPHNET, path, _sha256(path),
                             f"{GLYPHNET} trained on {saved['info']['trained_on']}, no sensitive data")

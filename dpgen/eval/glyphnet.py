@@ -111,8 +111,10 @@ def _to_uint8(images: Tensor) -> Tensor:
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def train_glyphnet(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """Train on the public glyphs; returns what :class:`GlyphNetExtractor` loads."""
+def train_glyphnet(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Train on the public glyphs; returns what :class:`GlyphNetExtractor` loads. The seed is the
+    extractor's own (``train_cfg.seed``), never the run's: runs compare only under one extractor."""
+    seed = train_cfg.get("seed", 0)
     data = build_public_dataset(glyphs_cfg)
     images, labels = _to_uint8(data.images), data.labels
     g = torch.Generator().manual_seed(seed)
@@ -142,11 +144,10 @@ def train_glyphnet(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], 
                      "glyph_val_accuracy": val_acc, "classes": list(data.info.class_names)}}
 
 
-def glyphnet_weights(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], cache_dir: str | Path,
-                     seed: int) -> Path:
+def glyphnet_weights(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
     """The cached weights file for this config, trained first when missing (public data only)."""
     glyphs = {k: v for k, v in glyphs_cfg.items() if k != "cache_dir"}
-    key = config_key({"name": NAME, "glyphs": glyphs, "train": dict(train_cfg), "seed": seed})
+    key = config_key({"name": NAME, "glyphs": glyphs, "train": {"seed": 0, **train_cfg}})
     path = Path(cache_dir) / f"{NAME}-{key}.pt"
     with cache_lock(path, "evaluate"):
         if path.exists():
@@ -154,7 +155,7 @@ def glyphnet_weights(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]
             return path
         log.info("evaluate: training the %s feature extractor on public glyphs (once; cached at %s)", NAME, path)
         start = time.time()
-        saved = train_glyphnet(glyphs_cfg, train_cfg, seed)
+        saved = train_glyphnet(glyphs_cfg, train_cfg)
         save_torch(path, saved)
         log.info("evaluate: %s trained in %.1f s, %.1f%% on held-out glyphs", NAME, time.time() - start,
                  100 * saved["info"]["glyph_val_accuracy"])

@@ -63,10 +63,11 @@ def _may_vary_between_repeats(key: str, configs: list[dict[str, str]]) -> bool:
             or key.startswith(_REPEAT_MAY_VARY_PREFIX))
 
 
-def _flat_config(run_dir: Path) -> dict[str, str]:
+def _flat_config(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
     """The run's saved config as dotted keys -> JSON text of the value ({} if it has none). A run
     re-scored by ``python -m dpgen.evaluate`` was scored with the eval and audit config of its
-    ``evaluate_config.yaml``."""
+    ``evaluate_config.yaml``. The feature extractor's weights count as a setting: FIDs under two
+    extractors do not compare, and before stop 24 GlyphNet was trained with each run's seed."""
     path = run_dir / "run_config.yaml"
     if not path.is_file():
         return {}
@@ -85,6 +86,9 @@ def _flat_config(run_dir: Path) -> dict[str, str]:
             flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
 
     walk(config, "")
+    sha = metrics.get("feature_extractor", {}).get("weights_sha256")
+    if sha:
+        flat["eval.fid.extractor_sha256"] = json.dumps(sha[:12])
     return flat
 
 
@@ -187,7 +191,7 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         raise ReportError(f"{root}: no finished generator run (no metrics.json) below it{found}. "
                           "Fix: pass a run or sweep directory")
     rows = [_row(root, run_dir, m) for run_dir, m in runs.items()]
-    _label_settings(rows, [_flat_config(run_dir) for run_dir in runs])
+    _label_settings(rows, [_flat_config(run_dir, m) for run_dir, m in runs.items()])
     rows.sort(key=lambda r: (not r["private"], r["method"] or "", setting_order(r["setting"]),
                              r["epsilon"] or 0.0, r["run"]))
     audit_rows = [{"run": _relative(root, run_dir), "method": m.get("method"),

@@ -81,7 +81,7 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
     fid_cfg = _plain(e.fid)
     metrics = list(fid_cfg["metrics"])
     pairwise = [m for m in metrics if m != "isc"]  # IS looks at the samples alone
-    extractor = resolve_extractor(fid_cfg, e.cache_dir, cfg.seed)
+    extractor = resolve_extractor(fid_cfg, e.cache_dir)
     out: dict[str, Any] = {"fid_feature_extractor": extractor.name, "feature_extractor": extractor.to_json()}
     cuda = cfg.trainer.accelerator == "gpu" and torch.cuda.is_available()
     with Fidelity(extractor, fid_cfg, seed=cfg.seed, cuda=cuda) as fid:
@@ -118,7 +118,7 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
 def _audit(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict[str, Any]:
     """Replication and membership inference (``eval.audit``): see :mod:`dpgen.eval.audit`."""
     cfg, a = ctx.cfg, ctx.cfg.audit
-    extractor = resolve_extractor(_plain(cfg.eval.fid), cfg.eval.cache_dir, cfg.seed)
+    extractor = resolve_extractor(_plain(cfg.eval.fid), cfg.eval.cache_dir)
     cuda = cfg.trainer.accelerator == "gpu" and torch.cuda.is_available()
     log.info("evaluate: audit: replication of the samples in the %s feature space", extractor.name)
     out = replication(samples, ctx.train_set, held_out, extractor, a.replication.threshold, a.replication.pairs,
