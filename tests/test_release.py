@@ -16,6 +16,7 @@ from dpgen.io import save_torch, write_json
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.release import ReleaseSpec, class_counts, release_labels
 from dpgen.release.__main__ import main
+from dpgen.release.shards import class_folders
 from dpgen.stages.training import build_module
 
 N, SHARD = 25, 10  # three shards, the last one short
@@ -60,7 +61,7 @@ def _pngs(out):
 
 def test_imagefolder_release_loads_with_a_card_copied_from_privacy_json(run_dir, released):
     data = ImageFolder(str(released))
-    assert len(data) == N and data.classes == [str(c) for c in range(10)]
+    assert len(data) == N and data.classes == [f"{c}_{c}" for c in range(10)]
     assert data[0][0].size == (8, 8)
     assert np.bincount(data.targets).tolist() == [3] * 5 + [2] * 5
     privacy = json.loads((run_dir / "privacy.json").read_text())
@@ -187,8 +188,20 @@ def test_class_counts_use_equal_shares_or_a_public_prior_only():
     assert np.bincount(labels).tolist() == [50] * 5 + [150] * 5
     # spread evenly: each shard of 100 holds every class in proportion
     assert all(np.bincount(labels[a:a + 100], minlength=10).min() >= 4 for a in range(0, 1000, 100))
-    with pytest.raises(ValueError, match="non-negative"):
-        ReleaseSpec(5, "npz", class_prior=(1.0, -1.0)).check(2)
+    for bad in ((1.0, -1.0), (float("nan"), 1.0), (float("inf"), 1.0)):
+        with pytest.raises(ValueError, match="finite, non-negative"):
+            ReleaseSpec(5, "npz", class_prior=bad).check(2)
+
+
+def test_class_folders_sort_in_label_order_and_are_valid_names():
+    """ImageFolder numbers classes by the folders' sorted names: they must give dpgen's labels."""
+    celeba = class_folders(["not_Male", "Male"])
+    fashion = class_folders(["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                             "Bag", "Ankle boot"])
+    many = class_folders([str(c) for c in range(12)])
+    for folders in (celeba, fashion, many):
+        assert sorted(folders) == folders and all("/" not in f and " " not in f for f in folders)
+    assert celeba == ["0_not_Male", "1_Male"] and fashion[0] == "0_T-shirt_top" and many[10] == "10_10"
 
 
 def test_the_card_names_the_public_data_of_every_pretraining_method(tmp_path):

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dpgen.data import build_dataset
+from dpgen.data import build_dataset, describe_data
 from dpgen.diffusion.sampling import EpsCorrection, run_solver
 from dpgen.io import write_json
 from dpgen.methods import DiffusionModule
@@ -29,6 +29,7 @@ from dpgen.release.shards import (
     MANIFEST,
     ReleaseSpec,
     class_counts,
+    class_folders,
     npz_name,
     release_labels,
     remove_partial_files,
@@ -62,7 +63,9 @@ def generator_identity(weights: Path, spec: ReleaseSpec, cfg: DictConfig, run_di
               if k not in ("num_samples", "batch_size")}  # the request's own batch size is in the spec
     sampling = cfg.get("sampling")
     classifier = run_dir / CLASSIFIER_FILE
-    return {"model_sha256": _sha256(weights), **spec.to_json(), "sample": sample,
+    # Before stop 24 an image folder was named by the class alone: such a release is not continued.
+    folders = class_folders(describe_data(cfg.data).class_names) if spec.format == "imagefolder" else None
+    return {"model_sha256": _sha256(weights), **spec.to_json(), "sample": sample, "class_folders": folders,
             "sampling": OmegaConf.to_container(sampling, resolve=True) if sampling is not None else None,
             "protection_classifier_sha256": _sha256(classifier) if classifier.is_file() else None}
 
@@ -140,7 +143,7 @@ def write_shards(module: DiffusionModule, sample_cfg: DictConfig, out: Path, spe
                               spec.precision, eps_correction)
         entry: dict[str, Any] = {"start": a, "stop": b}  # imagefolder names follow from the range
         if spec.format == "imagefolder":
-            write_imagefolder_shard(out, a, images, labels[a:b], class_names, spec.num_samples)
+            write_imagefolder_shard(out, a, images, labels[a:b], class_folders(class_names), spec.num_samples)
         else:
             write_npz_shard(out, i, len(shards), images, labels[a:b])
             entry["file"] = npz_name(i, len(shards))
@@ -179,7 +182,8 @@ def make_release(run_dir: str | Path, out: str | Path, spec: ReleaseSpec, device
                             eps_correction=protection)
     counts = class_counts(spec.num_samples, len(names), spec.class_prior)
     n_shards = len(spec.shards)
-    files = ("one folder per class of PNGs, <class>/<sample index>.png" if spec.format == "imagefolder"
+    files = ("one folder per class of PNGs, <label>_<class>/<sample index>.png: "
+             + ", ".join(class_folders(names)) if spec.format == "imagefolder"
              else f"{n_shards} npz shards samples-*-of-{n_shards:05d}.npz, each with images uint8 "
                   "[n, H, W, C] and labels int64 [n]")
     write_datacard(out, build_datacard(run, spec, counts, _training_split_size(run), device, files))

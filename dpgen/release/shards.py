@@ -9,7 +9,9 @@ every file of the shard is in place (each written to a temporary name, then rena
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,9 +49,10 @@ class ReleaseSpec:
             if value <= 0:
                 raise ReleaseError(f"{flag}={value}: must be > 0. Fix: use e.g. 1000")
         prior = self.class_prior
-        if prior is not None and (len(prior) != num_classes or min(prior) < 0 or sum(prior) <= 0):
-            raise ReleaseError(f"--class-prior={','.join(map(str, prior))}: needs {num_classes} non-negative "
-                               "weights, not all zero. Fix: give one public weight per class, or none")
+        if prior is not None and (len(prior) != num_classes or not all(math.isfinite(p) and p >= 0 for p in prior)
+                                  or sum(prior) <= 0):
+            raise ReleaseError(f"--class-prior={','.join(map(str, prior))}: needs {num_classes} finite, "
+                               "non-negative weights, not all zero. Fix: give one public weight per class, or none")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,12 +112,21 @@ def imagefolder_name(index: int, num_samples: int) -> str:
     return f"{index:0{max(6, len(str(num_samples - 1)))}d}.png"
 
 
+def class_folders(class_names: Sequence[str]) -> list[str]:
+    """One folder per class, ``<index>_<name>``. ``ImageFolder`` and the Hugging Face loader
+    number classes in the folders' sorted order: the zero-padded index makes that the dataset's
+    label order (CelebA's ``not_Male``, ``Male`` would otherwise load swapped). The name keeps
+    only characters any file system takes (Fashion-MNIST's ``T-shirt/top`` -> ``T-shirt_top``)."""
+    width = len(str(len(class_names) - 1))
+    return [f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', str(name))}" for i, name in enumerate(class_names)]
+
+
 def write_imagefolder_shard(out: Path, start: int, images: np.ndarray, labels: np.ndarray,
-                            class_names: Sequence[str], num_samples: int) -> None:
-    """``out/<class name>/<sample index>.png``: what torchvision's ``ImageFolder`` and the Hugging
-    Face ``imagefolder`` loader read as they are."""
+                            folders: Sequence[str], num_samples: int) -> None:
+    """``out/<class folder>/<sample index>.png``: what torchvision's ``ImageFolder`` and the
+    Hugging Face ``imagefolder`` loader read as they are, with dpgen's label numbers."""
     for offset, (image, label) in enumerate(zip(images, labels)):
-        folder = out / class_names[label]
+        folder = out / folders[label]
         folder.mkdir(exist_ok=True)
         _replace_into(folder / imagefolder_name(start + offset, num_samples), _png(image))
 
