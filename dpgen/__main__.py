@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
@@ -59,6 +60,8 @@ def main(cfg: DictConfig) -> float | None:
         return objective(cfg, run_dir)
     except (ConfigError, BudgetError) as err:
         log.error("%s", err)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records this job as failed and runs the others (SystemExit would end the sweep)
         sys.exit(f"dpgen: {err}")
 
 

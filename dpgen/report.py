@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dpgen.eval.report import ReportError, write_report
@@ -24,6 +26,16 @@ log = logging.getLogger("dpgen")
 
 
 class SweepReport(Callback):
+    """The sweep's report, rewritten as each job ends: Hydra ends a sweep with a failed job
+    without calling ``on_multirun_end``, and the finished runs still deserve their report."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            try:
+                write_report(Path(config.hydra.sweep.dir))
+            except ReportError as err:  # no job has finished yet
+                log.info("report: %s", err)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             write_report(Path(config.hydra.sweep.dir))

@@ -142,16 +142,18 @@ def test_cli_validation_error_is_one_line(override, key, tmp_path):
 
 @pytest.mark.slow
 def test_cli_multirun_over_epsilon(tmp_path):
-    """`python -m dpgen -m privacy.eps=...` runs one job per value, each with its own ledger."""
+    """`python -m dpgen -m privacy.eps=...` runs one job per value, each with its own ledger. A
+    refused job fails alone: the others run, the report covers them, and the sweep exits non-zero."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.")]
     env = {**os.environ, "DPGEN_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run(
-        [sys.executable, "-m", "dpgen", "-m", "privacy.eps=2,8", *overrides,
+        [sys.executable, "-m", "dpgen", "-m", "privacy.eps=2,0,8", *overrides,
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode != 0 and "privacy.eps=0: must be > 0" in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "sweep" / "1" / "privacy.json").exists()
     spent = {}
-    for job in ("0", "1"):
+    for job in ("0", "2"):
         privacy = json.loads((tmp_path / "sweep" / job / "privacy.json").read_text())
         spent[privacy["epsilon_target"]] = privacy["epsilon_spent"]
         assert (tmp_path / "sweep" / job / "metrics.json").exists()
