@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
-from dpgen.config import validate_config
+from dpgen.config import check_appended_keys, validate_config
 from dpgen.distributed import export_submitit_local_ranks
 from dpgen.errors import ConfigError
 from dpgen.privacy.ledger import BudgetError
@@ -42,6 +42,9 @@ def main(cfg: DictConfig) -> float | None:
     # (the privacy plan, which needs N, is the pipeline's first step and touches no stage).
     export_submitit_local_ranks()
     try:
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+        if hydra_cfg is not None:
+            check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
         validate_config(cfg)
         if cfg.get("objective") and cfg.get("tune_data_is_proxy") is not True:
             # Every trial is evaluated on data's held-out split, and picking the best trial is an

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -31,6 +32,30 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def override_key(override: str) -> str:
     """The key a Hydra command-line override sets: ``+eval.audit=true`` -> ``eval.audit``."""
     return override.split("=", 1)[0].lstrip("+~")
+
+
+# Keys a user adds with ``+key=value`` that dpgen reads although no config file sets them.
+APPENDABLE_KEYS = ("resume",)
+
+
+def _dotted_keys(node: object, prefix: str = "") -> list[str]:
+    if not isinstance(node, DictConfig):
+        return [prefix[:-1]]
+    return [k for key in node for k in _dotted_keys(node._get_node(key), f"{prefix}{key}.")]
+
+
+def check_appended_keys(cfg: DictConfig, overrides: Sequence[str], groups: Collection[str]) -> None:
+    """Refuse ``+key=value`` for a key no config defines and dpgen never reads. Hydra suggests
+    the ``+`` when a key is mistyped, and the run then ignores it: ``+privacy.epss=1`` ran at the
+    default ε=10. ``groups`` are the config groups, which ``+group=option`` selects."""
+    for override in overrides:
+        key = override_key(override)
+        if not override.startswith("+") or override.startswith("++") or key in APPENDABLE_KEYS \
+                or key.split("@")[0] in groups:
+            continue
+        close = difflib.get_close_matches(key, [k for k in _dotted_keys(cfg) if k != key], n=1)
+        raise ConfigError(key, override.split("=", 1)[-1], "no dpgen config defines this key, so the run would "
+                          "ignore it", f"did you mean {close[0]}=...?" if close else "drop it")
 
 
 def run_config_with_todays_groups(run_dir: Path, groups: Sequence[str], overrides: Sequence[str]) -> DictConfig:
@@ -95,6 +120,10 @@ def _check_pretraining(cfg: DictConfig) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    resume = cfg.get("resume")
+    if resume is not None and not (Path(str(resume)) / "run_config.yaml").is_file():
+        raise ConfigError("resume", resume, "is not a dpgen run directory (no run_config.yaml): nothing to resume",
+                          "pass the directory of the interrupted run, e.g. outputs/<date>/<time>")
     validate_data_config(cfg.data)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if is_latent_model(model):

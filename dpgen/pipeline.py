@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from dpgen.data import build_dataset
 from dpgen.distributed import external_world, process_rank
+from dpgen.errors import ConfigError
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers import experiment, log_results
 from dpgen.privacy.guarantee import RETIRED_FLAGS
@@ -78,10 +79,8 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
             before[group].pop(key, None)
     diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diffs:
-        raise ValueError(
-            f"resume={run_dir}: this run was started with a different configuration in "
-            f"{', '.join(diffs)}. Fix: repeat the original overrides (see {saved})"
-        )
+        raise ConfigError("resume", str(run_dir), f"this run was started with a different configuration in "
+                          f"{', '.join(diffs)}", f"repeat the original overrides (see {saved})")
 
 
 def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: float = 2.0,

@@ -130,6 +130,8 @@ def test_cli_cfg_job_and_help(tmp_path):
     ("data=cifar10", "data.root"),
     ("method.train.steps=-1", "method.train.steps"),
     ("data.image_size=18", "data.image_size"),
+    ("+privacy.epss=1", "privacy.epss"),  # Hydra suggests the '+' for a mistyped key; the run would ignore it
+    ("+resume=/nonexistent/dpgen-run", "resume"),  # a mistyped path would start a new run there
 ])
 def test_cli_validation_error_is_one_line(override, key, tmp_path):
     extra = [f"data.root={tmp_path / 'missing'}"] if override == "data=cifar10" else []
