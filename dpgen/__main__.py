@@ -14,7 +14,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
 from dpgen.config import check_appended_keys, validate_config
-from dpgen.distributed import export_submitit_local_ranks
+from dpgen.distributed import check_devices_present, export_submitit_local_ranks
 from dpgen.errors import ConfigError
 from dpgen.privacy.ledger import BudgetError
 
@@ -46,6 +46,7 @@ def main(cfg: DictConfig) -> float | None:
         if hydra_cfg is not None:
             check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
         validate_config(cfg)
+        check_devices_present(cfg.trainer)
         if cfg.get("objective") and cfg.get("tune_data_is_proxy") is not True:
             # Every trial is evaluated on data's held-out split, and picking the best trial is an
             # uncharged decision about that data: on the sensitive set, a leak privacy.json hides.

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.data import validate_data_config, validate_public_config
+from dpgen.data import has_public_data, validate_data_config, validate_public_config
 from dpgen.diffusion.sampling import SOLVERS, run_solver
 from dpgen.distributed import validate_trainer_config
 from dpgen.errors import ConfigError
@@ -105,6 +105,9 @@ def _check_pretraining(cfg: DictConfig) -> None:
     if source not in _PRETRAINING_STAGES:
         raise ConfigError("method.pretrain", source, "unknown pretraining", f"use one of {', '.join(_PRETRAINING_STAGES)}")
     if source == "public":
+        if not has_public_data(cfg.public):
+            raise ConfigError("public", cfg.public.name, "method.pretrain=public pretrains on public data",
+                              "select a public set, e.g. public=glyphs, or use method.pretrain=none")
         validate_public_config(cfg.public)
     elif source == "selection":
         check_selection_config(cfg)

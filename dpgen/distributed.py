@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from dpgen.errors import ConfigError
 
 STRATEGIES = ("single_device", "ddp")
+ACCELERATORS = ("cpu", "gpu")
 
 
 def is_ddp(trainer_cfg: DictConfig) -> bool:
@@ -75,6 +76,9 @@ def is_rank_zero() -> bool:
 
 
 def validate_trainer_config(t: DictConfig) -> None:
+    if t.accelerator not in ACCELERATORS:
+        raise ConfigError("trainer.accelerator", t.accelerator, "unknown accelerator",
+                          f"use one of {', '.join(ACCELERATORS)} (trainer=cpu, gpu, ddp or ddp_cpu)")
     strategy = t.get("strategy", "single_device")
     if strategy not in STRATEGIES:
         raise ConfigError("trainer.strategy", strategy, "unknown strategy", f"use one of {', '.join(STRATEGIES)}")
@@ -101,6 +105,29 @@ def validate_trainer_config(t: DictConfig) -> None:
         raise ConfigError("trainer.devices", t.devices, f"the launcher started {world[1]} processes, but "
                           f"trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes}",
                           "set hydra.launcher.tasks_per_node=trainer.devices and nodes=trainer.num_nodes")
+
+
+def sampling_device(t: DictConfig) -> str:
+    """Where a stage that runs outside Lightning (sampling, evaluation) puts its networks: the
+    trainer's GPU when there is one."""
+    import torch
+
+    return "cuda" if t.accelerator == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def check_devices_present(t: DictConfig) -> None:
+    """This machine has the GPUs the config asks for. Not part of validating a config, which
+    may be composed on one machine to run on another; checked where a run starts, before its
+    privacy plan, instead of failing at its first GPU stage."""
+    if t.accelerator != "gpu":
+        return
+    import torch
+
+    present = torch.cuda.device_count()
+    needed = 1 if external_world() is not None else t.devices  # a launched process uses one device
+    if present < needed:
+        raise ConfigError("trainer.accelerator", t.accelerator, f"{needed} CUDA device(s) asked for, this machine "
+                          f"has {present}", "use trainer=cpu (or ddp_cpu), or run on a machine with GPUs")
 
 
 def ddp_strategy_kwargs(t: DictConfig) -> dict[str, Any]:

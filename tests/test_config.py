@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF, ROOT, compose_config, tiny_dpldm_overrides, tiny_overrides
+from omegaconf import OmegaConf
 
 from dpgen.config import validate_config
 from dpgen.errors import ConfigError
@@ -132,6 +133,8 @@ def test_cli_cfg_job_and_help(tmp_path):
     ("data.image_size=18", "data.image_size"),
     ("+privacy.epss=1", "privacy.epss"),  # Hydra suggests the '+' for a mistyped key; the run would ignore it
     ("+resume=/nonexistent/dpgen-run", "resume"),  # a mistyped path would start a new run there
+    ("trainer.accelerator=gpuu", "trainer.accelerator"),  # trained on the CPU without a word
+    ("public=none", "public"),  # dpdm pretrains on public data: refused only at that stage, after planning
 ])
 def test_cli_validation_error_is_one_line(override, key, tmp_path):
     extra = [f"data.root={tmp_path / 'missing'}"] if override == "data=cifar10" else []
@@ -140,6 +143,22 @@ def test_cli_validation_error_is_one_line(override, key, tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"dpgen: {key}=") and "Fix:" in last, out.stderr[-2000:]
     assert not (tmp_path / "run" / "stages.json").exists()
+
+
+def test_a_run_asking_for_more_gpus_than_the_machine_has_is_refused_before_work(monkeypatch):
+    """Validation passes (a config may be composed here to run elsewhere); the run's start refuses
+    instead of failing at its first GPU stage after the privacy plan and public pretraining."""
+    from dpgen.distributed import check_devices_present
+
+    gpu = OmegaConf.create({"accelerator": "gpu", "devices": 2})
+    for present in (0, 1):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda present=present: present)
+        with pytest.raises(ConfigError, match=f"2 CUDA device\\(s\\) asked for, this machine has {present}"):
+            check_devices_present(gpu)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_devices_present(gpu)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    check_devices_present(OmegaConf.create({"accelerator": "cpu", "devices": 2}))
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dpgen.diffusion.sampling import run_solver
+from dpgen.distributed import sampling_device
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers.grids import save_grid
 from dpgen.privacy.guarantee import CPSAMPLE_NO_GUARANTEE
@@ -44,7 +45,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
 
 def sample(ctx: RunContext) -> None:
     cfg = ctx.cfg
-    module = load_final_module(ctx)
+    module = load_final_module(ctx).to(sampling_device(cfg.trainer))
     labels = balanced_labels(cfg.sample.num_samples, cfg.data.num_classes)
     generator = torch.Generator().manual_seed(cfg.seed)
     protection = load_protection_guidance(ctx.run_dir, cfg, next(module.parameters()).device)
