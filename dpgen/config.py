@@ -162,11 +162,7 @@ def validate_config(cfg: DictConfig) -> None:
     if solver not in SOLVERS:
         raise ConfigError("sample.solver", solver, "unknown solver", f"use one of {', '.join(SOLVERS)}")
     validate_eval_config(cfg.eval, cfg.sample.num_samples)
-    validate_audit_config(cfg.audit)
-    if max(cfg.audit.loss_score.timesteps) >= cfg.diffusion.num_train_timesteps:
-        raise ConfigError("audit.loss_score.timesteps", list(cfg.audit.loss_score.timesteps),
-                          f"must lie below diffusion.num_train_timesteps={cfg.diffusion.num_train_timesteps}",
-                          "use smaller timesteps")
+    validate_audit_config(cfg.audit, cfg.diffusion.num_train_timesteps)
     validate_logger_config(cfg.logger)
     validate_trainer_config(cfg.trainer)
 

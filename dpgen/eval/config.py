@@ -15,7 +15,7 @@ def _subset(cfg: dict[str, Any], prefix: str, key: str, allowed: tuple[str, ...]
     value = cfg.get(key)
     if not isinstance(value, list) or any(v not in allowed for v in value) or len(set(value)) != len(value):
         raise ConfigError(f"{prefix}.{key}", value, f"must be a list of distinct names from {', '.join(allowed)}",
-                          f"e.g. {prefix}=[{','.join(allowed)}] (or [] to skip)")
+                          f"e.g. {prefix}.{key}=[{','.join(allowed)}] (or [] to skip)")
     return value
 
 
@@ -93,17 +93,15 @@ def _validate_utility(u: dict[str, Any]) -> None:
 CANARY_KINDS = ("letters", "mislabeled")
 
 
-def validate_audit_config(cfg: Any) -> None:
-    """``cfg`` is the ``audit`` node (used by ``eval.audit=true`` and ``python -m dpgen.audit``)."""
+def validate_audit_config(cfg: Any, num_train_timesteps: int) -> None:
+    """``cfg`` is the ``audit`` node (used by ``eval.audit=true`` and ``python -m dpgen.audit``);
+    ``num_train_timesteps`` is the run's ``diffusion.num_train_timesteps``, which the loss score's
+    timesteps index into."""
     a = to_plain(cfg, "audit")
     require_number(a["replication"], "audit.replication", "threshold", -1.0, 1.0)
     require_int(a["replication"], "audit.replication", "pairs", minimum=0)
     s, p = a["loss_score"], "audit.loss_score"
-    timesteps = s.get("timesteps")
-    if not isinstance(timesteps, list) or not timesteps or any(
-            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in timesteps):
-        raise ConfigError(f"{p}.timesteps", timesteps, "must be a non-empty list of timesteps >= 0",
-                          f"e.g. {p}.timesteps=[10,50,100,200,400]")
+    _require_timesteps(s.get("timesteps"), f"{p}.timesteps", num_train_timesteps)
     require_int(s, p, "noise_draws", minimum=1)
     require_int(s, p, "batch_size", minimum=1)
     require_int(a["mia"], "audit.mia", "max_examples", minimum=2)
@@ -116,3 +114,14 @@ def validate_audit_config(cfg: Any) -> None:
         raise ConfigError(f"{p}.guesses", guesses, f"must be a non-empty list of guess counts in [2, count={count}]",
                           f"e.g. {p}.guesses=[{max(2, count // 4)},{count}]")
     require_number(c, p, "confidence", 0.5, 0.9999)
+
+
+def _require_timesteps(timesteps: Any, key: str, num_train_timesteps: int) -> None:
+    """Timesteps of the diffusion the run trained: each in [0, num_train_timesteps)."""
+    if not isinstance(timesteps, list) or not timesteps or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in timesteps):
+        raise ConfigError(key, timesteps, "must be a non-empty list of timesteps >= 0",
+                          f"e.g. {key}=[10,50,100,200,400]")
+    if max(timesteps) >= num_train_timesteps:
+        raise ConfigError(key, timesteps, f"must lie below diffusion.num_train_timesteps={num_train_timesteps}",
+                          f"use timesteps below {num_train_timesteps}")
