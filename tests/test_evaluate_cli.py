@@ -52,6 +52,7 @@ def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):
     (["privacy.eps=1"], "only the evaluation"),
     (["eval.downstream.epochs=0"], "eval.downstream.epochs"),
     (["eval.audit=true", "audit.loss_score.timesteps=[5000]"], "below diffusion.num_train_timesteps=1000"),
+    (["eval.utility_study=true", "eval.utility.size_multiples=[0.0001]"], "gives 0 synthetic images"),
 ])
 def test_refuses_changes_beyond_the_evaluation(old_run, overrides, expected):
     with pytest.raises(SystemExit) as exc:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from dpgen.data.config import require_choice, require_int, require_number, to_plain
 from dpgen.errors import ConfigError
+from dpgen.eval.downstream import validation_size
 from dpgen.eval.fidelity import METRICS
 from dpgen.models.classifiers import CLASSIFIERS
 
@@ -24,6 +26,13 @@ def _optional_positive(cfg: dict[str, Any], prefix: str, key: str) -> None:
         require_int(cfg, prefix, key, minimum=1)
 
 
+def _positive_number(cfg: dict[str, Any], prefix: str, key: str, example: str) -> None:
+    """``cfg[key]``, a finite number > 0 (a learning rate of 0 trains nothing; below, it ascends)."""
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{prefix}.{key}", value, "must be a number > 0", f"set e.g. {prefix}.{key}={example}")
+
+
 def validate_eval_config(cfg: Any, num_samples: int) -> None:
     """``cfg`` is the ``eval`` node; ``num_samples`` is how many samples the sample stage writes."""
     e = to_plain(cfg, "eval")
@@ -38,6 +47,7 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
         for key in ("batch_size", "kid_subsets", "prc_neighborhood"):
             require_int(fid, p, key, minimum=1)
         require_int(fid, p, "kid_subset_size", minimum=2)
+        require_choice(fid, p, "heldout", (True, False))
         weights = fid.get("weights_path")
         if weights is not None and not Path(weights).is_file():
             raise ConfigError(f"{p}.weights_path", weights, "is not a file",
@@ -48,12 +58,14 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
             validate_public_config(fid["glyphs"])
             for key in ("width", "feature_dim", "epochs", "batch_size"):
                 require_int(fid["glyphnet"], f"{p}.glyphnet", key, minimum=1)
+            _positive_number(fid["glyphnet"], f"{p}.glyphnet", "lr", "1e-3")
 
     d, p = e["downstream"], "eval.downstream"
     if _subset(d, p, "classifiers", tuple(CLASSIFIERS)):
         for key in ("epochs", "batch_size"):
             require_int(d, p, key, minimum=1)
         _optional_positive(d, p, "patience")
+        _positive_number(d, p, "lr", "1e-3")
         require_number(d, p, "val_fraction", 0.01, 0.9)
     require_choice(e, "eval", "reference", (True, False))
     require_choice(e, "eval", "audit", (True, False))
@@ -76,6 +88,10 @@ def _positive_numbers(cfg: dict[str, Any], prefix: str, key: str, integer: bool 
 
 def _validate_utility(u: dict[str, Any]) -> None:
     p = "eval.utility"
+    # Only > 0 here: what a multiple gives is round(multiple * N) images, and N (the sensitive
+    # training split) is known once the data is read. No floor free of N would do: 0.001 of
+    # CelebA's 162770 is 163 images, while 1 of a 5-image train_limit leaves none to train on.
+    # validate_utility_sizes checks the sizes against N, before the run's first stage.
     _positive_numbers(u, p, "size_multiples")
     require_number(u, p, "selection_multiple", 1e-9, float("inf"))
     require_int(u, p, "sample_shard_size", minimum=1)
@@ -88,6 +104,41 @@ def _validate_utility(u: dict[str, Any]) -> None:
     if not isinstance(augment, list) or not augment or any(not isinstance(a, bool) for a in augment):
         raise ConfigError(f"{g}.augment", augment, "must be a non-empty list of true/false",
                           f"e.g. {g}.augment=[false,true]")
+
+
+def validate_utility_sizes(cfg: Any, n_train: int, num_classes: int) -> None:
+    """With ``eval.utility_study=true``, every size of the study (``cfg`` is the ``eval`` node),
+    round(multiple × ``n_train``) synthetic images, must leave each classifier at least one
+    training image per class beside the validation split carved from it."""
+    e = to_plain(cfg, "eval")
+    if not e.get("utility_study"):
+        return
+    u, val_fraction = e["utility"], e["downstream"]["val_fraction"]
+    least = _fewest_images(num_classes, val_fraction)
+    for key, multiples in (("size_multiples", u["size_multiples"]), ("selection_multiple", [u["selection_multiple"]])):
+        for multiple in multiples:
+            n = int(round(multiple * n_train))
+            if n < least:
+                raise ConfigError(
+                    f"eval.utility.{key}", u[key],
+                    f"{multiple:g} × N={n_train} (the training split) gives {n} synthetic images; with "
+                    f"eval.downstream.val_fraction={val_fraction:g} the classifiers need at least {least}, "
+                    f"one training image per class ({num_classes}) beside the validation split",
+                    f"use multiples of at least {_round_up(least / n_train):g}")
+
+
+def _fewest_images(num_classes: int, val_fraction: float) -> int:
+    """The fewest images that leave ``num_classes`` for training once validation is carved off."""
+    n = num_classes + 1
+    while n - validation_size(n, val_fraction) < num_classes:
+        n += 1
+    return n
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits, so a suggested multiple is enough."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale) / scale
 
 
 CANARY_KINDS = ("letters", "mislabeled")

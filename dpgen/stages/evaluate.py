@@ -19,8 +19,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from dpgen.data import describe_data
 from dpgen.data.dataset import content_fingerprint, stack_items
 from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
+from dpgen.eval.config import validate_utility_sizes
 from dpgen.eval.downstream import (
     TrainedClassifier,
     TrainSettings,
@@ -171,6 +173,14 @@ def _utility_study(ctx: RunContext, images: np.ndarray, labels: np.ndarray, held
                                                      for s in study["sizes"]),
              sel["spearman"], sel["kendall"], sel["selected_real_accuracy"], sel["best_real_accuracy"])
     return study
+
+
+def check_utility_sizes(ctx: RunContext) -> None:
+    """The utility study's sizes against N, which needs the training split read: callers run it
+    before any work (the pipeline before its first stage, the command lines before theirs)."""
+    cfg = ctx.cfg
+    if cfg.eval.utility_study:
+        validate_utility_sizes(cfg.eval, len(ctx.train_set), describe_data(cfg.data).num_classes)
 
 
 def evaluate(ctx: RunContext) -> None:
