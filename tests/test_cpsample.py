@@ -137,6 +137,12 @@ def test_resampling_refuses_changes_to_the_generator(tiny_cfg, tmp_path):
         resampling_config(tmp_path, ["privacy.eps=1"])
 
 
+def test_resampling_names_an_override_hydra_cannot_apply(tmp_path):
+    """A typo ends ``python -m dpgen.sampling`` with one line (a ConfigError), not Hydra's traceback."""
+    with pytest.raises(ConfigError, match=r"^sampling\.scalee='3': no such key in the config .*Fix: "):
+        resampling_config(tmp_path, ["sampling=cpsample", "sampling.threshold=0.95", "sampling.scalee=3"])
+
+
 def test_resampling_changes_the_runs_own_sample_settings_and_nothing_else(tiny_cfg, tmp_path):
     """``sample.*`` overrides change the solver and steps of the run's own settings (a user compares
     samplers on one trained generator); the rest of ``sample`` stays what the run had."""
