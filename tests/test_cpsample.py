@@ -104,6 +104,10 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
     source = tmp_path / "run"
     plain = tiny_cfg("eval.downstream.classifiers=[]", "eval.fid.metrics=[]", "eval.reference=false")
     run_pipeline(plain, source)
+    refused = tmp_path / "refused"
+    with pytest.raises(SystemExit, match=r"^dpgen\.sampling: eval\.utility\.size_multiples=\[0\.0001\]: "):
+        resample([str(source), "--out", str(refused), "eval.utility_study=true", "eval.utility.size_multiples=[0.0001]"])
+    assert not refused.exists()
     out = tmp_path / "cpsample"
     with caplog.at_level("WARNING", logger="dpgen"):
         resample([str(source), "--out", str(out), "sampling.classifier.max_steps=3", "sampling.classifier.width=8",
@@ -118,6 +122,7 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
     assert privacy["events"][0]["steps"] == 4  # the DP training is still accounted
     assert json.loads((source / "privacy.json").read_text())["formal_guarantee"] is True  # source untouched
     assert metrics["formal_guarantee"] is False and metrics["privacy_note"] == CPSAMPLE_NO_GUARANTEE
+    assert metrics["epsilon"] == privacy["epsilon_spent"] and "generator training only" in metrics["epsilon_scope"]
     assert CPSAMPLE_NO_GUARANTEE in caplog.text
     assert metrics["cpsample"]["classifier"]["steps"] == 3 and 0 <= metrics["cpsample"]["guided_fraction"] <= 1
     assert 0 <= metrics["replication_rate"] <= 1 and 0 <= metrics["mia_auc"] <= 1
@@ -130,6 +135,7 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
     card = json.loads((release / "datacard.json").read_text())
     assert card["formal_guarantee"] is False and card["statement"].startswith("NO FORMAL PRIVACY GUARANTEE")
     assert card["note"] == CPSAMPLE_NO_GUARANTEE and card["sampler"]["name"] == "dpm++ + cpsample"
+    assert card["epsilon_scope"] == metrics["epsilon_scope"]
 
 
 def test_resampling_refuses_changes_to_the_generator(tiny_cfg, tmp_path):

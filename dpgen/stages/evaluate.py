@@ -35,6 +35,7 @@ from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.eval.threads import cpu_threads
 from dpgen.eval.utility import size_series, utility_study
 from dpgen.io import write_json
+from dpgen.privacy.guarantee import epsilon_scope, has_formal_guarantee, ledger_kept_guarantee
 from dpgen.stages.protection import load_protection_guidance
 from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
 from dpgen.stages.training import FINAL_WEIGHTS, build_module, load_final_module
@@ -207,11 +208,15 @@ def _evaluate(ctx: RunContext, synthetic: tuple[np.ndarray, np.ndarray] | None) 
     # Every model choice is made: only now is the held-out real split opened, once.
     held_out = ctx.held_out_test_set()
     privacy = json.loads(ctx.privacy_json.read_text()) if ctx.privacy_json.exists() else {}
+    # As the report and a release read it: a ledger from before its formal_guarantee key kept the
+    # guarantee if it spent an ε, and a run whose config reads the data outside DP has none.
+    formal = has_formal_guarantee(cfg) and ledger_kept_guarantee(privacy)
     metrics: dict[str, Any] = {
         "method": cfg.method.name,
         "epsilon": privacy.get("epsilon_spent"),
         "delta": privacy.get("delta"),
-        "formal_guarantee": privacy.get("formal_guarantee", False),
+        "formal_guarantee": formal,
+        "epsilon_scope": epsilon_scope(cfg, privacy, formal),
         "num_samples": len(labels),
     }
     if trained:
