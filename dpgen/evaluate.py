@@ -53,20 +53,22 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = evaluation_config(args.run_dir, args.overrides)
         validate_eval_config(cfg.eval, cfg.sample.num_samples)
-        validate_audit_config(cfg.audit)
+        validate_audit_config(cfg.audit, cfg.diffusion.num_train_timesteps)
         state_file = args.run_dir / "stages.json"
         state = json.loads(state_file.read_text()) if state_file.is_file() else {"completed": [], "wall_s": {}}
         if "sample" not in state["completed"]:
             raise ConfigError("run_dir", str(args.run_dir), "has no finished sample stage",
                               f"finish the run first: python -m dpgen +resume={args.run_dir}")
+        from dpgen.pipeline import RunContext
+        from dpgen.stages.evaluate import check_utility_sizes, evaluate
+
+        ctx = RunContext(cfg=cfg, run_dir=args.run_dir, wall_s=state["wall_s"])
+        check_utility_sizes(ctx)
     except ConfigError as err:
         sys.exit(f"dpgen.evaluate: {err}")
 
-    from dpgen.pipeline import RunContext
-    from dpgen.stages.evaluate import evaluate
-
     seed_everything(cfg.seed, workers=True, verbose=False)
-    evaluate(RunContext(cfg=cfg, run_dir=args.run_dir, wall_s=state["wall_s"]))
+    evaluate(ctx)
     used = OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("eval", "audit")})
     atomic_write(args.run_dir / "evaluate_config.yaml", lambda f: f.write(used.encode()))
     print(args.run_dir / "metrics.json")

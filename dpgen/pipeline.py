@@ -29,6 +29,7 @@ from dpgen.loggers import experiment, log_results
 from dpgen.privacy.guarantee import RETIRED_FLAGS
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.stages import DDP_STAGES, STAGES, run_stages
+from dpgen.stages.evaluate import check_utility_sizes
 from dpgen.stages.planning import plan_privacy
 
 log = logging.getLogger("dpgen")
@@ -120,8 +121,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
     if train_set is not None:
         ctx.train_set = train_set
     try:
-        ctx.ledger = plan_privacy(ctx)
         stages = list(run_stages(cfg) if stages is None else stages)
+        if "evaluate" in stages and "evaluate" not in state["completed"]:
+            check_utility_sizes(ctx)  # needs N: a bad size found by evaluate would come after training
+        ctx.ledger = plan_privacy(ctx)
         with experiment(cfg, run_dir):
             for i, name in enumerate(stages):
                 if name in state["completed"]:

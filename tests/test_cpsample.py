@@ -104,6 +104,10 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
     source = tmp_path / "run"
     plain = tiny_cfg("eval.downstream.classifiers=[]", "eval.fid.metrics=[]", "eval.reference=false")
     run_pipeline(plain, source)
+    refused = tmp_path / "refused"
+    with pytest.raises(SystemExit, match=r"^dpgen\.sampling: eval\.utility\.size_multiples=\[0\.0001\]: "):
+        resample([str(source), "--out", str(refused), "eval.utility_study=true", "eval.utility.size_multiples=[0.0001]"])
+    assert not refused.exists()
     out = tmp_path / "cpsample"
     with caplog.at_level("WARNING", logger="dpgen"):
         resample([str(source), "--out", str(out), "sampling.classifier.max_steps=3", "sampling.classifier.width=8",
@@ -118,6 +122,7 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
     assert privacy["events"][0]["steps"] == 4  # the DP training is still accounted
     assert json.loads((source / "privacy.json").read_text())["formal_guarantee"] is True  # source untouched
     assert metrics["formal_guarantee"] is False and metrics["privacy_note"] == CPSAMPLE_NO_GUARANTEE
+    assert metrics["epsilon"] == privacy["epsilon_spent"] and "generator training only" in metrics["epsilon_scope"]
     assert CPSAMPLE_NO_GUARANTEE in caplog.text
     assert metrics["cpsample"]["classifier"]["steps"] == 3 and 0 <= metrics["cpsample"]["guided_fraction"] <= 1
     assert 0 <= metrics["replication_rate"] <= 1 and 0 <= metrics["mia_auc"] <= 1
@@ -130,11 +135,18 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
     card = json.loads((release / "datacard.json").read_text())
     assert card["formal_guarantee"] is False and card["statement"].startswith("NO FORMAL PRIVACY GUARANTEE")
     assert card["note"] == CPSAMPLE_NO_GUARANTEE and card["sampler"]["name"] == "dpm++ + cpsample"
+    assert card["epsilon_scope"] == metrics["epsilon_scope"]
 
 
 def test_resampling_refuses_changes_to_the_generator(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"^privacy.eps='1': only sampling"):
         resampling_config(tmp_path, ["privacy.eps=1"])
+
+
+def test_resampling_names_an_override_hydra_cannot_apply(tmp_path):
+    """A typo ends ``python -m dpgen.sampling`` with one line (a ConfigError), not Hydra's traceback."""
+    with pytest.raises(ConfigError, match=r"^sampling\.scalee='3': no such key in the config .*Fix: "):
+        resampling_config(tmp_path, ["sampling=cpsample", "sampling.threshold=0.95", "sampling.scalee=3"])
 
 
 def test_resampling_changes_the_runs_own_sample_settings_and_nothing_else(tiny_cfg, tmp_path):

@@ -14,6 +14,7 @@ from conftest import compose_config, tiny_overrides
 import dpgen.pipeline
 from dpgen.data import TensorImageDataset
 from dpgen.eval.fidelity import Fidelity
+from dpgen.io import write_json
 from dpgen.pipeline import RunContext
 from dpgen.stages.evaluate import evaluate
 from dpgen.stages.sample import to_uint8_hwc
@@ -176,3 +177,23 @@ def test_real_data_references_key_on_the_content_of_the_splits(tiny_cfg, tmp_pat
     evaluate_stage._real_classifiers(ctx, held_out)
     assert keys[0]["content"] != keys[1]["content"] and keys[0] == keys[2]
     assert keys[0]["data"] == keys[1]["data"]
+
+
+@pytest.mark.parametrize(("sampling", "ledger", "formal", "scope"), [
+    # a DP run older than the ledger's formal_guarantee key, re-scored: its ε is its guarantee
+    ("default", {"epsilon_spent": 9.9, "delta": 1e-5}, True, None),
+    ("default", {"epsilon_spent": 9.9, "delta": 1e-5, "formal_guarantee": True}, True, None),
+    # CPSample: the ε stays, but covers the generator's training only
+    ("cpsample", {"epsilon_spent": 9.9, "delta": 1e-5, "formal_guarantee": False}, False,
+     "generator training only; the samples carry no formal guarantee (CPSample's protection classifier "
+     "read the training images)"),
+    ("default", {"formal_guarantee": False, "note": "non-private"}, False, None),  # no ε at all
+])
+def test_metrics_state_the_guarantee_as_the_report_and_release_do(tiny_cfg, tmp_path, sampling, ledger, formal, scope):
+    cfg = tiny_cfg(f"sampling={sampling}", "eval.fid.metrics=[]", "eval.downstream.classifiers=[]")
+    ctx = _context(cfg, tmp_path / "run")
+    write_json(ctx.privacy_json, ledger)
+    evaluate(ctx)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epsilon"] == ledger.get("epsilon_spent")
+    assert metrics["formal_guarantee"] is formal and metrics["epsilon_scope"] == scope

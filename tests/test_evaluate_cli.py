@@ -48,10 +48,19 @@ def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):
     assert cfg.eval.audit is True and cfg.audit.mia.max_examples == 50 and cfg.audit.replication.pairs == 32
 
 
-@pytest.mark.parametrize(("override", "expected"), [("privacy.eps=1", "only the evaluation"),
-                                                    ("eval.downstream.epochs=0", "eval.downstream.epochs")])
-def test_refuses_changes_beyond_the_evaluation(old_run, override, expected):
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["privacy.eps=1"], "only the evaluation"),
+    (["eval.downstream.epochs=0"], "eval.downstream.epochs"),
+    (["eval.audit=true", "audit.loss_score.timesteps=[5000]"], "below diffusion.num_train_timesteps=1000"),
+    (["eval.utility_study=true", "eval.utility.size_multiples=[0.0001]"], "gives 0 synthetic images"),
+    # overrides Hydra cannot apply: one line naming the override, not Hydra's traceback
+    (["eval.reference=false", "eval.fid.metricss=[fid]"], "eval.fid.metricss='[fid]': no such key"),
+    (["eval=nosuch"], "eval='nosuch': no such option of config group eval. Fix: use one of default, fast"),
+    (["eval.fid.metrics=[fid"], "eval.fid.metrics='[fid': is not a valid override"),
+])
+def test_refuses_changes_beyond_the_evaluation(old_run, overrides, expected):
     with pytest.raises(SystemExit) as exc:
-        main([str(old_run), override])
+        main([str(old_run), *overrides])
     assert str(exc.value.code).startswith("dpgen.evaluate: ") and expected in str(exc.value.code)
+    assert "\n" not in str(exc.value.code)
     assert not (old_run / "metrics.json").exists()

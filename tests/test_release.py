@@ -67,6 +67,7 @@ def test_imagefolder_release_loads_with_a_card_copied_from_privacy_json(run_dir,
     privacy = json.loads((run_dir / "privacy.json").read_text())
     card = json.loads((released / "datacard.json").read_text())
     assert card["epsilon_spent"] == privacy["epsilon_spent"] and card["epsilon_target"] == 5.0
+    assert card["epsilon_scope"] is None  # the ε is the samples' guarantee
     assert card["events"] == privacy["events"] and card["delta"] == privacy["delta"]
     assert card["per_class_counts"] == {str(c): 3 if c < 5 else 2 for c in range(10)}
     assert card["sensitive_dataset"]["training_split_size"] == 4000 and card["num_samples"] == N
@@ -177,6 +178,7 @@ def test_a_non_private_run_says_so_on_the_first_line(tmp_path):
         assert "NO FORMAL PRIVACY GUARANTEE" in (out / name).read_text().splitlines()[0]
     card = json.loads((out / "datacard.json").read_text())
     assert card["formal_guarantee"] is False and card["epsilon_spent"] is None and card["events"] == []
+    assert card["epsilon_scope"] is None  # no ε to qualify
     assert card["sensitive_dataset"]["training_split_size"] == 4000
 
 
@@ -244,6 +246,23 @@ def test_a_release_continues_only_with_the_same_sampler_and_protection(run_dir, 
     OmegaConf.save(cfg, twin / "run_config.yaml")
     (twin / "protection_classifier.pt").write_bytes(b"a classifier trained on the sensitive images")
     assert "holds another release" in _refused([twin, *args, "--out", out])
+
+
+def test_a_cpsample_card_says_what_its_epsilon_covers(run_dir, monkeypatch):
+    """CPSample keeps the ε of the DP training beside formal_guarantee: false; a tool reading only
+    the number learns from epsilon_scope that it covers the generator's training only."""
+    import dpgen.release.datacard as datacard
+    from dpgen.release.source import SourceRun
+
+    cfg = OmegaConf.load(run_dir / "run_config.yaml")
+    cfg.sampling = compose_config(tiny_overrides(run_dir / "work") + ["sampling=cpsample"]).sampling
+    privacy = {**json.loads((run_dir / "privacy.json").read_text()), "formal_guarantee": False}
+    monkeypatch.setattr(datacard, "_parameters", lambda run: {})
+    card = datacard.build_datacard(SourceRun(run_dir, cfg, privacy, []), ReleaseSpec(4, "npz"), [1] * 4 + [0] * 6,
+                                   4000, "cpu", "npz")
+    assert card["formal_guarantee"] is False and card["epsilon_spent"] == privacy["epsilon_spent"]
+    assert card["epsilon_scope"].startswith("generator training only; the samples carry no formal guarantee")
+    assert "CPSample's protection classifier" in card["epsilon_scope"]
 
 
 def test_a_card_without_a_guarantee_never_calls_sampling_free(tmp_path):

@@ -136,6 +136,29 @@ def test_accuracy_plot_is_readable_and_right(sweep):
     assert legend[:2] == ["dpdm (mean ± sd of repeats)", "dpldm"] and len(legend) == 4
 
 
+def _error_bars(ax, label):
+    """Half the length of each point's error bar, in the order of the points."""
+    (container,) = [c for c in ax.containers if c.get_label() == label]
+    return [(seg[1][1] - seg[0][1]) / 2 for seg in container.lines[2][0].get_segments()]
+
+
+def test_error_bars_are_the_sample_sd_of_repeats(sweep):
+    """Jobs 1 and 2 repeat dpdm at ε=10 with accuracies 80 % and 70 %: sample sd 7.07 (the
+    population sd would say 5); the single run at ε=1 has no spread to show."""
+    ax = accuracy_figure(collect_runs(sweep)).axes[0]
+    assert _error_bars(ax, "dpdm (mean ± sd of repeats)") == pytest.approx([0.0, 50 ** 0.5])
+
+
+def test_fid_plot_at_the_reference_size_names_the_runs_it_leaves_out(sweep, caplog):
+    for job in ("0", "1", "2", "4"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        write_json(sweep / job / "metrics.json", {**metrics, "fid_at_reference_size": metrics["fid"] + 1})
+    with caplog.at_level("WARNING", logger="dpgen"):
+        ax = fid_figure(collect_runs(sweep)).axes[0]
+    assert "reference's size" in ax.get_ylabel() and not [c for c in ax.containers if c.get_label() == "dpldm"]
+    assert "leaves out 1 run(s)" in caplog.text and ": 3;" in caplog.text and "eval.reference=true" in caplog.text
+
+
 def test_fid_plot_is_readable_and_right(sweep):
     ax = fid_figure(collect_runs(sweep)).axes[0]
     assert ax.get_xscale() == "log" and "FID" in ax.get_ylabel() and "glyphnet-v1" in ax.get_title()

@@ -70,12 +70,17 @@ def _accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / max(total, 1)
 
 
+def validation_size(n: int, val_fraction: float) -> int:
+    """How many of ``n`` training images :func:`train_classifier` holds out for validation."""
+    return max(1, int(round(val_fraction * n)))
+
+
 def train_classifier(images: Tensor, labels: Tensor, num_classes: int, name: str,
                      settings: TrainSettings, seed: int = 0, progress: bool = True) -> TrainedClassifier:
     """The model at its best epoch on a validation split of ``images`` (no other data is seen)."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(images), generator=g)
-    n_val = max(1, int(round(settings.val_fraction * len(images))))
+    n_val = validation_size(len(images), settings.val_fraction)
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
     model = build_classifier(name, images.shape[1], num_classes, images.shape[-1], settings.width)

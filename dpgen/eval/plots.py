@@ -37,9 +37,15 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _spread(values: list[float]) -> float:
+    """The sample standard deviation of repeats (n - 1: the runs are a sample of the seeds a user
+    could have drawn; the population sd understates the spread by sqrt(n / (n - 1))); 0 for one run."""
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
+
+
 def _private_lines(ax: Any, rows: Rows, key: str, scale: float) -> int:
     """One line per DP-trained method and setting; repeats at the same ε target are averaged
-    (± std). Runs whose guarantee was voided (CPSample) get their own dashed line at the ε of
+    (± their sample sd). Runs whose guarantee was voided (CPSample) get their own dashed line at the ε of
     their training."""
     points = [r for r in rows if r["epsilon"] and r.get(key) is not None]
     lines = sorted({(r["method"], r["private"], r.get("setting", "")) for r in points},
@@ -51,7 +57,7 @@ def _private_lines(ax: Any, rows: Rows, key: str, scale: float) -> int:
                 groups.setdefault(r["epsilon_target"], []).append(r)
         series = sorted((statistics.fmean(r["epsilon"] for r in g),
                          statistics.fmean(scale * r[key] for r in g),
-                         statistics.pstdev(scale * r[key] for r in g)) for g in groups.values())
+                         _spread([scale * r[key] for r in g])) for g in groups.values())
         xs, ys, errs = zip(*series)
         repeated = any(len(g) > 1 for g in groups.values())
         label = (method if private else f"{method}, no formal DP (sampling used the data)") + _setting(setting)
@@ -126,6 +132,8 @@ def fid_figure(rows: Rows) -> Figure:
     # real-data reference, plot that, so the reference line is what an ideal generator would get.
     matched = any(r.get("fid_at_reference_size") is not None for r in rows)
     key = "fid_at_reference_size" if matched else "fid"
+    if matched:
+        _warn_unmatched(rows)
     fig, ax = _axes(f"Fidelity vs privacy ({extractor or 'no'} features)",
                     "FID to the real training split" + (", at the reference's size" if matched else "")
                     + " (lower is better)", rows)
@@ -136,6 +144,15 @@ def fid_figure(rows: Rows) -> Figure:
     _ceiling(ax, _mean(reference), label, ":", "grey")
     _finish(ax, n)
     return fig
+
+
+def _warn_unmatched(rows: Rows) -> None:
+    """Runs with a FID but none at the reference's size have no point on a plot of the latter."""
+    left_out = [r["run"] for r in rows if r.get("fid") is not None and r.get("fid_at_reference_size") is None]
+    if left_out:
+        log.warning("report: the FID plot shows FID at the reference's sample size and leaves out %d run(s) "
+                    "scored without it (eval.reference=false, or before stop 22): %s; re-score them with "
+                    "python -m dpgen.evaluate <run> eval.reference=true to plot them", len(left_out), ", ".join(left_out))
 
 
 def utility_figure(series: dict[str, list[tuple[float, float]]], n_train: int) -> Figure:

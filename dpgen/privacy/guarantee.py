@@ -53,6 +53,20 @@ def has_formal_guarantee(cfg: Any) -> bool:
     return not guarantee_notes(cfg)
 
 
+def epsilon_scope(cfg: Any, privacy: Mapping[str, Any], formal_guarantee: bool) -> str | None:
+    """What a run's ε covers where it is not a guarantee of the run's outputs (its DP training,
+    when CPSample's sampling then read the sensitive images); None where there is no ε or it is
+    the outputs' guarantee. Beside the ε in metrics.json and datacard.json, for tools that read
+    the number without ``formal_guarantee``."""
+    if formal_guarantee or privacy.get("epsilon_spent") is None:
+        return None
+    sampling = cfg.get("sampling")
+    why = ("CPSample's protection classifier read the training images"
+           if sampling is not None and sampling.get("name") == "cpsample"
+           else "a stage read the sensitive training images outside differential privacy")
+    return f"generator training only; the samples carry no formal guarantee ({why})"
+
+
 def ledger_kept_guarantee(privacy: Mapping[str, Any]) -> bool:
     """What a run's ``privacy.json`` says: its ``formal_guarantee``, or for a ledger from before
     that key existed, whether it spent an ε at all."""

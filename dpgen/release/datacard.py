@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import dpgen
 from dpgen.diffusion.sampling import run_solver
 from dpgen.io import atomic_write
-from dpgen.privacy.guarantee import guarantee_notes
+from dpgen.privacy.guarantee import epsilon_scope, guarantee_notes
 from dpgen.release.shards import ReleaseSpec
 from dpgen.release.source import SourceRun
 
@@ -116,6 +116,7 @@ def build_datacard(run: SourceRun, spec: ReleaseSpec, class_counts: list[int], t
         "formal_guarantee": run.formal_guarantee,
         "method": cfg.method.name,
         **{k: p.get(k) for k in _PRIVACY_KEYS},
+        "epsilon_scope": epsilon_scope(cfg, p, run.formal_guarantee),
         "events": p.get("events", []),
         "sensitive_dataset": {"name": cfg.data.name, "training_split_size": training_split_size,
                               "image_size": cfg.data.image_size, "channels": cfg.data.channels},

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         open_run(args.run_dir)  # finished, with its weights and an intact ledger
         cfg = resampling_config(args.run_dir, args.overrides)
         validate_config(cfg)
+        from dpgen.pipeline import RunContext
+        from dpgen.stages.evaluate import check_utility_sizes
+
+        check_utility_sizes(RunContext(cfg=cfg, run_dir=args.run_dir))  # before the new run directory exists
         out = args.out or args.run_dir.with_name(f"{args.run_dir.name}-{cfg.sampling.name}")
         prepare(args.run_dir, out, cfg)
     except (ConfigError, ReleaseError) as err:

@@ -19,8 +19,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from dpgen.data import describe_data
 from dpgen.data.dataset import content_fingerprint, stack_items
 from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
+from dpgen.eval.config import validate_utility_sizes
 from dpgen.eval.downstream import (
     TrainedClassifier,
     TrainSettings,
@@ -33,6 +35,7 @@ from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.eval.threads import cpu_threads
 from dpgen.eval.utility import size_series, utility_study
 from dpgen.io import write_json
+from dpgen.privacy.guarantee import epsilon_scope, has_formal_guarantee, ledger_kept_guarantee
 from dpgen.stages.protection import load_protection_guidance
 from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
 from dpgen.stages.training import FINAL_WEIGHTS, build_module, load_final_module
@@ -173,6 +176,14 @@ def _utility_study(ctx: RunContext, images: np.ndarray, labels: np.ndarray, held
     return study
 
 
+def check_utility_sizes(ctx: RunContext) -> None:
+    """The utility study's sizes against N, which needs the training split read: callers run it
+    before any work (the pipeline before its first stage, the command lines before theirs)."""
+    cfg = ctx.cfg
+    if cfg.eval.utility_study:
+        validate_utility_sizes(cfg.eval, len(ctx.train_set), describe_data(cfg.data).num_classes)
+
+
 def evaluate(ctx: RunContext) -> None:
     start = time.time()
     # Sampling is the generator's work: it runs before evaluation's own thread setting applies.
@@ -197,11 +208,15 @@ def _evaluate(ctx: RunContext, synthetic: tuple[np.ndarray, np.ndarray] | None) 
     # Every model choice is made: only now is the held-out real split opened, once.
     held_out = ctx.held_out_test_set()
     privacy = json.loads(ctx.privacy_json.read_text()) if ctx.privacy_json.exists() else {}
+    # As the report and a release read it: a ledger from before its formal_guarantee key kept the
+    # guarantee if it spent an ε, and a run whose config reads the data outside DP has none.
+    formal = has_formal_guarantee(cfg) and ledger_kept_guarantee(privacy)
     metrics: dict[str, Any] = {
         "method": cfg.method.name,
         "epsilon": privacy.get("epsilon_spent"),
         "delta": privacy.get("delta"),
-        "formal_guarantee": privacy.get("formal_guarantee", False),
+        "formal_guarantee": formal,
+        "epsilon_scope": epsilon_scope(cfg, privacy, formal),
         "num_samples": len(labels),
     }
     if trained:
