@@ -110,9 +110,12 @@ _COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 def compose_overrides(overrides: Sequence[str]) -> DictConfig:
     """Today's config with ``overrides``; one that cannot apply ends as a one-line ConfigError."""
     try:
-        return _compose(overrides)
+        cfg = _compose(overrides)
     except _COMPOSE_ERRORS as err:
         raise override_error(err, _first_failing(overrides)) from err
+    groups = {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
+    check_appended_keys(cfg, overrides, groups)
+    return cfg
 
 
 def _first_failing(overrides: Sequence[str]) -> str | None:

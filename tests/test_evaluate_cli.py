@@ -57,6 +57,7 @@ def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):
     (["eval.reference=false", "eval.fid.metricss=[fid]"], "eval.fid.metricss='[fid]': no such key"),
     (["eval=nosuch"], "eval='nosuch': no such option of config group eval. Fix: use one of default, fast"),
     (["eval.fid.metrics=[fid"], "eval.fid.metrics='[fid': is not a valid override"),
+    (["+eval.fid.metricss=[fid]"], "no dpgen config defines this key"),  # Hydra would add it, unread
 ])
 def test_refuses_changes_beyond_the_evaluation(old_run, overrides, expected):
     with pytest.raises(SystemExit) as exc:
