@@ -201,7 +201,6 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
                           f"use stages from {sorted(STAGES)}")
-    _check_pretraining(cfg)
     private = [s for s in m.stages if s in STAGE_PLANS]
     nonprivate = [s for s in m.stages if s in NON_PRIVATE_STAGES]
     if private and nonprivate:
@@ -209,6 +208,7 @@ def validate_config(cfg: DictConfig) -> None:
                           f"mixes DP stages ({', '.join(private)}) with {', '.join(nonprivate)}, which reads the "
                           "sensitive images without clipping or noise, so no output could carry the guarantee",
                           "drop the non-private stage, or use method=nonprivate for a non-private run")
+    _check_pretraining(cfg)
     validate_sampling_config(cfg.sampling, is_latent_model(model))
     unknown = [s for s in run_stages(cfg) if s not in STAGES]
     if unknown:

@@ -41,7 +41,7 @@ def test_shipped_methods_and_sampling_get_the_guarantee_their_stages_give(tiny_c
 
 def test_a_non_private_stage_voids_the_guarantee_whatever_the_method(tiny_cfg, tmp_path):
     """A DP method told to run plain ``train`` plans nothing and must not call itself private."""
-    cfg = tiny_cfg("method.stages=[train,sample,evaluate]")
+    cfg = tiny_cfg("method.stages=[train,sample,evaluate]", "method.pretrain=none")
     validate_config(cfg)
     assert not has_formal_guarantee(cfg)
     assert plan_privacy(RunContext(cfg=cfg, run_dir=tmp_path)) is None
