@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
-from dpgen.config import check_appended_keys, validate_config
+from dpgen.config import check_appended_keys, check_resume_dir, validate_config
 from dpgen.distributed import check_devices_present, export_submitit_local_ranks
 from dpgen.errors import ConfigError
 from dpgen.privacy.ledger import BudgetError
@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> float | None:
         hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
         if hydra_cfg is not None:
             check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
+        check_resume_dir(cfg)
         validate_config(cfg)
         check_devices_present(cfg.trainer)
         if cfg.get("objective") and cfg.get("tune_data_is_proxy") is not True:

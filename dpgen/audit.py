@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dpgen.config import validate_config
+from dpgen.config import check_appended_keys, check_resume_dir, validate_config
 from dpgen.data import build_dataset, build_public_dataset, has_public_data
 from dpgen.distributed import check_devices_present
 from dpgen.errors import ConfigError
@@ -137,6 +137,9 @@ def run_canary_audit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def main(cfg: DictConfig) -> None:
     try:
+        hydra_cfg = HydraConfig.get()
+        check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
+        check_resume_dir(cfg)
         validate_config(cfg)
         check_devices_present(cfg.trainer)
         seed_everything(cfg.seed, workers=True, verbose=False)

@@ -171,6 +171,10 @@ def _check_pretraining(cfg: DictConfig) -> None:
     elif source == "selection":
         check_selection_config(cfg)
     stages = list(m.stages)
+    unread = [s for s in ("dp_semantic_query", "pretrain_selected") if s in stages] if source != "selection" else []
+    if unread:  # the query would spend ε on a selection nothing loads
+        raise ConfigError("method.pretrain", source, f"the stages {unread} select and pretrain on public classes "
+                          "that only method.pretrain=selection loads", "use method.pretrain=selection, or drop them")
     first = next((i for i, s in enumerate(stages) if s in _STARTS_FROM_PRETRAINING), None)
     needed = list(_PRETRAINING_STAGES[source])
     if source == "selection" and m.selection == "semantic":
@@ -181,11 +185,16 @@ def _check_pretraining(cfg: DictConfig) -> None:
                           f"put {', '.join(needed)} before {stages[first]}, or use method.pretrain=none")
 
 
-def validate_config(cfg: DictConfig) -> None:
+def check_resume_dir(cfg: DictConfig) -> None:
+    """``+resume=`` names a run: a mistyped path would start a new run there. Checked where a run
+    starts (not in :func:`validate_config`: a resumed run's saved config keeps its ``resume``)."""
     resume = cfg.get("resume")
     if resume is not None and not (Path(str(resume)) / "run_config.yaml").is_file():
         raise ConfigError("resume", resume, "is not a dpgen run directory (no run_config.yaml): nothing to resume",
                           "pass the directory of the interrupted run, e.g. outputs/<date>/<time>")
+
+
+def validate_config(cfg: DictConfig) -> None:
     validate_data_config(cfg.data)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if is_latent_model(model):

@@ -47,7 +47,8 @@ def test_loss_score_timesteps_must_lie_below_the_runs_diffusion_steps(cfg, tmp_p
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("downstream.lr", -1), ("downstream.lr", 0), ("fid.glyphnet.lr", -5), ("fid.heldout", "maybe")])
+    ("downstream.lr", -1), ("downstream.lr", 0), ("fid.glyphnet.lr", -5), ("fid.heldout", "maybe"),
+    ("fid.glyphnet.seed", None), ("fid.glyphnet.seed", -1)])
 def test_learning_rates_and_the_heldout_switch_are_checked(cfg, key, value):
     message = _refused(cfg.eval, key, value, lambda e: validate_eval_config(e, cfg.sample.num_samples))
     assert message.startswith(f"eval.{key}={value!r}: ") and "Fix:" in message

@@ -268,6 +268,7 @@ def test_feta_warms_up_from_privimages_selection(privimage_cfg, tmp_path, monkey
     run_dir = tmp_path / "run"
     run_pipeline(cfg, run_dir)
     assert json.loads((run_dir / "stages.json").read_text())["completed"] == list(cfg.method.stages)
+    assert json.loads((run_dir / "metrics.json").read_text())["method"] == "feta_privimage"
     assert loaded and all(p == loaded[0] and p.exists() for p in loaded)  # pretrain_selected wrote what warmup read
     privacy = json.loads((run_dir / "privacy.json").read_text())
     query, central, training = privacy["events"]
@@ -285,9 +286,10 @@ def test_feta_warms_up_from_privimages_selection(privimage_cfg, tmp_path, monkey
     ("privimage", "method.stages=[dp_semantic_query,pretrain_selected,dp_train,sample,evaluate]"),
     ("feta_privimage", "method.stages=[train_query_classifier,dp_semantic_query,dp_central_images,warmup,"
                        "pretrain_selected,dp_train,sample,evaluate]"),
+    ("feta_privimage", "method.pretrain=none"),  # the query would spend ε on a selection nothing loads
 ])
 def test_a_pretraining_no_earlier_stage_makes_is_refused_before_any_work(tiny_cfg, privimage_cfg, method, override):
     """Found only when the stage that loads it ran, the run would fail after ε was spent."""
     cfg = tiny_cfg(f"method={method}", override) if method == "feta" else privimage_cfg(override, method=method)
-    with pytest.raises(ConfigError, match=r"Fix: (use method=privimage|put )"):
+    with pytest.raises(ConfigError, match=r"Fix: (use method=privimage|put |use method.pretrain=selection)"):
         validate_config(cfg)

@@ -193,6 +193,9 @@ def test_class_counts_use_equal_shares_or_a_public_prior_only():
     for bad in ((1.0, -1.0), (float("nan"), 1.0), (float("inf"), 1.0)):
         with pytest.raises(ValueError, match="finite, non-negative"):
             ReleaseSpec(5, "npz", class_prior=bad).check(2)
+    ReleaseSpec(5, "npz", class_prior=(1.0, 0.0, 1.0)).check(3)
+    with pytest.raises(ValueError, match="number later classes one lower"):
+        ReleaseSpec(5, "imagefolder", class_prior=(1.0, 0.0, 1.0)).check(3)
 
 
 def test_class_folders_sort_in_label_order_and_are_valid_names():

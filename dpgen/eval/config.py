@@ -59,6 +59,8 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
             for key in ("width", "feature_dim", "epochs", "batch_size"):
                 require_int(fid["glyphnet"], f"{p}.glyphnet", key, minimum=1)
             _positive_number(fid["glyphnet"], f"{p}.glyphnet", "lr", "1e-3")
+            if "seed" in fid["glyphnet"]:
+                require_int(fid["glyphnet"], f"{p}.glyphnet", "seed", minimum=0)
 
     d, p = e["downstream"], "eval.downstream"
     if _subset(d, p, "classifiers", tuple(CLASSIFIERS)):

@@ -8,7 +8,8 @@ from dpgen.methods.nonprivate import NonPrivateDiffusion
 from dpgen.methods.privimage import PrivImageModule
 
 METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule,
-           "privimage": PrivImageModule, "feta": FETAModule}
+           "privimage": PrivImageModule, "feta": FETAModule,
+           "feta_privimage": FETAModule}  # a composition of stages: DP-FETA's module
 
 __all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "FETAModule", "NonPrivateDiffusion",
            "PrivImageModule"]

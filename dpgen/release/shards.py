@@ -39,6 +39,11 @@ class ReleaseSpec:
     precision: str = "32"
 
     def check(self, num_classes: int) -> None:
+        if self.format == "imagefolder" and self.class_prior is not None and 0 in self.class_prior:
+            # A class without images has no folder, and the loaders would renumber every later class.
+            raise ReleaseError(f"--class-prior={','.join(map(str, self.class_prior))}: a zero weight leaves its "
+                               "class folder out of an image-folder release, and the loaders would number later "
+                               "classes one lower. Fix: use --format npz, or a small positive weight")
         if self.num_samples <= 0:
             raise ReleaseError(f"--num-samples={self.num_samples}: must be > 0. Fix: ask for at least one sample")
         if self.format not in FORMATS:
