@@ -13,8 +13,8 @@ from hydra.types import RunMode
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
-from dpgen.config import check_appended_keys, check_resume_dir, validate_config
-from dpgen.distributed import check_devices_present, export_submitit_local_ranks
+from dpgen.config import check_run_start
+from dpgen.distributed import export_submitit_local_ranks
 from dpgen.errors import ConfigError
 from dpgen.privacy.ledger import BudgetError
 
@@ -42,12 +42,7 @@ def main(cfg: DictConfig) -> float | None:
     # (the privacy plan, which needs N, is the pipeline's first step and touches no stage).
     export_submitit_local_ranks()
     try:
-        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-        if hydra_cfg is not None:
-            check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
-        check_resume_dir(cfg)
-        validate_config(cfg)
-        check_devices_present(cfg.trainer)
+        check_run_start(cfg)
         if cfg.get("objective") and cfg.get("tune_data_is_proxy") is not True:
             # Every trial is evaluated on data's held-out split, and picking the best trial is an
             # uncharged decision about that data: on the sensitive set, a leak privacy.json hides.

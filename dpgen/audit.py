@@ -29,9 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dpgen.config import check_appended_keys, check_resume_dir, validate_config
+from dpgen.config import check_run_start
 from dpgen.data import build_dataset, build_public_dataset, has_public_data
-from dpgen.distributed import check_devices_present
 from dpgen.errors import ConfigError
 from dpgen.eval.audit import LossScoreSettings, loss_scores, roc_summary
 from dpgen.eval.empirical_epsilon import median_split_clopper_pearson, one_run_audit
@@ -137,11 +136,7 @@ def run_canary_audit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def main(cfg: DictConfig) -> None:
     try:
-        hydra_cfg = HydraConfig.get()
-        check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
-        check_resume_dir(cfg)
-        validate_config(cfg)
-        check_devices_present(cfg.trainer)
+        check_run_start(cfg)
         seed_everything(cfg.seed, workers=True, verbose=False)
         run_canary_audit(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, BudgetError) as err:

@@ -8,13 +8,14 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dpgen.data import has_public_data, validate_data_config, validate_public_config
 from dpgen.diffusion.sampling import SOLVERS, run_solver
-from dpgen.distributed import validate_trainer_config
+from dpgen.distributed import check_devices_present, validate_trainer_config
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.loggers import validate_logger_config
@@ -192,6 +193,17 @@ def check_resume_dir(cfg: DictConfig) -> None:
     if resume is not None and not (Path(str(resume)) / "run_config.yaml").is_file():
         raise ConfigError("resume", resume, "is not a dpgen run directory (no run_config.yaml): nothing to resume",
                           "pass the directory of the interrupted run, e.g. outputs/<date>/<time>")
+
+
+def check_run_start(cfg: DictConfig) -> None:
+    """What a run's command line (``python -m dpgen``, ``python -m dpgen.audit``) checks before
+    any work: the overrides Hydra applied, the run to resume, the config, and this machine's GPUs."""
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
+    check_resume_dir(cfg)
+    validate_config(cfg)
+    check_devices_present(cfg.trainer)
 
 
 def validate_config(cfg: DictConfig) -> None:

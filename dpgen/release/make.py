@@ -133,6 +133,7 @@ def write_shards(module: DiffusionModule, sample_cfg: DictConfig, out: Path, spe
     remove_partial_files(out)
     shards = spec.shards
     labels = release_labels(spec.num_samples, len(class_names), spec.class_prior)
+    folders = class_folders(class_names)
     done = manifest["shards"]
     bar = tqdm(total=spec.num_samples, initial=sum(b - a for i, (a, b) in enumerate(shards) if str(i) in done),
                desc="release", unit="img", disable=not progress)
@@ -143,7 +144,7 @@ def write_shards(module: DiffusionModule, sample_cfg: DictConfig, out: Path, spe
                               spec.precision, eps_correction)
         entry: dict[str, Any] = {"start": a, "stop": b}  # imagefolder names follow from the range
         if spec.format == "imagefolder":
-            write_imagefolder_shard(out, a, images, labels[a:b], class_folders(class_names), spec.num_samples)
+            write_imagefolder_shard(out, a, images, labels[a:b], folders, spec.num_samples)
         else:
             write_npz_shard(out, i, len(shards), images, labels[a:b])
             entry["file"] = npz_name(i, len(shards))

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Subset
 
 from dpgen.data import describe_data
 from dpgen.data.dataset import content_fingerprint, stack_items
+from dpgen.distributed import sampling_device
 from dpgen.eval.audit import LossScoreSettings, membership_inference, replication
 from dpgen.eval.config import validate_utility_sizes
 from dpgen.eval.downstream import (
@@ -86,7 +87,7 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
     pairwise = [m for m in metrics if m != "isc"]  # IS looks at the samples alone
     extractor = resolve_extractor(fid_cfg, e.cache_dir)
     out: dict[str, Any] = {"fid_feature_extractor": extractor.name, "feature_extractor": extractor.to_json()}
-    cuda = cfg.trainer.accelerator == "gpu" and torch.cuda.is_available()
+    cuda = sampling_device(cfg.trainer) == "cuda"
     with Fidelity(extractor, fid_cfg, seed=cfg.seed, cuda=cuda) as fid:
         fid.add("samples", FidelityImages(samples))
         fid.add("train", FidelityImages(ctx.train_set))
@@ -122,7 +123,7 @@ def _audit(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict[st
     """Replication and membership inference (``eval.audit``): see :mod:`dpgen.eval.audit`."""
     cfg, a = ctx.cfg, ctx.cfg.audit
     extractor = resolve_extractor(_plain(cfg.eval.fid), cfg.eval.cache_dir)
-    cuda = cfg.trainer.accelerator == "gpu" and torch.cuda.is_available()
+    cuda = sampling_device(cfg.trainer) == "cuda"
     log.info("evaluate: audit: replication of the samples in the %s feature space", extractor.name)
     out = replication(samples, ctx.train_set, held_out, extractor, a.replication.threshold, a.replication.pairs,
                       ctx.path(REPLICATION_PNG), cuda=cuda)
@@ -150,7 +151,7 @@ def _utility_samples(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
     n = round(max([*u.size_multiples, u.selection_multiple]) * len(ctx.train_set))
     spec = ReleaseSpec(n, "npz", seed=cfg.seed, shard_size=u.sample_shard_size, batch_size=cfg.sample.batch_size)
     out = ctx.path(UTILITY_SAMPLES)
-    device = "cuda" if cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu"
+    device = sampling_device(cfg.trainer)
     log.info("evaluate: utility study: %d samples of the generator -> %s", n, out)
     write_shards(load_final_module(ctx).to(device), cfg.sample, out, spec,
                  generator_identity(ctx.path(FINAL_WEIGHTS), spec, cfg, ctx.run_dir),
