@@ -181,9 +181,10 @@ def _check_pretraining(cfg: DictConfig) -> None:
     if source == "selection" and m.selection == "semantic":
         needed.insert(0, "train_query_classifier")  # the query votes with it
     if first is not None and [s for s in stages[:first] if s in needed] != needed:
+        alternative = "" if m.name == "privimage" else ", or use method.pretrain=none"  # privimage is its selection
         raise ConfigError("method.stages", stages, f"{stages[first]} starts from method.pretrain={source}, made by "
                           f"{' -> '.join(needed)}, which must run before it",
-                          f"put {', '.join(needed)} before {stages[first]}, or use method.pretrain=none")
+                          f"put {', '.join(needed)} before {stages[first]}{alternative}")
 
 
 def check_resume_dir(cfg: DictConfig) -> None:

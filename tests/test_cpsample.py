@@ -162,3 +162,7 @@ def test_resampling_changes_the_runs_own_sample_settings_and_nothing_else(tiny_c
         validate_config(resampling_config(tmp_path, ["sample.solver=euler"]))
     with pytest.raises(ConfigError, match="sample settings can be changed, not deleted"):
         resampling_config(tmp_path, ["~sample.steps"])
+    for typo in ("sample.stepz=4", "+sample.stepz=4"):  # both were added to the config and never read
+        with pytest.raises(ConfigError, match=r"^sample\.stepz='4': the run's sample settings have no such key.*"
+                                              r"did you mean sample\.steps="):
+            resampling_config(tmp_path, [typo])

@@ -291,5 +291,6 @@ def test_feta_warms_up_from_privimages_selection(privimage_cfg, tmp_path, monkey
 def test_a_pretraining_no_earlier_stage_makes_is_refused_before_any_work(tiny_cfg, privimage_cfg, method, override):
     """Found only when the stage that loads it ran, the run would fail after ε was spent."""
     cfg = tiny_cfg(f"method={method}", override) if method == "feta" else privimage_cfg(override, method=method)
-    with pytest.raises(ConfigError, match=r"Fix: (use method=privimage|put |use method.pretrain=selection)"):
+    with pytest.raises(ConfigError, match=r"Fix: (use method=privimage|put |use method.pretrain=selection)") as err:
         validate_config(cfg)
+    assert method != "privimage" or "pretrain=none" not in str(err.value)  # privimage refuses that fix

@@ -13,6 +13,7 @@ so the two directories compare the same generator with and without the protectio
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import shutil
@@ -30,6 +31,7 @@ from dpgen.stages import training_stages
 from dpgen.stages.training import FINAL_WEIGHTS
 
 GROUPS = ("sampling", "eval", "audit")
+_MISSING = object()
 log = logging.getLogger("dpgen")
 
 
@@ -51,6 +53,13 @@ def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     if not any(override_key(o) == "sampling" for o in groups):
         groups = ["sampling=cpsample", *groups]
     cfg = run_config_with_todays_groups(run_dir, GROUPS, groups)
+    for o in sample:
+        # from_dotlist adds any key it is given: a mistyped sample.stepz=4 would be kept and never read
+        if OmegaConf.select(cfg, override_key(o), default=_MISSING) is _MISSING:
+            close = difflib.get_close_matches(override_key(o), [f"sample.{k}" for k in cfg.sample], n=1)
+            raise ConfigError(override_key(o), o.split("=", 1)[-1], "the run's sample settings have no such key, "
+                              "so sampling would ignore it", f"did you mean {close[0]}=...?" if close else
+                              f"use one of {', '.join(f'sample.{k}' for k in cfg.sample)}")
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(sample))
 
 
