@@ -83,3 +83,17 @@ def test_thread_settings_are_restored():
         assert torch.get_num_threads() == 1 and set(blas()) <= {1}
         raise RuntimeError
     assert torch.get_num_threads() == torch_before and blas() == blas_before
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_classifier_trained_on_the_gpu_learns_and_comes_back_on_the_cpu(digits, name, augment):
+    """The evaluate stage trains on the run's GPU (``sampling_device``); the held-out split and the
+    utility study read the classifiers on the CPU."""
+    images, labels, test = digits
+    settings = TrainSettings(epochs=4, batch_size=32, lr=3e-3, val_fraction=0.2, augment=augment, device="cuda")
+    trained = train_classifier(images, labels, 10, name, settings, progress=False)
+    assert all(p.device.type == "cpu" for p in trained.model.parameters())
+    assert final_accuracy([trained], test)[name] > 0.5

@@ -30,10 +30,11 @@ class TrainSettings:
     patience: int | None = None  # epochs without validation gain before stopping; None = never
     width: int | None = None  # the family's width (models/classifiers.py); None = its default
     augment: bool = False  # random shifts of up to MAX_SHIFT pixels during training
+    device: str = "cpu"  # where the classifier trains (a run's GPU: dpgen.distributed.sampling_device)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> TrainSettings:
-        return cls(**{k: cfg[k] for k in ("epochs", "batch_size", "lr", "val_fraction", "patience")})
+    def from_config(cls, cfg: Mapping[str, Any], device: str = "cpu") -> TrainSettings:
+        return cls(**{k: cfg[k] for k in ("epochs", "batch_size", "lr", "val_fraction", "patience")}, device=device)
 
 
 MAX_SHIFT = 2
@@ -47,7 +48,7 @@ def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = MAX_SHI
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[:, 0] / w, 2 * shift[:, 1] / h
-    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False).to(x.device)
     return nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
@@ -63,9 +64,10 @@ class TrainedClassifier:
 def _accuracy(model: nn.Module, loader: DataLoader) -> float:
     model.eval()
     correct = total = 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for x, y in loader:
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
     return correct / max(total, 1)
 
@@ -83,7 +85,7 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, name: str
     n_val = validation_size(len(images), settings.val_fraction)
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
-    model = build_classifier(name, images.shape[1], num_classes, images.shape[-1], settings.width)
+    model = build_classifier(name, images.shape[1], num_classes, images.shape[-1], settings.width).to(settings.device)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     # drop_last: a final batch of one example would break BatchNorm's training statistics.
     train_loader = DataLoader(TensorDataset(images[tr], labels[tr]), batch_size=settings.batch_size,
@@ -95,6 +97,7 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, name: str
     for epoch in bar:
         model.train()
         for x, y in train_loader:
+            x, y = x.to(settings.device), y.to(settings.device)
             if settings.augment:
                 x = random_shift(x, g)
             opt.zero_grad()
@@ -107,7 +110,7 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, name: str
         elif settings.patience is not None and epoch - best_epoch >= settings.patience:
             break
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()  # its readers (held-out accuracy, the utility study) run on the CPU
     return TrainedClassifier(name, model, best_acc, best_epoch, epoch + 1)
 
 

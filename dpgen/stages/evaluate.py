@@ -57,7 +57,7 @@ def _plain(node: Any) -> Any:
 def _downstream(ctx: RunContext, images: torch.Tensor, labels: torch.Tensor) -> list[TrainedClassifier]:
     d = ctx.cfg.eval.downstream
     return train_classifiers(images, labels, ctx.cfg.data.num_classes, list(d.classifiers),
-                             TrainSettings.from_config(d), seed=ctx.cfg.seed)
+                             TrainSettings.from_config(d, sampling_device(ctx.cfg.trainer)), seed=ctx.cfg.seed)
 
 
 def _content(ctx: RunContext, held_out: Dataset) -> list[str]:
@@ -165,7 +165,7 @@ def _utility_study(ctx: RunContext, images: np.ndarray, labels: np.ndarray, held
     n_train = len(ctx.train_set)
     study = utility_study(from_uint8_hwc(images), torch.from_numpy(labels), held_out,
                           num_classes=cfg.data.num_classes, n_train=n_train, multiples=list(u.size_multiples),
-                          classifiers=list(d.classifiers), settings=TrainSettings.from_config(d),
+                          classifiers=list(d.classifiers), settings=TrainSettings.from_config(d, sampling_device(ctx.cfg.trainer)),
                           grid_classifier=u.grid_classifier, grid=_plain(u.grid),
                           selection_multiple=u.selection_multiple, seed=cfg.seed)
     save_figure(utility_figure(size_series(study), n_train), ctx.path(UTILITY_PNG))
