@@ -24,12 +24,16 @@ class DumpParams(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.before = [p.detach().clone() for p in pl_module.parameters()]
+        self.drawn = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.drawn.append(batch[0][:, 0, 0, 0].round().long().tolist())  # the examples' indices (_run_ddp)
 
     def on_train_end(self, trainer, pl_module):
         after = [p.detach().clone() for p in pl_module.parameters()]
         ledger = trainer.strategy.ledger
-        torch.save({"before": self.before, "after": after, "ledger": ledger.to_json() if ledger else None},
-                   f"{self.out}/rank{trainer.global_rank}.pt")
+        torch.save({"before": self.before, "after": after, "ledger": ledger.to_json() if ledger else None,
+                    "drawn": self.drawn}, f"{self.out}/rank{trainer.global_rank}.pt")
 
 
 class ZeroGradModule(TinyDPModule):
@@ -52,7 +56,9 @@ def _run_ddp(module, steps, out, clip=1.0):
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       use_distributed_sampler=False, callbacks=[DumpParams(out)])
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(N, 1, 6, 6, generator=g), torch.randint(0, 3, (N,), generator=g))
+    images = torch.randn(N, 1, 6, 6, generator=g)
+    images[:, 0, 0, 0] = torch.arange(N)  # each example says which it is
+    data = TensorDataset(images, torch.randint(0, 3, (N,), generator=g))
     trainer.fit(module, datamodule=PoissonDataModule(data, Q, steps))
     return cfg, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -60,6 +66,12 @@ def _run_ddp(module, steps, out, clip=1.0):
 @pytest.mark.slow
 def test_ddp_replicas_identical_and_one_global_ledger(tmp_path):
     _, (r0, r1) = _run_ddp(TinyDPModule(2, lr=0.1), 3, tmp_path)
+    # Each rank samples only its own shard: were both to sample the whole set, an example could
+    # join one step twice (sensitivity 2C, rate 1-(1-q)^2) and no ledger would see it.
+    assert len(r0["drawn"]) == len(r1["drawn"]) == 3
+    for rank, r in enumerate((r0, r1)):
+        assert all(i % 2 == rank for batch in r["drawn"] for i in batch), r["drawn"]
+    assert sum(map(len, r0["drawn"] + r1["drawn"])) > 0
     for a, b in zip(r0["after"], r1["after"]):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(r0["after"], r0["before"]))
