@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
@@ -111,6 +113,29 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
     rank = process_rank()
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s%s", run_dir.resolve(), f" (rank {rank})" if rank else "")
+    with _only_run_in(run_dir) if rank == 0 else nullcontext():
+        return _run_stages(cfg, run_dir, stages, train_set, start, rank)
+
+
+@contextmanager
+def _only_run_in(run_dir: Path) -> Iterator[None]:
+    """Refuse a second process in a run directory (a repeated ``+resume``, a requeued job while
+    the first still runs): both would spend the budget the ledger has left and overwrite each
+    other's privacy.json. An OS file lock, released if the holder dies."""
+    lock = FileLock(run_dir / ".dpgen-run.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError("run directory", str(run_dir), "another dpgen process is running in it",
+                          "wait for it to end or stop it, then resume") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None, train_set: Dataset | None,
+                start: float, rank: int) -> RunContext:
     _check_resume_config(cfg, run_dir)
     if rank == 0:
         atomic_write(run_dir / "run_config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode()))

@@ -10,6 +10,7 @@ import torch
 from conftest import compose_config, tiny_overrides
 from omegaconf import OmegaConf
 
+from dpgen.errors import ConfigError
 from dpgen.pipeline import _check_resume_config, run_pipeline
 from dpgen.privacy.ledger import MechanismEvent, compute_epsilon
 from dpgen.stages.training import build_module
@@ -152,6 +153,47 @@ def test_resume_without_a_checkpoint_restarts_the_weights_with_what_the_plan_has
         ctx = run_pipeline(cfg, run_dir)
     assert "4 of 6 steps were spent by an interrupted attempt that left no checkpoint" in caplog.text
     assert ctx.ledger.steps_spent("dp_train") == 6 == _spent(run_dir)
+
+
+def test_a_crash_after_the_last_step_resumes_to_the_average_of_every_step(tiny_cfg, tmp_path, monkeypatch):
+    """Five steps, a checkpoint every two, a crash before model.pt is written: the last step is
+    checkpointed all the same, and the resumed stage (nothing left to train) writes the EMA of all
+    five steps. It used to rebuild model.pt from step 4, or, from a checkpoint at the last step,
+    from the trained weights without their average. The interrupted attempt's CSV log is kept."""
+    from dpgen.stages import training
+
+    cfg = tiny_cfg("privacy.eps=5", "method.train.steps=5", "trainer.checkpoint_every_n_steps=2")
+    run_dir = tmp_path / "run"
+    save_final = training._save_final
+    monkeypatch.setattr(training, "_save_final", lambda ctx, module: (_ for _ in ()).throw(_Crash("before model.pt")))
+    with pytest.raises(_Crash):
+        run_pipeline(cfg, run_dir)
+    monkeypatch.setattr(training, "_save_final", save_final)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5
+    first_log = (run_dir / "logs" / "dp_train" / "metrics.csv").read_text()
+
+    ctx = run_pipeline(cfg, run_dir)
+    assert ctx.ledger.steps_spent("dp_train") == 5 == _spent(run_dir)
+    final = torch.load(run_dir / "model.pt", map_location="cpu")
+    average, trained = build_module(cfg), build_module(cfg)
+    average.load_state_dict(ckpt["state_dict"])
+    trained.load_state_dict(ckpt["current_model_state"])
+    assert all(torch.equal(v, final[k]) for k, v in average.generator_state_dict().items())
+    assert any(not torch.equal(v, final[k]) for k, v in trained.generator_state_dict().items())
+    assert (run_dir / "logs" / "dp_train" / "metrics-attempt1.csv").read_text() == first_log
+
+
+def test_a_second_process_in_a_running_run_directory_is_refused(tiny_cfg, tmp_path):
+    """Both would spend what the ledger has left and overwrite each other's privacy.json."""
+    from filelock import FileLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # The lock held as a running dpgen holds it.
+    with FileLock(run_dir / ".dpgen-run.lock"), pytest.raises(ConfigError, match="another dpgen process is running"):
+        run_pipeline(tiny_cfg("privacy.eps=5"), run_dir)
+    assert not (run_dir / "run_config.yaml").exists()
 
 
 def test_resume_refuses_when_a_lost_attempt_spent_every_step(tiny_cfg, tmp_path, monkeypatch):

@@ -1,13 +1,13 @@
 """Where curves and results go: ``logger=csv`` or ``logger=wandb``.
 
-Every training stage writes CSV files under ``<run>/logs/<stage>/`` (training loss, ε spent,
-learning rate). With ``logger=wandb`` the whole dpgen run is also one W&B run, opened by the
+Every training stage writes CSV files under ``<run>/logs/<stage>/`` (ε spent, learning rate, and
+the training loss of non-private stages; of DP stages only with ``privacy.log_train_loss=true``). With ``logger=wandb`` the whole dpgen run is also one W&B run, opened by the
 pipeline before the first stage: each stage's Lightning ``WandbLogger`` attaches to it with the
 stage as key prefix, and the final metrics become its summary. ``logger.mode=offline`` writes
 under ``<run>/wandb/`` and needs no account; ``wandb sync`` uploads it later.
 
-The training loss is computed on sensitive batches: like the CSV logs, a W&B run is not part
-of the released output.
+A DP stage's training loss, where logged, is computed on sensitive batches without noise: like
+the CSV logs, a W&B run is not part of the released output.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data.config import require_choice, require_int, to_plain
+from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
 from dpgen.loggers.grids import SampleGridCallback
 from dpgen.privacy.guarantee import guarantee_notes, has_formal_guarantee, training_is_private
@@ -94,7 +95,16 @@ def experiment(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
         run.finish(exit_code=exit_code)
 
 
+def _keep_earlier_attempt(log_dir: Path) -> None:
+    """Lightning's CSVLogger deletes a ``metrics.csv`` it finds: a resumed stage keeps the
+    interrupted attempt's as ``metrics-attempt<n>.csv``."""
+    current = log_dir / "metrics.csv"
+    if current.is_file() and is_rank_zero():
+        current.rename(log_dir / f"metrics-attempt{1 + len(list(log_dir.glob('metrics-attempt*.csv')))}.csv")
+
+
 def stage_loggers(cfg: DictConfig, run_dir: Path, stage: str) -> list[Logger]:
+    _keep_earlier_attempt(run_dir / "logs" / stage)
     loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=stage)]
     if cfg.logger.name == "wandb":
         import wandb

@@ -44,12 +44,28 @@ def load_final_module(ctx: RunContext) -> DiffusionModule:
     return module
 
 
+class _FinalCheckpoint(Callback):
+    """``last.ckpt`` at the end of training too. ModelCheckpoint saves every n steps only: a crash
+    after the last step but before ``model.pt`` (or ``stages.json``) would otherwise resume from
+    an older checkpoint and rebuild ``model.pt`` from fewer steps than the ledger charged. It runs
+    before WeightAveraging's ``on_train_end``, which copies the average into the module, so the
+    checkpoint holds both the average and the trained weights."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if getattr(trainer.checkpoint_callback, "_last_global_step_saved", None) != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+
+
 def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callback],
              strategy: Any = "auto", checkpoint_dir: Path | None = None) -> Trainer:
     t = ctx.cfg.trainer
     if checkpoint_dir is not None:
-        callbacks = [*callbacks, ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
-                                                 every_n_train_steps=t.checkpoint_every_n_steps)]
+        callbacks = [_FinalCheckpoint(checkpoint_dir / "last.ckpt"), *callbacks,
+                     ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+                                     every_n_train_steps=t.checkpoint_every_n_steps)]
     callbacks = [*callbacks, *stage_callbacks(ctx.cfg, ctx.run_dir, stage)]
     kwargs: dict[str, Any] = {}
     if isinstance(strategy, DDPDPSGDStrategy):
@@ -92,6 +108,18 @@ def _resume_path(checkpoint_dir: Path) -> str | None:
         log.info("resuming from %s", last)
         return str(last)
     return None
+
+
+def _fit(trainer: Trainer, module: DiffusionModule, resume: str | None, **data: Any) -> None:
+    """``trainer.fit`` from the checkpoint ``resume``, leaving the final weights in ``module``."""
+    finished = resume is not None and \
+        torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["global_step"] >= trainer.max_steps
+    trainer.fit(module, ckpt_path=resume, **data)
+    if finished:
+        # Lightning restored the checkpoint (weights, optimizer, ledger) and skipped training, and
+        # with it WeightAveraging's on_train_end that puts the average in the module: the
+        # checkpoint's state_dict is that average (the trained weights where there is no EMA).
+        module.load_state_dict(torch.load(resume, map_location="cpu", weights_only=False)["state_dict"])
 
 
 def _save_final(ctx: RunContext, module: DiffusionModule) -> None:
@@ -207,8 +235,8 @@ def train(ctx: RunContext) -> None:
     _init_weights(ctx, module)
     ckpt_dir = ctx.path("checkpoints")
     trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg.method.get("ema_decay")), checkpoint_dir=ckpt_dir)
-    trainer.fit(module, _shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed),
-                ckpt_path=_resume_path(ckpt_dir))
+    _fit(trainer, module, _resume_path(ckpt_dir),
+         train_dataloaders=_shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed))
     _save_final(ctx, module)
 
 
@@ -260,7 +288,7 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
     trainer = _trainer(ctx, stage, cfg.method.train.steps, [accountant, *_ema(cfg.method.get("ema_decay"))],
                        strategy=strategy, checkpoint_dir=ckpt_dir)
     data = PoissonDataModule(dataset, strategy.dp_config.sample_rate, steps=max(remaining, 1))
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    _fit(trainer, module, resume, datamodule=data)
     if is_rank_zero():  # under DDP spawn this process is rank 0 and holds rank 0's results
         ctx.ledger.write(ctx.privacy_json)
         _save_final(ctx, module)
