@@ -44,6 +44,7 @@ def test_nonprivate_end_to_end(tiny_cfg, tmp_path):
     metrics = _check_run_dir(run_dir)
     privacy = json.loads((run_dir / "privacy.json").read_text())
     assert privacy["formal_guarantee"] is False and metrics["formal_guarantee"] is False
+    assert set(privacy) >= DESIGN_PRIVACY_KEYS and privacy["events"] == [] and privacy["epsilon_spent"] is None
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
