@@ -1,9 +1,10 @@
 """Where curves and results go: ``logger=csv`` or ``logger=wandb``.
 
 Every training stage writes CSV files under ``<run>/logs/<stage>/`` (ε spent, learning rate, and
-the training loss of non-private stages; of DP stages only with ``privacy.log_train_loss=true``). With ``logger=wandb`` the whole dpgen run is also one W&B run, opened by the
-pipeline before the first stage: each stage's Lightning ``WandbLogger`` attaches to it with the
-stage as key prefix, and the final metrics become its summary. ``logger.mode=offline`` writes
+the training loss of non-private stages; of DP stages only with ``privacy.log_train_loss=true``).
+With ``logger=wandb`` the whole dpgen run is also one W&B run, opened by the pipeline before the
+first stage: each stage's Lightning ``WandbLogger`` attaches to it with the stage as key prefix,
+and the final metrics become its summary. ``logger.mode=offline`` writes
 under ``<run>/wandb/`` and needs no account; ``wandb sync`` uploads it later.
 
 A DP stage's training loss, where logged, is computed on sensitive batches without noise: like

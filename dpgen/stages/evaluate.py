@@ -165,7 +165,8 @@ def _utility_study(ctx: RunContext, images: np.ndarray, labels: np.ndarray, held
     n_train = len(ctx.train_set)
     study = utility_study(from_uint8_hwc(images), torch.from_numpy(labels), held_out,
                           num_classes=cfg.data.num_classes, n_train=n_train, multiples=list(u.size_multiples),
-                          classifiers=list(d.classifiers), settings=TrainSettings.from_config(d, sampling_device(ctx.cfg.trainer)),
+                          classifiers=list(d.classifiers),
+                          settings=TrainSettings.from_config(d, sampling_device(cfg.trainer)),
                           grid_classifier=u.grid_classifier, grid=_plain(u.grid),
                           selection_multiple=u.selection_multiple, seed=cfg.seed)
     save_figure(utility_figure(size_series(study), n_train), ctx.path(UTILITY_PNG))
