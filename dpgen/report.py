@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -31,10 +32,15 @@ class SweepReport(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
-            try:
-                write_report(Path(config.hydra.sweep.dir))
-            except ReportError as err:  # no job has finished yet
-                log.info("report: %s", err)
+            sweep = Path(config.hydra.sweep.dir)
+            # Jobs of a parallel launcher end side by side: a job that scanned the sweep before
+            # another finished must not write its older view after that one's. Scan and write
+            # under one lock, so the last job to end writes a report of every finished job.
+            with FileLock(sweep / ".report.lock"):
+                try:
+                    write_report(sweep)
+                except ReportError as err:  # no job has finished yet
+                    log.info("report: %s", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:

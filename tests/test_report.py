@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 
 import pytest
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -178,6 +180,20 @@ def test_command_line_and_multirun_callback(sweep, tmp_path_factory, capsys):
     assert (sweep / CSV_NAME).exists()
     SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))  # warns only
     assert not list(empty.iterdir())
+
+
+def test_a_job_of_a_parallel_sweep_scans_and_writes_the_report_under_the_sweeps_lock(sweep):
+    """Otherwise a job that scanned before another finished could write its older view last."""
+    from filelock import FileLock
+
+    config = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(sweep)}}})
+    ended = threading.Thread(target=SweepReport().on_job_end, args=(config, None))
+    with FileLock(sweep / ".report.lock"):  # another job is writing
+        ended.start()
+        ended.join(timeout=2.0)
+        assert ended.is_alive() and not (sweep / CSV_NAME).exists()
+    ended.join(timeout=120.0)
+    assert not ended.is_alive() and (sweep / CSV_NAME).exists()
 
 
 def test_a_single_run_is_a_report_too(sweep):
