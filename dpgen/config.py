@@ -181,7 +181,8 @@ def _check_pretraining(cfg: DictConfig) -> None:
     if source == "selection" and m.selection == "semantic":
         needed.insert(0, "train_query_classifier")  # the query votes with it
     if first is not None and [s for s in stages[:first] if s in needed] != needed:
-        alternative = "" if m.name == "privimage" else ", or use method.pretrain=none"  # privimage is its selection
+        # A selection's stages are refused without it (above): no pretraining is not a way out there.
+        alternative = "" if source == "selection" else ", or use method.pretrain=none"
         raise ConfigError("method.stages", stages, f"{stages[first]} starts from method.pretrain={source}, made by "
                           f"{' -> '.join(needed)}, which must run before it",
                           f"put {', '.join(needed)} before {stages[first]}{alternative}")

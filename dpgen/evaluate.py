@@ -67,10 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         sys.exit(f"dpgen.evaluate: {err}")
 
-    seed_everything(cfg.seed, workers=True, verbose=False)
-    evaluate(ctx)
-    used = OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("eval", "audit")})
-    atomic_write(args.run_dir / "evaluate_config.yaml", lambda f: f.write(used.encode()))
+    from dpgen.pipeline import only_process_in
+
+    try:
+        with only_process_in(args.run_dir):  # a resumed run's own evaluate writes metrics.json too
+            seed_everything(cfg.seed, workers=True, verbose=False)
+            evaluate(ctx)
+            used = OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("eval", "audit")})
+            atomic_write(args.run_dir / "evaluate_config.yaml", lambda f: f.write(used.encode()))
+    except ConfigError as err:
+        sys.exit(f"dpgen.evaluate: {err}")
     print(args.run_dir / "metrics.json")
 
 

@@ -36,6 +36,8 @@ from dpgen.stages.planning import plan_privacy
 
 log = logging.getLogger("dpgen")
 
+RUN_LOCK = ".dpgen-run.lock"
+
 
 @dataclass
 class RunContext:
@@ -113,21 +115,23 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
     rank = process_rank()
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s%s", run_dir.resolve(), f" (rank {rank})" if rank else "")
-    with _only_run_in(run_dir) if rank == 0 else nullcontext():
+    with only_process_in(run_dir) if rank == 0 else nullcontext():
         return _run_stages(cfg, run_dir, stages, train_set, start, rank)
 
 
 @contextmanager
-def _only_run_in(run_dir: Path) -> Iterator[None]:
+def only_process_in(run_dir: Path) -> Iterator[None]:
     """Refuse a second process in a run directory (a repeated ``+resume``, a requeued job while
-    the first still runs): both would spend the budget the ledger has left and overwrite each
-    other's privacy.json. An OS file lock, released if the holder dies."""
-    lock = FileLock(run_dir / ".dpgen-run.lock")
+    the first still runs, ``dpgen.evaluate`` on a running run): both would spend the budget the
+    ledger has left, or write the same files. An OS file lock, released if the holder dies."""
+    path = run_dir / RUN_LOCK
+    lock = FileLock(path)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise ConfigError("run directory", str(run_dir), "another dpgen process is running in it",
-                          "wait for it to end or stop it, then resume") from None
+        raise ConfigError("run directory", str(run_dir), f"another dpgen process is running in it (it holds {path})",
+                          "wait for it to end or stop it, then resume; on a file system without OS locks, "
+                          "remove that file once no process runs there") from None
     try:
         yield
     finally:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -24,6 +24,8 @@ from omegaconf import DictConfig
 from dpgen.eval.report import ReportError, write_report
 
 log = logging.getLogger("dpgen")
+
+REPORT_LOCK_TIMEOUT_S = 600.0  # writing a report takes seconds
 
 
 class SweepReport(Callback):
@@ -36,11 +38,14 @@ class SweepReport(Callback):
             # Jobs of a parallel launcher end side by side: a job that scanned the sweep before
             # another finished must not write its older view after that one's. Scan and write
             # under one lock, so the last job to end writes a report of every finished job.
-            with FileLock(sweep / ".report.lock"):
-                try:
+            try:
+                with FileLock(sweep / ".report.lock", timeout=REPORT_LOCK_TIMEOUT_S):
                     write_report(sweep)
-                except ReportError as err:  # no job has finished yet
-                    log.info("report: %s", err)
+            except ReportError as err:  # no job has finished yet
+                log.info("report: %s", err)
+            except Timeout:  # a job killed while writing, on a file system without OS locks
+                log.warning("report: %s stayed locked; this job leaves the report to the others",
+                            sweep / ".report.lock")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:

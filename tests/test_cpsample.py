@@ -163,6 +163,10 @@ def test_resampling_changes_the_runs_own_sample_settings_and_nothing_else(tiny_c
     with pytest.raises(ConfigError, match="sample settings can be changed, not deleted"):
         resampling_config(tmp_path, ["~sample.steps"])
     for typo in ("sample.stepz=4", "+sample.stepz=4"):  # both were added to the config and never read
-        with pytest.raises(ConfigError, match=r"^sample\.stepz='4': the run's sample settings have no such key.*"
+        with pytest.raises(ConfigError, match=r"^sample\.stepz='4': no sample setting has this key.*"
                                               r"did you mean sample\.steps="):
             resampling_config(tmp_path, [typo])
+    del run_cfg.sample.solver  # a run from before the key: sampled with DDIM, and can be given a solver
+    OmegaConf.save(run_cfg, tmp_path / "run_config.yaml")
+    for solver in ("sample.solver=dpm++", "+sample.solver=dpm++"):
+        assert resampling_config(tmp_path, ["sampling=default", solver]).sample.solver == "dpm++"

@@ -43,6 +43,17 @@ def test_reevaluates_a_run_with_todays_evaluation(old_run):
     assert used.eval.cache_dir == f"{OmegaConf.load(old_run / 'run_config.yaml').paths.cache_dir}/eval"
 
 
+def test_refuses_a_run_directory_another_process_is_running_in(old_run):
+    """A resumed run's own evaluate writes metrics.json too."""
+    from filelock import FileLock
+
+    from dpgen.pipeline import RUN_LOCK
+
+    with FileLock(old_run / RUN_LOCK), pytest.raises(SystemExit, match="another dpgen process is running in it"):
+        main([str(old_run), "eval.fid.metrics=[]", "eval.reference=false", "eval.downstream.classifiers=[mlp]"])
+    assert not (old_run / "metrics.json").exists()
+
+
 def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):
     cfg = evaluation_config(old_run, ["eval.audit=true", "audit.mia.max_examples=50"])
     assert cfg.eval.audit is True and cfg.audit.mia.max_examples == 50 and cfg.audit.replication.pairs == 32

@@ -293,4 +293,4 @@ def test_a_pretraining_no_earlier_stage_makes_is_refused_before_any_work(tiny_cf
     cfg = tiny_cfg(f"method={method}", override) if method == "feta" else privimage_cfg(override, method=method)
     with pytest.raises(ConfigError, match=r"Fix: (use method=privimage|put |use method.pretrain=selection)") as err:
         validate_config(cfg)
-    assert method != "privimage" or "pretrain=none" not in str(err.value)  # privimage refuses that fix
+    assert method == "feta" or "pretrain=none" not in str(err.value)  # the selection's stages refuse that fix

@@ -23,7 +23,12 @@ from pathlib import Path
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.config import override_key, run_config_with_todays_groups, validate_config
+from dpgen.config import (
+    compose_overrides,
+    override_key,
+    run_config_with_todays_groups,
+    validate_config,
+)
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.release.source import ReleaseError, open_run
@@ -53,13 +58,15 @@ def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     if not any(override_key(o) == "sampling" for o in groups):
         groups = ["sampling=cpsample", *groups]
     cfg = run_config_with_todays_groups(run_dir, GROUPS, groups)
+    # from_dotlist adds any key it is given: a mistyped sample.stepz=4 would be kept and never read.
+    # Today's keys count too: a run from before sample.solver existed can be given one.
+    known = sorted({f"sample.{k}" for k in (*cfg.sample, *compose_overrides([]).sample)})
     for o in sample:
-        # from_dotlist adds any key it is given: a mistyped sample.stepz=4 would be kept and never read
-        if OmegaConf.select(cfg, override_key(o), default=_MISSING) is _MISSING:
-            close = difflib.get_close_matches(override_key(o), [f"sample.{k}" for k in cfg.sample], n=1)
-            raise ConfigError(override_key(o), o.split("=", 1)[-1], "the run's sample settings have no such key, "
-                              "so sampling would ignore it", f"did you mean {close[0]}=...?" if close else
-                              f"use one of {', '.join(f'sample.{k}' for k in cfg.sample)}")
+        if override_key(o) not in known and OmegaConf.select(cfg, override_key(o), default=_MISSING) is _MISSING:
+            close = difflib.get_close_matches(override_key(o), known, n=1)
+            raise ConfigError(override_key(o), o.split("=", 1)[-1], "no sample setting has this key, so sampling "
+                              "would ignore it", f"did you mean {close[0]}=...?" if close else
+                              f"use one of {', '.join(known)}")
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(sample))
 
 

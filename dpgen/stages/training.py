@@ -44,28 +44,23 @@ def load_final_module(ctx: RunContext) -> DiffusionModule:
     return module
 
 
-class _FinalCheckpoint(Callback):
-    """``last.ckpt`` at the end of training too. ModelCheckpoint saves every n steps only: a crash
-    after the last step but before ``model.pt`` (or ``stages.json``) would otherwise resume from
-    an older checkpoint and rebuild ``model.pt`` from fewer steps than the ledger charged. It runs
-    before WeightAveraging's ``on_train_end``, which copies the average into the module, so the
-    checkpoint holds both the average and the trained weights."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class _CheckpointEveryNAndLast(ModelCheckpoint):
+    """``last.ckpt`` every n steps and at the last step. Lightning's own saves at the end only if
+    the fit saved nothing: a crash after the last step but before ``model.pt`` (or
+    ``stages.json``) would resume from an older checkpoint and rebuild ``model.pt`` from fewer
+    steps than the ledger charged. Saved through ModelCheckpoint's bookkeeping (no ``last-v1``)."""
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        if getattr(trainer.checkpoint_callback, "_last_global_step_saved", None) != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callback],
              strategy: Any = "auto", checkpoint_dir: Path | None = None) -> Trainer:
     t = ctx.cfg.trainer
     if checkpoint_dir is not None:
-        callbacks = [_FinalCheckpoint(checkpoint_dir / "last.ckpt"), *callbacks,
-                     ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
-                                     every_n_train_steps=t.checkpoint_every_n_steps)]
+        callbacks = [*callbacks, _CheckpointEveryNAndLast(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+                                                          every_n_train_steps=t.checkpoint_every_n_steps)]
     callbacks = [*callbacks, *stage_callbacks(ctx.cfg, ctx.run_dir, stage)]
     kwargs: dict[str, Any] = {}
     if isinstance(strategy, DDPDPSGDStrategy):
@@ -118,7 +113,8 @@ def _fit(trainer: Trainer, module: DiffusionModule, resume: str | None, **data: 
     if finished:
         # Lightning restored the checkpoint (weights, optimizer, ledger) and skipped training, and
         # with it WeightAveraging's on_train_end that puts the average in the module: the
-        # checkpoint's state_dict is that average (the trained weights where there is no EMA).
+        # checkpoint's state_dict is that average (the trained weights where there is no EMA;
+        # a checkpoint saved at on_train_end, after that copy, holds the average in both).
         module.load_state_dict(torch.load(resume, map_location="cpu", weights_only=False)["state_dict"])
 
 
