@@ -47,7 +47,7 @@ def test_a_non_private_stage_voids_the_guarantee_whatever_the_method(tiny_cfg, t
     assert plan_privacy(RunContext(cfg=cfg, run_dir=tmp_path)) is None
     privacy = json.loads((tmp_path / "privacy.json").read_text())
     assert privacy["formal_guarantee"] is False and privacy["note"] == NO_GUARANTEE
-    assert "epsilon_spent" not in privacy
+    assert privacy["epsilon_spent"] is None and privacy["events"] == []  # DESIGN's keys, no ε to state
 
 
 def test_cpsample_by_name_voids_the_guarantee_without_its_stage(tiny_cfg, tmp_path):
