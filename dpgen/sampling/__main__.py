@@ -60,13 +60,15 @@ def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     cfg = run_config_with_todays_groups(run_dir, GROUPS, groups)
     # from_dotlist adds any key it is given: a mistyped sample.stepz=4 would be kept and never read.
     # Today's keys count too: a run from before sample.solver existed can be given one.
-    known = sorted({f"sample.{k}" for k in (*cfg.sample, *compose_overrides([]).sample)})
-    for o in sample:
-        if override_key(o) not in known and OmegaConf.select(cfg, override_key(o), default=_MISSING) is _MISSING:
-            close = difflib.get_close_matches(override_key(o), known, n=1)
-            raise ConfigError(override_key(o), o.split("=", 1)[-1], "no sample setting has this key, so sampling "
-                              "would ignore it", f"did you mean {close[0]}=...?" if close else
-                              f"use one of {', '.join(known)}")
+    unknown = [o for o in sample if OmegaConf.select(cfg, override_key(o), default=_MISSING) is _MISSING]
+    if unknown:
+        known = sorted({f"sample.{k}" for k in (*cfg.sample, *compose_overrides([]).sample)})
+        for o in unknown:
+            if override_key(o) not in known:
+                close = difflib.get_close_matches(override_key(o), known, n=1)
+                raise ConfigError(override_key(o), o.split("=", 1)[-1], "no sample setting has this key, so "
+                                  "sampling would ignore it", f"did you mean {close[0]}=...?" if close else
+                                  f"use one of {', '.join(known)}")
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(sample))
 
 

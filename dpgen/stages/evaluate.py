@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
 from dpgen.data import describe_data
@@ -54,10 +54,13 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True)
 
 
+def _downstream_settings(cfg: DictConfig) -> TrainSettings:
+    return TrainSettings.from_config(cfg.eval.downstream, sampling_device(cfg.trainer))
+
+
 def _downstream(ctx: RunContext, images: torch.Tensor, labels: torch.Tensor) -> list[TrainedClassifier]:
-    d = ctx.cfg.eval.downstream
-    return train_classifiers(images, labels, ctx.cfg.data.num_classes, list(d.classifiers),
-                             TrainSettings.from_config(d, sampling_device(ctx.cfg.trainer)), seed=ctx.cfg.seed)
+    return train_classifiers(images, labels, ctx.cfg.data.num_classes, list(ctx.cfg.eval.downstream.classifiers),
+                             _downstream_settings(ctx.cfg), seed=ctx.cfg.seed)
 
 
 def _content(ctx: RunContext, held_out: Dataset) -> list[str]:
@@ -165,8 +168,7 @@ def _utility_study(ctx: RunContext, images: np.ndarray, labels: np.ndarray, held
     n_train = len(ctx.train_set)
     study = utility_study(from_uint8_hwc(images), torch.from_numpy(labels), held_out,
                           num_classes=cfg.data.num_classes, n_train=n_train, multiples=list(u.size_multiples),
-                          classifiers=list(d.classifiers),
-                          settings=TrainSettings.from_config(d, sampling_device(cfg.trainer)),
+                          classifiers=list(d.classifiers), settings=_downstream_settings(cfg),
                           grid_classifier=u.grid_classifier, grid=_plain(u.grid),
                           selection_multiple=u.selection_multiple, seed=cfg.seed)
     save_figure(utility_figure(size_series(study), n_train), ctx.path(UTILITY_PNG))

@@ -107,15 +107,15 @@ def _resume_path(checkpoint_dir: Path) -> str | None:
 
 def _fit(trainer: Trainer, module: DiffusionModule, resume: str | None, **data: Any) -> None:
     """``trainer.fit`` from the checkpoint ``resume``, leaving the final weights in ``module``."""
-    finished = resume is not None and \
-        torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["global_step"] >= trainer.max_steps
+    saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True) if resume is not None else None
+    finished = saved is not None and saved["global_step"] >= trainer.max_steps
     trainer.fit(module, ckpt_path=resume, **data)
     if finished:
         # Lightning restored the checkpoint (weights, optimizer, ledger) and skipped training, and
         # with it WeightAveraging's on_train_end that puts the average in the module: the
         # checkpoint's state_dict is that average (the trained weights where there is no EMA;
         # a checkpoint saved at on_train_end, after that copy, holds the average in both).
-        module.load_state_dict(torch.load(resume, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(saved["state_dict"])
 
 
 def _save_final(ctx: RunContext, module: DiffusionModule) -> None:
