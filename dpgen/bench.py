@@ -229,7 +229,19 @@ def measure(pair: StepPair, warmup: int, repeats: int, device: torch.device) -> 
     }
 
 
-def run_bench(cfg: DictConfig) -> list[dict]:
+# Near the memory limit cuDNN and cuBLAS fail with errors of their own rather than torch's.
+_OUT_OF_MEMORY = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                  "Unable to find a valid cuDNN algorithm", "can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and any(s in str(err) for s in _OUT_OF_MEMORY))
+
+
+def run_bench(cfg: DictConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Measure every configuration; ``on_row(rows so far)`` after each, so that a run stopped
+    part-way (a time limit on a lent GPU) keeps what it measured."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dpgen.bench: bench.device=cuda but no CUDA device is visible. Fix: bench.device=cpu")
@@ -259,9 +271,15 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                        "image_size": cfg.image_size, "channels": cfg.channels, "device": str(device),
                        "precision": str(cfg.precision), "threads": torch.get_num_threads(),
                        "total_parameters": total, "trainable_parameters": n_train}
+                if device.type == "cuda":
+                    # Both steps run under these; the per-example contractions never use TF32 (exact_fp32).
+                    row.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                               tf32_cudnn=torch.backends.cudnn.allow_tf32)
                 try:
                     row.update(measure(pair, cfg.warmup, cfg.repeats, device))
-                except torch.cuda.OutOfMemoryError:
+                except RuntimeError as err:
+                    if not is_out_of_memory(err):
+                        raise
                     # A row of its own, as in the reference table: the other sizes still get measured.
                     row["out_of_memory"] = True
                     log.info("%s K=%d: out of memory", row["config"], k)
@@ -270,6 +288,8 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                              row["config"], k, row["time_ratio"], row["dp_step_s"], row["nonprivate_step_s"],
                              row["memory_ratio"], row["dp_peak_mb"], row["nonprivate_peak_mb"])
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 del module, pair
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -300,8 +320,7 @@ def main(cfg: DictConfig) -> None:
     bench = cfg.bench
     if bench.get("threads"):
         torch.set_num_threads(int(bench.threads))
-    rows = run_bench(bench)
-    write_json(Path(bench.output), rows)
+    rows = run_bench(bench, on_row=lambda rows: write_json(Path(bench.output), rows))
     print(format_table(rows))
     print(f"written to {bench.output}")
 

@@ -25,6 +25,7 @@ the cache simple.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -40,17 +41,39 @@ def is_ddp(trainer_cfg: DictConfig) -> bool:
     return trainer_cfg.get("strategy", "single_device") == "ddp"
 
 
-def external_world() -> tuple[int, int] | None:
-    """``(rank, world size)`` when a launcher started this process as one of several ranks."""
+def _slurm_tasks() -> int:
+    """The tasks of this srun step, when SLURM started this process as one of several; else 0."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     # srun sets the step's own task count; a batch script's single process sees only the job's.
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1"))
-    if SLURMEnvironment.detect() and tasks > 1:
+    return tasks if SLURMEnvironment.detect() and tasks > 1 else 0
+
+
+def external_world() -> tuple[int, int] | None:
+    """``(rank, world size)`` when a launcher started this process as one of several ranks."""
+    if tasks := _slurm_tasks():
         return int(os.environ["SLURM_PROCID"]), tasks
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
+
+
+def launch_id() -> str | None:
+    """A name that every rank of this external launch shares and a later launch does not, fit
+    for a file name; None when no launcher started several ranks. SLURM: job, step and requeue
+    count. torchrun: its run id (a fresh one under ``--standalone``, "none" unless
+    ``--rdzv-id`` is given otherwise) and restart count, with the rendezvous address and the
+    local submitit job, which tell apart the launches that share a run id."""
+    if external_world() is None:
+        return None
+    env = os.environ
+    if _slurm_tasks():
+        parts = ["slurm", env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID"), env.get("SLURM_RESTART_COUNT", "0")]
+    else:
+        parts = ["torch", env.get("TORCHELASTIC_RUN_ID"), env.get("TORCHELASTIC_RESTART_COUNT"),
+                 env.get("SUBMITIT_LOCAL_JOB_ID"), env.get("MASTER_ADDR"), env.get("MASTER_PORT")]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(p or "" for p in parts))
 
 
 def export_submitit_local_ranks() -> None:
@@ -134,7 +157,9 @@ def ddp_strategy_kwargs(t: DictConfig) -> dict[str, Any]:
     """Keyword arguments of Lightning's ``DDPStrategy`` for this launch mode."""
     from lightning.fabric.plugins.environments import LightningEnvironment
 
-    kwargs: dict[str, Any] = {"process_group_backend": t.process_group_backend}
+    # trainer=cpu/gpu with trainer.strategy=ddp overridden carry no backend of their own.
+    backend = t.get("process_group_backend") or ("nccl" if t.accelerator == "gpu" else "gloo")
+    kwargs: dict[str, Any] = {"process_group_backend": backend}
     if external_world() is None:
         # Our own environment: under a one-task SLURM allocation Lightning would otherwise
         # read SLURM's (single) rank in every spawned worker.

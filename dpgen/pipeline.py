@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from dpgen.data import build_dataset
-from dpgen.distributed import external_world, process_rank
+from dpgen.distributed import external_world, launch_id, process_rank
 from dpgen.errors import ConfigError
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers import experiment, log_results
@@ -37,6 +37,13 @@ from dpgen.stages.planning import plan_privacy
 log = logging.getLogger("dpgen")
 
 RUN_LOCK = ".dpgen-run.lock"
+# Under an external launcher, rank 0 says which launch holds the lock, or that its launch was refused,
+# so that the other ranks join only their own rank 0 (launch_id names the launch).
+LAUNCH_HOLDING = ".dpgen-launch.json"
+LAUNCH_REFUSED = ".dpgen-refused-{}.json"
+# How much older than a rank's own start a launch record may be and still be this launch's: ranks
+# start and reach the pipeline seconds to minutes apart. An older record is an earlier launch's.
+LAUNCH_RECORD_SLACK_S = 600.0
 
 
 @dataclass
@@ -89,17 +96,32 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: float = 2.0,
-                        file: Path | None = None) -> None:
+                        file: Path | None = None, launch: str | None = None) -> None:
     """Under an external launcher, ranks > 0 wait here until rank 0 has finished ``stages`` and
     written ``file`` (or failed after ``since``, this attempt's start: older failures were resumed
-    from)."""
+    from). With ``launch``, rank 0 must also be this launch's: another launch's stages and files
+    would otherwise let these ranks join a DP stage that their own rank 0, refused the run
+    directory, never starts, and wait there until the process group times out."""
     while True:
         state = _load_state(run_dir)
         if state.get("failed_at", 0.0) >= since:
             raise RuntimeError(f"rank 0 failed ({state['failed']}); see its log")
-        if set(stages) <= set(state["completed"]) and (file is None or file.exists()):
+        if launch is not None and _launch_record(run_dir / LAUNCH_REFUSED.format(launch), launch, since):
+            raise RuntimeError(f"rank 0 of this launch ({launch}) was refused the run directory {run_dir}: "
+                               "another dpgen process is running in it; see rank 0's log")
+        if (set(stages) <= set(state["completed"]) and (file is None or file.exists())
+                and (launch is None or _launch_record(run_dir / LAUNCH_HOLDING, launch, since))):
             return
         time.sleep(poll_s)
+
+
+def _launch_record(path: Path, launch: str, since: float) -> bool:
+    """``path`` names ``launch`` and was written by this launch, not an earlier one of that name."""
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return record.get("launch") == launch and record.get("at", 0.0) >= since - LAUNCH_RECORD_SLACK_S
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = None,
@@ -112,11 +134,20 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
     writes every file; the other ranks only join the DP-SGD stages.
     """
     start = time.time()
-    rank = process_rank()
+    rank, launch = process_rank(), launch_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s%s", run_dir.resolve(), f" (rank {rank})" if rank else "")
-    with only_process_in(run_dir) if rank == 0 else nullcontext():
-        return _run_stages(cfg, run_dir, stages, train_set, start, rank)
+    with ExitStack() as held:
+        if rank == 0:
+            try:
+                held.enter_context(only_process_in(run_dir))
+            except ConfigError:
+                if launch is not None:  # this launch's other ranks stop instead of waiting
+                    write_json(run_dir / LAUNCH_REFUSED.format(launch), {"launch": launch, "at": time.time()})
+                raise
+            if launch is not None:
+                write_json(run_dir / LAUNCH_HOLDING, {"launch": launch, "at": time.time()})
+        return _run_stages(cfg, run_dir, stages, train_set, start, rank, launch)
 
 
 @contextmanager
@@ -139,7 +170,7 @@ def only_process_in(run_dir: Path) -> Iterator[None]:
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None, train_set: Dataset | None,
-                start: float, rank: int) -> RunContext:
+                start: float, rank: int, launch: str | None) -> RunContext:
     _check_resume_config(cfg, run_dir)
     if rank == 0:
         atomic_write(run_dir / "run_config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode()))
@@ -162,7 +193,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None, tr
                 if rank != 0:
                     if name in DDP_STAGES:
                         # A DP stage first in line has no stage to wait for, but needs rank 0's ledger.
-                        _wait_for_rank_zero(run_dir, stages[:i], since=start,
+                        _wait_for_rank_zero(run_dir, stages[:i], since=start, launch=launch,
                                             file=ctx.privacy_json if ctx.ledger is not None else None)
                         if ctx.ledger is not None:  # rank 0's ledger, with what earlier stages spent
                             ctx.ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))

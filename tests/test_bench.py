@@ -74,14 +74,17 @@ def test_bench_runs_on_each_device_and_precision(device, precision):
     assert row["dp_peak_mb"] > 0 and row["nonprivate_peak_mb"] > 0 and row["time_ratio"] > 0
 
 
-def test_an_out_of_memory_size_gets_its_row_and_the_rest_is_still_measured(monkeypatch):
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")])
+def test_an_out_of_memory_size_gets_its_row_and_the_rest_is_still_measured(error, monkeypatch):
     import dpgen.bench as bench
 
     measured = bench.measure
 
     def measure(pair, *args):
         if pair.module.multiplicity == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            raise error
         return measured(pair, *args)
 
     monkeypatch.setattr(bench, "measure", measure)
@@ -90,6 +93,24 @@ def test_an_out_of_memory_size_gets_its_row_and_the_rest_is_still_measured(monke
     assert "time_ratio" in rows[0] and "time_ratio" not in rows[1]
     table = format_table(rows).splitlines()
     assert "out of memory" in table[-1] and table[-1].count("|") == table[0].count("|")
+
+
+def test_rows_are_handed_on_as_measured_so_a_failure_keeps_the_earlier_ones(monkeypatch):
+    """On a lent GPU a later row can hit the time limit or a bug; what was measured must survive."""
+    import dpgen.bench as bench
+
+    measured = bench.measure
+
+    def measure(pair, *args):
+        if pair.module.multiplicity == 2:
+            raise RuntimeError("a bug, not memory")
+        return measured(pair, *args)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    saved = []
+    with pytest.raises(RuntimeError, match="a bug, not memory"):
+        run_bench(_tiny(trainable=["full"]), on_row=lambda rows: saved.append([r["K"] for r in rows]))
+    assert saved == [[1]]
 
 
 def test_bench_refuses_an_unknown_clipping_mode_before_measuring(tmp_path):

@@ -57,6 +57,15 @@ class _Linear(torch.nn.Module):
         return (x.flatten(1) * self.w.flatten()).sum(1)
 
 
+def test_the_classifier_takes_the_samplers_cpu_timestep_on_another_device():
+    """scheduler.timesteps are CPU scalars; on a GPU the classifier is not. (The meta device stands
+    in for CUDA: mixing it with a CPU tensor fails as CUDA does.)"""
+    from dpgen.models.protection import ProtectionClassifier
+
+    classifier = ProtectionClassifier(channels=1, width=8).to("meta")
+    assert classifier(torch.zeros(3, 1, 8, 8, device="meta"), torch.tensor(17)).shape == (3,)
+
+
 def test_guidance_pushes_away_from_the_predicted_label_only_when_confident():
     w = torch.ones(1, 2, 2)
     guidance = ProtectionGuidance(_Linear(w), ALPHAS, threshold=0.9, scale=2.0)

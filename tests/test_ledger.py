@@ -528,3 +528,22 @@ def test_write_is_atomic(ledger, tmp_path, monkeypatch):
     # A crash mid-write leaves the previous file intact and no temporary file behind.
     assert os.listdir(tmp_path) == ["privacy.json"]
     assert json.loads(path.read_text())["events"][0]["steps"] == 3
+
+
+def test_the_spend_journal_keeps_the_last_whole_line(tmp_path):
+    """A line cut short by a crash was never fsynced before its step's noise: the line before it counts."""
+    from dpgen.privacy.journal import append_spend, read_spend
+
+    ledger = PrivacyLedger(epsilon_target=8.0, delta=1e-5, dataset_size=100)
+    ledger.plan([PlannedStage("dp_train", POISSON_GAUSSIAN, sample_rate=0.1, count=5)])
+    path = tmp_path / "journal.jsonl"
+    assert read_spend(path) is None
+    for _ in range(2):
+        ledger.record("dp_train", POISSON_GAUSSIAN, ledger.planned_noise_multiplier("dp_train"), 0.1, 1)
+        append_spend(path, ledger)
+    with open(path, "a") as f:
+        f.write('{"events": [{"stage": "dp_tr')
+    resumed = PrivacyLedger(epsilon_target=8.0, delta=1e-5, dataset_size=100)
+    resumed.plan([PlannedStage("dp_train", POISSON_GAUSSIAN, sample_rate=0.1, count=5)])
+    resumed.load_state_dict(read_spend(path))
+    assert resumed.steps_spent("dp_train") == 2 and resumed.remaining_steps("dp_train") == 3

@@ -81,7 +81,9 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_after_crash_matches_uninterrupted(tiny_cfg, tmp_path, monkeypatch):
+def test_resume_after_crash_spends_what_an_uninterrupted_run_spends(tiny_cfg, tmp_path, monkeypatch):
+    """Checkpoint at step 4, crash after step 5: the resumed run spends the plan's 6 steps, as an
+    uninterrupted one does; step 5 drew its noise, so it stays spent and is not run again."""
     cfg = tiny_cfg("method.train.steps=6", "privacy.eps=5")
     clean = tmp_path / "clean"
     run_pipeline(cfg, clean)
@@ -97,7 +99,7 @@ def test_resume_after_crash_matches_uninterrupted(tiny_cfg, tmp_path, monkeypatc
     assert a["events"] == b["events"]
     assert a["epsilon_spent"] == pytest.approx(b["epsilon_spent"])
     ckpt = torch.load(crashed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 6
+    assert ckpt["global_step"] == 5  # 4 restored + the plan's sixth
 
 
 def _crash_at(monkeypatch, step):
@@ -143,6 +145,24 @@ def test_resume_keeps_steps_that_privacy_json_recorded_after_the_last_checkpoint
     assert ctx.ledger.steps_spent("dp_train") == 6 == _spent(run_dir)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 5  # 4 restored + 1: the lost step is not re-run on top of the plan
+
+
+def test_no_dp_step_is_re_run_uncharged_after_a_crash(tiny_cfg, tmp_path, monkeypatch, caplog):
+    """Checkpoint at step 3, privacy.json only at the start, crash after step 5: steps 4 and 5 drew
+    their noise, so a resume may not draw them again. Every noise draw, across both attempts,
+    is one charged step (the spend journal has each step before its noise)."""
+    from dpgen.privacy import strategy
+
+    draws = []
+    original = strategy.add_gaussian_noise
+    monkeypatch.setattr(strategy, "add_gaussian_noise", lambda *a, **k: (draws.append(1), original(*a, **k))[1])
+    cfg, run_dir = _crashed_run(tiny_cfg, tmp_path, monkeypatch, 5, "method.train.steps=7",
+                                "privacy.log_every_n_steps=10", "trainer.checkpoint_every_n_steps=3")
+    assert len(draws) == 5 and _spent(run_dir) == 0  # privacy.json is behind; the journal is not
+    with caplog.at_level("WARNING"):
+        ctx = run_pipeline(cfg, run_dir)
+    assert "2 steps ran after the last checkpoint" in caplog.text
+    assert len(draws) == 7 == ctx.ledger.steps_spent("dp_train") == _spent(run_dir)
 
 
 def test_resume_without_a_checkpoint_restarts_the_weights_with_what_the_plan_has_left(tiny_cfg, tmp_path,

@@ -261,3 +261,123 @@ def test_a_failure_before_any_stage_releases_the_waiting_ranks(tmp_path, monkeyp
     assert state["failed"] == "outside a stage" and state["failed_at"] >= start  # checked first: no hang
     with pytest.raises(RuntimeError, match="rank 0 failed"):
         pipeline._wait_for_rank_zero(tmp_path / "run", ["pretrain_public"], since=start, poll_s=0.01)
+
+
+def _torchrun_rank(monkeypatch, rank: int, port: str) -> None:
+    """This process as one rank of a two-rank torchrun launch (its rendezvous at ``port``)."""
+    for k in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "TORCHELASTIC_RUN_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", port)
+
+
+@pytest.mark.timeout(60)  # the failure this guards against is a wait without end
+def test_a_refused_launch_stops_its_other_ranks(tiny_cfg, tmp_path, monkeypatch):
+    """A second srun/torchrun on a running run directory: its rank 0 is refused the lock; its other
+    ranks must stop too, not join the DP stage of the first launch's finished stages and files
+    and wait there, for a rank 0 that never comes, until the process group times out."""
+    import time
+
+    from filelock import FileLock
+
+    from dpgen.distributed import launch_id
+    from dpgen.errors import ConfigError
+    from dpgen.io import write_json
+    from dpgen.pipeline import LAUNCH_HOLDING, RUN_LOCK, _wait_for_rank_zero, run_pipeline
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_json(run_dir / "stages.json", {"completed": ["pretrain_public"], "wall_s": {}})
+    write_json(run_dir / "privacy.json", {"events": []})
+    _torchrun_rank(monkeypatch, 0, "29500")  # the first launch, running
+    write_json(run_dir / LAUNCH_HOLDING, {"launch": launch_id(), "at": time.time()})
+    _torchrun_rank(monkeypatch, 0, "29501")  # the second launch
+    second = launch_id()
+    start = time.time()
+    with FileLock(run_dir / RUN_LOCK), pytest.raises(ConfigError, match="another dpgen process is running"):
+        run_pipeline(tiny_cfg("privacy.eps=5"), run_dir)
+    with pytest.raises(RuntimeError, match=f"rank 0 of this launch \\({second}\\) was refused"):
+        _wait_for_rank_zero(run_dir, ["pretrain_public"], since=start, poll_s=0.01,
+                            file=run_dir / "privacy.json", launch=second)
+
+
+def test_other_ranks_join_once_their_own_rank_zero_holds_the_run_directory(tmp_path, monkeypatch):
+    """Everything a joining rank waits for is already there, from an earlier launch's rank 0; it
+    still waits until its own rank 0 has the run directory."""
+    import time
+
+    from dpgen.distributed import launch_id
+    from dpgen.io import write_json
+    from dpgen.pipeline import LAUNCH_HOLDING, _wait_for_rank_zero
+
+    write_json(tmp_path / "stages.json", {"completed": ["pretrain_public"], "wall_s": {}})
+    write_json(tmp_path / "privacy.json", {"events": []})
+    write_json(tmp_path / LAUNCH_HOLDING, {"launch": "torch-----127.0.0.1-29500", "at": time.time()})
+    _torchrun_rank(monkeypatch, 1, "29501")
+    ours = launch_id()
+    assert ours != "torch-----127.0.0.1-29500"
+    start = time.time()
+    writer = threading.Timer(0.3, lambda: write_json(tmp_path / LAUNCH_HOLDING, {"launch": ours, "at": time.time()}))
+    writer.start()
+    _wait_for_rank_zero(tmp_path, ["pretrain_public"], since=start, poll_s=0.02, file=tmp_path / "privacy.json",
+                        launch=ours)
+    assert time.time() - start >= 0.3
+    writer.join()
+    # A record of this launch's name from long before it started is an earlier launch's.
+    write_json(tmp_path / LAUNCH_HOLDING, {"launch": ours, "at": start - 3600})
+    timer = threading.Timer(0.3, lambda: write_json(tmp_path / LAUNCH_HOLDING, {"launch": ours, "at": time.time()}))
+    t0 = time.time()
+    timer.start()
+    _wait_for_rank_zero(tmp_path, [], since=start, poll_s=0.02, launch=ours)
+    assert time.time() - t0 >= 0.3
+    timer.join()
+
+
+def test_a_launch_is_named_alike_in_every_rank_and_apart_from_the_next(monkeypatch):
+    from dpgen.distributed import launch_id
+
+    for k in ("WORLD_SIZE", "RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert launch_id() is None  # one process: no launcher
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    names = set()
+    for rank in ("0", "1"):
+        monkeypatch.setenv("SLURM_PROCID", rank)
+        names.add(launch_id())
+    assert names == {"slurm-812-0-0"}
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued
+    assert launch_id() == "slurm-812-0-1"
+
+
+def test_dp_training_runs_on_the_configured_device_of_a_gpu_machine(tiny_cfg, tmp_path, monkeypatch):
+    """trainer=cpu on a machine with a GPU: Lightning's "auto" accelerator would be CUDA, which
+    refuses a CPU strategy. trainer=gpu: Lightning's CUDA set-up needs the device's index."""
+    import lightning.pytorch.trainer.connectors.accelerator_connector as connector
+    import torch
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    from dpgen.stages.training import _trainer, dp_strategy
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))  # a GPU machine
+    monkeypatch.setattr(connector, "_select_auto_accelerator", lambda *a, **k: "cuda")
+    ctx = RunContext(tiny_cfg("privacy.eps=5"), tmp_path)
+    ctx.ledger = plan_privacy(ctx)
+    trainer = _trainer(ctx, "dp_train", 1, [], strategy=dp_strategy(ctx))
+    assert isinstance(trainer.accelerator, CPUAccelerator)
+    on_gpu = RunContext(tiny_cfg("privacy.eps=5", "trainer=gpu"), tmp_path)
+    on_gpu.ledger = ctx.ledger
+    assert dp_strategy(on_gpu).root_device == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("trainer, backend", [("trainer=gpu", "nccl"), ("trainer=cpu", "gloo")])
+def test_ddp_over_a_single_device_trainer_config_gets_its_accelerators_backend(trainer, backend, tmp_path):
+    from dpgen.distributed import ddp_strategy_kwargs
+
+    cfg = compose_config([*tiny_overrides(tmp_path), trainer, "trainer.strategy=ddp", "trainer.devices=2"])
+    assert ddp_strategy_kwargs(cfg.trainer)["process_group_backend"] == backend

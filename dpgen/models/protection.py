@@ -44,7 +44,8 @@ class ProtectionClassifier(nn.Module):
         self.squeeze = nn.AdaptiveAvgPool2d(2)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.time_embed(self.time_proj(t.expand(len(x))).to(x.dtype))
+        # The sampler's timestep is a CPU scalar (scheduler.timesteps); the embedding is built on t's device.
+        emb = self.time_embed(self.time_proj(t.to(x.device).expand(len(x))).to(x.dtype))
         h = self.blocks[0](x, emb)
         h = self.blocks[1](self.pool(h), emb)
         h = self.blocks[2](h, emb)

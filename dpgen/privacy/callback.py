@@ -5,12 +5,13 @@ ledger refuses a step beyond the plan). This callback reports what was spent, st
 when the planned steps are used up, and carries the ledger through checkpoints so a resumed
 run continues from the spent budget instead of restarting at zero.
 
-What a crash may not lose is the spend of any step whose effect left the process. privacy.json
-is written (before the other callbacks run) at every step where one of them releases something
-derived from the weights (sample grids), and a checkpoint carries its own copy of the ledger.
-On resume the ledger keeps whichever record, privacy.json or the checkpoint, spent more, and
-training stops when the plan's steps are spent, even if the restored weights are behind the
-spend. Steps after both records were never observed, and re-running them spends nothing twice.
+What a crash may not lose is the spend of any step that drew noise. The strategy appends each
+step's charge to the spend journal before drawing its noise (dpgen/privacy/journal.py);
+privacy.json is written (before the other callbacks run) at every step where one of them
+releases something derived from the weights (sample grids), and a checkpoint carries its own
+copy of the ledger. On resume the ledger keeps whichever record spent most, and training stops
+when the plan's steps are spent, even if the restored weights are behind the spend: a step that
+ran after the last checkpoint is lost to the model, never run a second time uncharged.
 """
 
 from __future__ import annotations

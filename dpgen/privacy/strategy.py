@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch import Tensor
 
 from dpgen.errors import ConfigError
+from dpgen.privacy.journal import append_spend
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients, exact_fp32
@@ -202,9 +204,11 @@ def assert_dp_compatible(module: torch.nn.Module) -> None:
 class _DPSGDMixin:
     """The DP-SGD logical step; mixed into a single-device or a DDP strategy."""
 
-    def _init_dp(self, config: DPSGDConfig, ledger: PrivacyLedger | None) -> None:
+    def _init_dp(self, config: DPSGDConfig, ledger: PrivacyLedger | None, spend_journal: str | Path | None) -> None:
         self.dp_config = config
         self.ledger = ledger
+        # Rank 0 appends each step's charge here before the step's noise (dpgen/privacy/journal.py).
+        self.spend_journal = Path(spend_journal) if spend_journal is not None else None
         self._engine: PerExampleGradients | None = None
         self._dp_grads: list[Tensor] | None = None
         # Fresh OS entropy, never the run seed: reproducible noise would void the guarantee.
@@ -248,10 +252,12 @@ class _DPSGDMixin:
         grad_sum, loss_sum = clipped_gradient_sum(
             self._engine, module.per_example_loss, batch, cfg.max_grad_norm, cfg.max_physical_batch,
             cfg.clipping, forward_context=self.precision_plugin.train_step_context)
+        if self.ledger is not None:  # charged, and on disk, before the noise that makes it a release
+            self.ledger.record(cfg.stage, POISSON_GAUSSIAN, cfg.noise_multiplier, cfg.sample_rate, 1)
+            if self.spend_journal is not None and self.is_global_zero:
+                append_spend(self.spend_journal, self.ledger)
         self._add_noise_and_reduce(grad_sum)
         self._dp_grads = [g / cfg.expected_batch_size for g in grad_sum]
-        if self.ledger is not None:
-            self.ledger.record(cfg.stage, POISSON_GAUSSIAN, cfg.noise_multiplier, cfg.sample_rate, 1)
         # The mean loss of a sensitive batch has no noise: it never feeds a decision, and it is
         # logged (to the progress bar, CSV, W&B) only where the config asks for it.
         n_local = _batch_len(batch)
@@ -290,9 +296,9 @@ class DPSGDStrategy(_DPSGDMixin, SingleDeviceStrategy):
     """DP-SGD in one process."""
 
     def __init__(self, config: DPSGDConfig, ledger: PrivacyLedger | None = None,
-                 device: str | torch.device = "cpu", **kwargs: Any) -> None:
+                 device: str | torch.device = "cpu", spend_journal: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(device=torch.device(device), **kwargs)
-        self._init_dp(config, ledger)
+        self._init_dp(config, ledger, spend_journal)
 
     def setup(self, trainer: Any) -> None:
         self._check_trainer(trainer)
@@ -329,9 +335,10 @@ class DDPDPSGDStrategy(_DPSGDMixin, DDPStrategy):
     ends; with ``"popen"`` (processes started by srun/torchrun) each process keeps its own.
     """
 
-    def __init__(self, config: DPSGDConfig, ledger: PrivacyLedger | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: DPSGDConfig, ledger: PrivacyLedger | None = None,
+                 spend_journal: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._init_dp(config, ledger)
+        self._init_dp(config, ledger, spend_journal)
 
     def setup(self, trainer: Any) -> None:
         self._check_trainer(trainer)

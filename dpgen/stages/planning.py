@@ -18,6 +18,7 @@ from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.privacy.guarantee import guarantee_notes, training_is_private
+from dpgen.privacy.journal import JOURNAL, read_spend
 from dpgen.privacy.ledger import POISSON_GAUSSIAN, PlannedStage, PrivacyLedger, compute_epsilon
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     ledger.plan(stages)
     if ctx.privacy_json.exists():  # resuming: what earlier attempts spent stays spent
         ledger.load_state_dict(json.loads(ctx.privacy_json.read_text()))
+    if (journaled := read_spend(ctx.path(JOURNAL))) is not None:  # DP steps since privacy.json
+        ledger.load_state_dict(journaled)
     if note:  # DP training, but something else reads the sensitive images (CPSample)
         ledger.void_guarantee(note)
         log.warning(note)

@@ -22,6 +22,7 @@ from dpgen.io import AtomicCheckpointIO, build_once, save_torch
 from dpgen.loggers import stage_callbacks, stage_loggers
 from dpgen.methods import METHODS, DiffusionModule
 from dpgen.privacy.callback import PrivacyAccountantCallback
+from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.sampling import PoissonDataModule
 from dpgen.privacy.strategy import DDPDPSGDStrategy, DPSGDConfig, DPSGDStrategy
 
@@ -63,10 +64,12 @@ def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callba
                                                           every_n_train_steps=t.checkpoint_every_n_steps)]
     callbacks = [*callbacks, *stage_callbacks(ctx.cfg, ctx.run_dir, stage)]
     kwargs: dict[str, Any] = {}
+    # The accelerator is always named: "auto" would pick the GPU of a GPU machine under trainer=cpu.
     if isinstance(strategy, DDPDPSGDStrategy):
         kwargs.update(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes)
-    elif strategy == "auto":
-        # Non-private stages run in one process on one device (see dpgen/distributed.py).
+    else:
+        # DP-SGD without DDP, and the non-private stages, run in one process on one device
+        # (see dpgen/distributed.py).
         kwargs.update(accelerator=t.accelerator, devices=1, num_nodes=1)
     return Trainer(
         max_steps=max_steps, max_epochs=-1, strategy=strategy, precision=t.precision,
@@ -248,10 +251,12 @@ def dp_strategy(ctx: RunContext, stage: str = "dp_train") -> DPSGDStrategy | DDP
     if dp.log_train_loss:
         log.warning("%s: privacy.log_train_loss=true logs each sensitive batch's loss without noise; the logs "
                     "(and a W&B run) are outside the DP guarantee", stage)
+    journal = ctx.path(JOURNAL)
     if is_ddp(cfg.trainer):
-        return DDPDPSGDStrategy(dp, ledger=ledger, **ddp_strategy_kwargs(cfg.trainer))
-    device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
-    return DPSGDStrategy(dp, ledger=ledger, device=device)
+        return DDPDPSGDStrategy(dp, ledger=ledger, spend_journal=journal, **ddp_strategy_kwargs(cfg.trainer))
+    # Lightning's CUDA set-up needs a device index; "cuda" alone fails there.
+    device = torch.device("cuda", 0) if cfg.trainer.accelerator == "gpu" else torch.device("cpu")
+    return DPSGDStrategy(dp, ledger=ledger, device=device, spend_journal=journal)
 
 
 def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: str) -> None:
