@@ -12,13 +12,30 @@ mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/env.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/env.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/env.txt"
+# Preflight: the versions this machine has, and every module the phases use, imported once; a
+# missing wheel would otherwise stop pytest at collection, after the machine's start was paid for.
+python3 - <<'EOF' 2>&1 | tee -a "$out/env.txt"
+import importlib.metadata as m
+
+import torch
+
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+for name in ("torchvision", "lightning", "torchmetrics", "diffusers", "huggingface_hub", "opacus",
+             "hydra-core", "omegaconf", "dp-accounting", "torch-fidelity", "numpy", "pytest"):
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        print(name, "MISSING")
+import dpgen.bench, dpgen.evaluate, dpgen.pipeline, dpgen.sampling  # noqa: E401,F401
+print("preflight: dpgen imports")
+EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "preflight failed (see above, and $out/env.txt)" >&2; exit 3; }
 
 sizes='bench.image_size=32 bench.channels=3 bench.models=[unet_small,unet_medium,unet_large]'
 case "$phase" in
   tests)
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/pytest_gpu.log" ;;
+    python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$out/pytest_gpu.log" ;;
   bench)
     python3 -m dpgen.bench bench.device=cuda $sizes bench.clipping=[mixed] \
       bench.output="$out/bench_cuda_fp32.json" 2>&1 | tee "$out/bench_cuda_fp32.log" ;;
