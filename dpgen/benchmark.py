@@ -82,7 +82,10 @@ class TrainingStep:
         private = training_is_private(cfg)
         chunk = int(cfg.privacy.max_physical_batch) if private else None
         clipping = str(cfg.privacy.get("clipping", "mixed"))
-        self.pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision="32", clipping=clipping,
+        # Timed at the precision the run trains at (bf16-mixed under trainer=gpu): the steps bought
+        # must be the steps the run can take in the budget.
+        precision = "bf16" if str(cfg.trainer.precision).startswith("bf16") else "32"
+        self.pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision=precision, clipping=clipping,
                              max_physical_batch=chunk)
         self.step = self.pair.private if private else self.pair.nonprivate
         self.device = device
@@ -92,7 +95,7 @@ class TrainingStep:
         self.signature = json.dumps({
             "model": OmegaConf.to_container(cfg.model, resolve=True), "inputs": list(inputs.shape),
             "multiplicity": getattr(module, "multiplicity", 1), "private": private, "chunk": chunk,
-            "clipping": clipping, "trainable": trainable}, sort_keys=True)
+            "clipping": clipping, "trainable": trainable, "precision": precision}, sort_keys=True)
 
     def median_seconds(self, warmup: int, repeats: int) -> float:
         times = [time_step(self.step, self.device) for _ in range(warmup + repeats)]

@@ -38,6 +38,14 @@ def test_every_method_training_step_can_be_timed(method, tmp_path):
     assert 0 < seconds < 60
 
 
+def test_the_step_is_timed_at_the_precision_the_run_trains_at(tmp_path):
+    """The GPU profile trains in bf16-mixed; steps bought from an fp32 timing would not fit its budget."""
+    steps = {p: TrainingStep(compose_config([*tiny_overrides(tmp_path), f"trainer.precision={p}"]), torch.device("cpu"))
+             for p in ("32-true", "bf16-mixed")}
+    assert not steps["32-true"].pair.autocast and steps["bf16-mixed"].pair.autocast
+    assert steps["32-true"].signature != steps["bf16-mixed"].signature
+
+
 def test_calibration_times_training_chunks_and_each_distinct_step_once():
     """dpdm, PrivImage and DP-FETA run one computation and share one timing; DP-LDM's
     attention-only step on latents and the ceiling's plain step are timed apart; the DP step

@@ -289,6 +289,9 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
     trainer = _trainer(ctx, stage, cfg.method.train.steps, [accountant, *_ema(cfg.method.get("ema_decay"))],
                        strategy=strategy, checkpoint_dir=ckpt_dir)
     data = PoissonDataModule(dataset, strategy.dp_config.sample_rate, steps=max(remaining, 1))
+    if is_ddp(cfg.trainer) and torch.cuda.is_available():
+        # Spawned rank 0 trains on GPU 0, beside this process's cache from the earlier stages.
+        torch.cuda.empty_cache()
     _fit(trainer, module, resume, datamodule=data)
     if is_rank_zero():  # under DDP spawn this process is rank 0 and holds rank 0's results
         ctx.ledger.write(ctx.privacy_json)
