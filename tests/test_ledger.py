@@ -547,3 +547,6 @@ def test_the_spend_journal_keeps_the_last_whole_line(tmp_path):
     resumed.plan([PlannedStage("dp_train", POISSON_GAUSSIAN, sample_rate=0.1, count=5)])
     resumed.load_state_dict(read_spend(path))
     assert resumed.steps_spent("dp_train") == 2 and resumed.remaining_steps("dp_train") == 3
+    other = PrivacyLedger(epsilon_target=4.0, delta=1e-5, dataset_size=100)  # another budget
+    with pytest.raises(ConfigError, match="privacy.eps"):
+        other.load_state_dict(read_spend(path))

@@ -22,8 +22,12 @@ JOURNAL = "privacy-journal.jsonl"
 
 
 def append_spend(path: str | os.PathLike, ledger: PrivacyLedger) -> None:
-    """Append the ledger's events as one line and make it durable before returning."""
-    line = json.dumps({"events": ledger.state_dict()["events"]}, allow_nan=False) + "\n"
+    """Append the ledger's state, less its plan, as one line and make it durable before returning.
+    The header (ε target, δ, N, accountant) goes too, so a resume under other privacy settings
+    refuses the journal as it refuses a checkpoint."""
+    state = ledger.state_dict()
+    del state["planned"]
+    line = json.dumps(state, allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
