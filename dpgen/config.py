@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -139,6 +140,43 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
         raise ConfigError(key, value, "must be a positive integer", f"set {key} to a value >= 1")
 
 
+def _finite(value: object, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> bool:
+    """A real number (not a bool, a string or NaN) in the range, each end open or closed."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+def _check_number(key: str, value: object, low: float, high: float, fix: str, *, low_open: bool = False,
+                  high_open: bool = False) -> None:
+    if not _finite(value, low, high, low_open=low_open, high_open=high_open):
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(key, value, f"must be a number in {span}", fix)
+
+
+def _check_method_settings(cfg: DictConfig) -> None:
+    """Training settings that would otherwise surface mid-run (a string learning rate fails when
+    its stage starts, after public pretraining) or waste the budget silently (a learning rate of 0
+    spends ε on a model that never moves; guidance with no label dropout extrapolates towards a
+    null class the model never learned)."""
+    for key in _dotted_keys(cfg.method, "method."):
+        value, name = OmegaConf.select(cfg, key), key.rsplit(".", 1)[-1]
+        if name == "lr":
+            _check_number(key, value, 0, 10, f"set {key}=1e-3 (a rate of 0 trains nothing)", low_open=True)
+        elif name == "ema_decay" and value is not None:
+            _check_number(key, value, 0, 1, f"set {key}=0.99, or null for no EMA", high_open=True)
+        elif name == "label_dropout":
+            _check_number(key, value, 0, 1, f"set {key}=0.1", high_open=True)
+        elif name == "hflip" and not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false", f"set {key}=false")
+    scale = cfg.sample.guidance_scale
+    _check_number("sample.guidance_scale", scale, 0, 100, "set sample.guidance_scale=1.0 (no guidance)")
+    if scale != 1.0 and cfg.method.get("label_dropout") == 0:
+        raise ConfigError("sample.guidance_scale", scale, "classifier-free guidance needs the unconditional "
+                          "model, and method.label_dropout=0 never trains it",
+                          "set sample.guidance_scale=1.0, or train with method.label_dropout=0.1")
+
+
 def _check_dp_model(cfg: DictConfig) -> None:
     from dpgen.privacy.strategy import assert_dp_compatible
     from dpgen.stages.training import build_module
@@ -243,6 +281,7 @@ def validate_config(cfg: DictConfig) -> None:
                 "method.pretrain_ldm.batch_size", "method.multiplicity", "sample.num_samples",
                 "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
+    _check_method_settings(cfg)
     solver = run_solver(cfg.sample)
     if solver not in SOLVERS:
         raise ConfigError("sample.solver", solver, "unknown solver", f"use one of {', '.join(SOLVERS)}")
@@ -255,13 +294,15 @@ def validate_config(cfg: DictConfig) -> None:
         _check_dp_model(cfg)
     if training_is_private(cfg):
         p = cfg.privacy
-        if p.eps is None or p.eps <= 0:
-            raise ConfigError("privacy.eps", p.eps, "must be > 0", "set privacy.eps to e.g. 1 or 10")
-        if p.delta is None or not 0 < p.delta < 1:
-            raise ConfigError("privacy.delta", p.delta, "must be in (0, 1) and below 1/N",
+        # Numbers, not merely values that compare: true is 1 to Python, and an infinite or NaN
+        # clip makes the noise σ·C infinite or NaN beside a privacy.json that states an ε.
+        if not _finite(p.eps, 0, math.inf, low_open=True, high_open=True):
+            raise ConfigError("privacy.eps", p.eps, "must be a number > 0", "set privacy.eps to e.g. 1 or 10")
+        if not _finite(p.delta, 0, 1, low_open=True, high_open=True):
+            raise ConfigError("privacy.delta", p.delta, "must be a number in (0, 1) and below 1/N",
                               "set privacy.delta=1e-5")
-        if p.clip is None or p.clip <= 0:
-            raise ConfigError("privacy.clip", p.clip, "must be > 0", "set privacy.clip=1.0")
+        if not _finite(p.clip, 0, math.inf, low_open=True, high_open=True):
+            raise ConfigError("privacy.clip", p.clip, "must be a number > 0", "set privacy.clip=1.0")
         if p.accountant not in ACCOUNTANTS:
             raise ConfigError("privacy.accountant", p.accountant, "unknown accountant",
                               f"use one of {', '.join(ACCOUNTANTS)}")

@@ -63,16 +63,17 @@ def launch_id() -> str | None:
     """A name that every rank of this external launch shares and a later launch does not, fit
     for a file name; None when no launcher started several ranks. SLURM: job, step and requeue
     count. torchrun: its run id (a fresh one under ``--standalone``, "none" unless
-    ``--rdzv-id`` is given otherwise) and restart count, with the rendezvous address and the
-    local submitit job, which tell apart the launches that share a run id."""
+    ``--rdzv-id`` is given), with the rendezvous address and the local submitit job. Plain
+    torchrun relaunched at the same address gets the same name: see the README on its limits.
+    (torchrun's restart count is left out: each node's agent counts its own.)"""
     if external_world() is None:
         return None
     env = os.environ
     if _slurm_tasks():
         parts = ["slurm", env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID"), env.get("SLURM_RESTART_COUNT", "0")]
     else:
-        parts = ["torch", env.get("TORCHELASTIC_RUN_ID"), env.get("TORCHELASTIC_RESTART_COUNT"),
-                 env.get("SUBMITIT_LOCAL_JOB_ID"), env.get("MASTER_ADDR"), env.get("MASTER_PORT")]
+        parts = ["torch", env.get("TORCHELASTIC_RUN_ID"), env.get("SUBMITIT_LOCAL_JOB_ID"),
+                 env.get("MASTER_ADDR"), env.get("MASTER_PORT")]
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(p or "" for p in parts))
 
 

@@ -106,11 +106,11 @@ def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: 
         state = _load_state(run_dir)
         if state.get("failed_at", 0.0) >= since:
             raise RuntimeError(f"rank 0 failed ({state['failed']}); see its log")
-        if launch is not None and _launch_record(run_dir / LAUNCH_REFUSED.format(launch), launch, since):
+        holds = launch is None or _launch_record(run_dir / LAUNCH_HOLDING, launch, since)
+        if not holds and _launch_record(run_dir / LAUNCH_REFUSED.format(launch), launch, since):
             raise RuntimeError(f"rank 0 of this launch ({launch}) was refused the run directory {run_dir}: "
                                "another dpgen process is running in it; see rank 0's log")
-        if (set(stages) <= set(state["completed"]) and (file is None or file.exists())
-                and (launch is None or _launch_record(run_dir / LAUNCH_HOLDING, launch, since))):
+        if holds and set(stages) <= set(state["completed"]) and (file is None or file.exists()):
             return
         time.sleep(poll_s)
 
@@ -145,7 +145,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
                 if launch is not None:  # this launch's other ranks stop instead of waiting
                     write_json(run_dir / LAUNCH_REFUSED.format(launch), {"launch": launch, "at": time.time()})
                 raise
-            if launch is not None:
+            if launch is not None:  # an earlier launch of this name may have been refused
+                (run_dir / LAUNCH_REFUSED.format(launch)).unlink(missing_ok=True)
                 write_json(run_dir / LAUNCH_HOLDING, {"launch": launch, "at": time.time()})
         return _run_stages(cfg, run_dir, stages, train_set, start, rank, launch)
 

@@ -69,6 +69,21 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     ("trainer.precision=16-mixed", "trainer.precision"),
     ("trainer.precision=bf16-true", "trainer.precision"),
     (("trainer.precision=bf16-mixed", "privacy.clipping=ghost"), "privacy.clipping"),
+    # Values that compare but are no numbers, or no finite ones (found by the input review):
+    ("privacy.eps=abc", "privacy.eps"),
+    ("privacy.eps=true", "privacy.eps"),     # ran at eps=1
+    ("privacy.delta=abc", "privacy.delta"),
+    ("privacy.clip=inf", "privacy.clip"),    # noise sigma*C infinite beside a stated eps
+    ("privacy.clip=nan", "privacy.clip"),
+    ("method.train.lr=0", "method.train.lr"),   # spends the budget on a model that never moves
+    ("method.train.lr=abc", "method.train.lr"),  # failed only when dp_train started
+    ("method.pretrain_public.lr=-1", "method.pretrain_public.lr"),
+    ("method.ema_decay=1.5", "method.ema_decay"),
+    ("method.label_dropout=1.5", "method.label_dropout"),
+    ("method.hflip=maybe", "method.hflip"),
+    ("sample.guidance_scale=abc", "sample.guidance_scale"),  # failed after dp_train had spent eps
+    ("sample.guidance_scale=-1", "sample.guidance_scale"),
+    (("method.label_dropout=0", "sample.guidance_scale=3"), "sample.guidance_scale"),
 ])
 def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:
@@ -171,7 +186,7 @@ def test_cli_multirun_over_epsilon(tmp_path):
         [sys.executable, "-m", "dpgen", "-m", "privacy.eps=2,0,8", *overrides,
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0 and "privacy.eps=0: must be > 0" in out.stderr, out.stderr[-3000:]
+    assert out.returncode != 0 and "privacy.eps=0: must be a number > 0" in out.stderr, out.stderr[-3000:]
     assert not (tmp_path / "sweep" / "1" / "privacy.json").exists()
     spent = {}
     for job in ("0", "2"):

@@ -542,11 +542,15 @@ def test_the_spend_journal_keeps_the_last_whole_line(tmp_path):
         ledger.record("dp_train", POISSON_GAUSSIAN, ledger.planned_noise_multiplier("dp_train"), 0.1, 1)
         append_spend(path, ledger)
     with open(path, "a") as f:
-        f.write('{"events": [{"stage": "dp_tr')
+        f.write('\n{"events": [{"stage": "dp_tr')
     resumed = PrivacyLedger(epsilon_target=8.0, delta=1e-5, dataset_size=100)
     resumed.plan([PlannedStage("dp_train", POISSON_GAUSSIAN, sample_rate=0.1, count=5)])
     resumed.load_state_dict(read_spend(path))
     assert resumed.steps_spent("dp_train") == 2 and resumed.remaining_steps("dp_train") == 3
+    # The resumed run's next record, appended after the cut one, is not swallowed by it.
+    resumed.record("dp_train", POISSON_GAUSSIAN, resumed.planned_noise_multiplier("dp_train"), 0.1, 1)
+    append_spend(path, resumed)
+    assert sum(e["steps"] for e in read_spend(path)["events"]) == 3
     other = PrivacyLedger(epsilon_target=4.0, delta=1e-5, dataset_size=100)  # another budget
     with pytest.raises(ConfigError, match="privacy.eps"):
         other.load_state_dict(read_spend(path))

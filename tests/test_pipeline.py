@@ -152,10 +152,18 @@ def test_no_dp_step_is_re_run_uncharged_after_a_crash(tiny_cfg, tmp_path, monkey
     their noise, so a resume may not draw them again. Every noise draw, across both attempts,
     is one charged step (the spend journal has each step before its noise)."""
     from dpgen.privacy import strategy
+    from dpgen.privacy.journal import JOURNAL, read_spend
 
     draws = []
     original = strategy.add_gaussian_noise
-    monkeypatch.setattr(strategy, "add_gaussian_noise", lambda *a, **k: (draws.append(1), original(*a, **k))[1])
+
+    def noise(*args, **kwargs):
+        draws.append(1)
+        journaled = read_spend(tmp_path / "run" / JOURNAL)  # on disk before this draw
+        assert journaled is not None and sum(e["steps"] for e in journaled["events"]) == len(draws)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(strategy, "add_gaussian_noise", noise)
     cfg, run_dir = _crashed_run(tiny_cfg, tmp_path, monkeypatch, 5, "method.train.steps=7",
                                 "privacy.log_every_n_steps=10", "trainer.checkpoint_every_n_steps=3")
     assert len(draws) == 5 and _spent(run_dir) == 0  # privacy.json is behind; the journal is not

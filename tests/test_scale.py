@@ -282,10 +282,17 @@ def test_a_refused_launch_stops_its_other_ranks(tiny_cfg, tmp_path, monkeypatch)
 
     from filelock import FileLock
 
+    import dpgen.pipeline as pipeline
     from dpgen.distributed import launch_id
     from dpgen.errors import ConfigError
     from dpgen.io import write_json
-    from dpgen.pipeline import LAUNCH_HOLDING, RUN_LOCK, _wait_for_rank_zero, run_pipeline
+    from dpgen.pipeline import (
+        LAUNCH_HOLDING,
+        LAUNCH_REFUSED,
+        RUN_LOCK,
+        _wait_for_rank_zero,
+        run_pipeline,
+    )
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -301,6 +308,15 @@ def test_a_refused_launch_stops_its_other_ranks(tiny_cfg, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match=f"rank 0 of this launch \\({second}\\) was refused"):
         _wait_for_rank_zero(run_dir, ["pretrain_public"], since=start, poll_s=0.01,
                             file=run_dir / "privacy.json", launch=second)
+    # Relaunched under the same name (plain torchrun) once the first launch ended: its rank 0 holds
+    # the directory and clears the old refusal, and its other ranks join.
+    monkeypatch.setattr(pipeline, "plan_privacy", lambda ctx: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_pipeline(tiny_cfg("privacy.eps=5"), run_dir)
+    assert not (run_dir / LAUNCH_REFUSED.format(second)).exists()
+    write_json(run_dir / "stages.json", {"completed": ["pretrain_public"], "wall_s": {}})  # no failure
+    _wait_for_rank_zero(run_dir, ["pretrain_public"], since=start, poll_s=0.01, file=run_dir / "privacy.json",
+                        launch=second)
 
 
 def test_other_ranks_join_once_their_own_rank_zero_holds_the_run_directory(tmp_path, monkeypatch):
@@ -314,10 +330,10 @@ def test_other_ranks_join_once_their_own_rank_zero_holds_the_run_directory(tmp_p
 
     write_json(tmp_path / "stages.json", {"completed": ["pretrain_public"], "wall_s": {}})
     write_json(tmp_path / "privacy.json", {"events": []})
-    write_json(tmp_path / LAUNCH_HOLDING, {"launch": "torch-----127.0.0.1-29500", "at": time.time()})
+    write_json(tmp_path / LAUNCH_HOLDING, {"launch": "torch---127.0.0.1-29500", "at": time.time()})
     _torchrun_rank(monkeypatch, 1, "29501")
     ours = launch_id()
-    assert ours != "torch-----127.0.0.1-29500"
+    assert ours != "torch---127.0.0.1-29500"
     start = time.time()
     writer = threading.Timer(0.3, lambda: write_json(tmp_path / LAUNCH_HOLDING, {"launch": ours, "at": time.time()}))
     writer.start()

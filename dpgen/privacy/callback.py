@@ -1,6 +1,6 @@
 """The accountant callback: ε on the dashboard, privacy.json on disk, the ledger in checkpoints.
 
-The strategy records each logical step in the ledger at the moment its noise is added (the
+The strategy records each logical step in the ledger just before its noise is drawn (the
 ledger refuses a step beyond the plan). This callback reports what was spent, stops training
 when the planned steps are used up, and carries the ledger through checkpoints so a resumed
 run continues from the spent budget instead of restarting at zero.

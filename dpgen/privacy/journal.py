@@ -27,17 +27,27 @@ def append_spend(path: str | os.PathLike, ledger: PrivacyLedger) -> None:
     refuses the journal as it refuses a checkpoint."""
     state = ledger.state_dict()
     del state["planned"]
-    line = json.dumps(state, allow_nan=False) + "\n"
+    # The newline goes first: a record cut short by a crash then ends at the next one's start
+    # instead of swallowing it.
+    record = "\n" + json.dumps(state, allow_nan=False)
+    path = Path(path)
+    new = not path.exists()
     with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+        f.write(record)
         f.flush()
         os.fsync(f.fileno())
+    if new:  # the file's directory entry must survive a power loss too
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def read_spend(path: str | os.PathLike) -> dict | None:
-    """The journal's last complete record (a partial ``load_state_dict`` state), or None.
+    """The journal's last complete record (a ``load_state_dict`` state without a plan), or None.
 
-    A line cut short by a crash is skipped: its write had not returned, so its step drew no noise."""
+    A record cut short by a crash is skipped: its write had not returned, so its step drew no noise."""
     path = Path(path)
     if not path.exists():
         return None
