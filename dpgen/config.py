@@ -11,10 +11,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from dpgen.data import has_public_data, validate_data_config, validate_public_config
+from dpgen.data import describe_data, has_public_data, validate_data_config, validate_public_config
 from dpgen.diffusion.sampling import SOLVERS, run_solver
 from dpgen.distributed import check_devices_present, validate_trainer_config
 from dpgen.errors import ConfigError
@@ -248,6 +248,11 @@ def check_run_start(cfg: DictConfig) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     validate_data_config(cfg.data)
+    if cfg.data.get("num_classes") is None:
+        # Inferred from the data (data=imagefolder's class folders). Every model builder and stage
+        # reads data.num_classes, and run_config.yaml keeps the inferred count for resumes.
+        with read_write(cfg.data), open_dict(cfg.data):
+            cfg.data.num_classes = describe_data(cfg.data).num_classes
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if is_latent_model(model):
         validate_ldm_config(model, cfg.data.image_size)

@@ -78,7 +78,20 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
     return {"completed": [], "wall_s": {}}
 
 
-def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+# Config groups a resume may change while the stage that first reads them has not finished: they
+# have shaped no output yet (a sampling setting that failed after DP training can be corrected
+# without losing the trained model). Everything else (the privacy plan, the data, the model,
+# training) is fixed by the first attempt.
+_CHANGEABLE_UNTIL = {"sample": "sample", "eval": "evaluate", "audit": "evaluate"}
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+
+
+def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str]) -> None:
     saved = run_dir / "run_config.yaml"
     if not saved.exists():
         return
@@ -89,10 +102,15 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
     for group, key in (flag.split(".") for flag in RETIRED_FLAGS):
         if isinstance(before.get(group), dict):
             before[group].pop(key, None)
-    diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if diffs:
-        raise ConfigError("resume", str(run_dir), f"this run was started with a different configuration in "
-                          f"{', '.join(diffs)}", f"repeat the original overrides (see {saved})")
+    old, new = _leaves(before), _leaves(now)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    refused = [k for k in changed if _CHANGEABLE_UNTIL.get(k.split(".")[0], "<none>") in (*completed, "<none>")]
+    if refused:
+        listed = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in refused[:6])
+        raise ConfigError("resume", str(run_dir), f"this run was started with a different configuration ({listed}"
+                          f"{'; …' if len(refused) > 6 else ''})", f"repeat the original overrides (see {saved})")
+    if changed:
+        log.warning("resume: %s changed; the stages that read them have not run yet", ", ".join(changed))
 
 
 def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: float = 2.0,
@@ -172,10 +190,8 @@ def only_process_in(run_dir: Path) -> Iterator[None]:
 
 def _run_stages(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None, train_set: Dataset | None,
                 start: float, rank: int, launch: str | None) -> RunContext:
-    _check_resume_config(cfg, run_dir)
-    if rank == 0:
-        atomic_write(run_dir / "run_config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode()))
     state = _load_state(run_dir)
+    _check_resume_config(cfg, run_dir, state["completed"])
     for key in ("failed", "failed_at"):  # an earlier attempt's failure; this one resumes it
         state.pop(key, None)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, wall_s=state["wall_s"])
@@ -186,6 +202,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None, tr
         if "evaluate" in stages and "evaluate" not in state["completed"]:
             check_utility_sizes(ctx)  # needs N: a bad size found by evaluate would come after training
         ctx.ledger = plan_privacy(ctx)
+        if rank == 0:  # after the checks and the plan: a run refused there leaves nothing to resume
+            atomic_write(run_dir / "run_config.yaml",
+                         lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode()))
         with experiment(cfg, run_dir):
             for i, name in enumerate(stages):
                 if name in state["completed"]:

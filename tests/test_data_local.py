@@ -177,3 +177,17 @@ def test_image_folder_test_classes_must_exist_in_train(tmp_path):
     (tmp_path / "test" / "zebra").mkdir()
     with pytest.raises(ConfigError, match="test has classes absent from train: zebra"):
         validate_data_config(_cfg("imagefolder", tmp_path))
+
+
+def test_an_image_folder_run_infers_its_class_count_before_building_models(tmp_path):
+    """conf/data/imagefolder.yaml leaves num_classes null; the UNet is built from it."""
+    from conftest import compose_config, tiny_overrides
+
+    from dpgen.config import validate_config
+
+    make_image_folder(tmp_path / "folder", classes=("a", "b", "c"), per_class=2)
+    cfg = compose_config([*tiny_overrides(tmp_path), "data=imagefolder", f"data.root={tmp_path / 'folder'}",
+                          "data.image_size=8", "method.train.batch_size=2"])
+    assert cfg.data.num_classes is None
+    validate_config(cfg)
+    assert cfg.data.num_classes == 3

@@ -248,13 +248,50 @@ def test_privacy_json_is_written_before_each_sample_grid(tiny_cfg, tmp_path, mon
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     run_pipeline(tiny_cfg("method=nonprivate"), run_dir)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"different configuration \(seed: 0 -> 3\)"):
         run_pipeline(tiny_cfg("method=nonprivate", "seed=3"), run_dir)
+    # Every stage finished: the sampling settings are fixed too.
+    with pytest.raises(ValueError, match=r"sample.steps: 2 -> 3"):
+        run_pipeline(tiny_cfg("method=nonprivate", "sample.steps=3"), run_dir)
     # A run saved with the retired formal_guarantee flags (before stop 22) still resumes.
     saved = OmegaConf.load(run_dir / "run_config.yaml")
     saved.method.formal_guarantee, saved.sampling.formal_guarantee = False, True
     OmegaConf.save(saved, run_dir / "run_config.yaml")
-    _check_resume_config(tiny_cfg("method=nonprivate"), run_dir)
+    _check_resume_config(tiny_cfg("method=nonprivate"), run_dir, ["train", "sample", "evaluate"])
+
+
+def test_a_sampling_setting_that_failed_after_dp_training_can_be_corrected_on_resume(tiny_cfg, tmp_path,
+                                                                                     monkeypatch):
+    """The trained model and the ε it cost are kept: sample settings shape no output until
+    sample runs. The privacy plan still cannot change."""
+    from dpgen import stages
+
+    original = stages.STAGES["sample"]
+
+    def failing(ctx):
+        raise RuntimeError("a sampler failure")
+
+    monkeypatch.setitem(stages.STAGES, "sample", failing)
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg("privacy.eps=5", "method.stages=[pretrain_public,dp_train,sample]")
+    with pytest.raises(RuntimeError, match="a sampler failure"):
+        run_pipeline(cfg, run_dir)
+    spent = _spent(run_dir)
+    monkeypatch.setitem(stages.STAGES, "sample", original)
+    with pytest.raises(ValueError, match=r"privacy.eps: 5 -> 4"):
+        run_pipeline(tiny_cfg("privacy.eps=4", "method.stages=[pretrain_public,dp_train,sample]"), run_dir)
+    run_pipeline(tiny_cfg("privacy.eps=5", "method.stages=[pretrain_public,dp_train,sample]", "sample.steps=3"),
+                 run_dir)
+    assert _spent(run_dir) == spent == 4 and (run_dir / "samples.npz").exists()
+    assert OmegaConf.load(run_dir / "run_config.yaml").sample.steps == 3
+
+
+def test_a_run_refused_by_its_privacy_plan_leaves_nothing_that_blocks_the_corrected_run(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"privacy\.delta"):
+        run_pipeline(tiny_cfg("privacy.delta=0.001"), run_dir)  # delta >= 1/N
+    assert not (run_dir / "run_config.yaml").exists()
+    _check_resume_config(tiny_cfg("privacy.delta=1e-5"), run_dir, [])  # a fresh run, not a changed resume
 
 
 def test_resume_refuses_a_checkpoint_that_trained_another_parameter_set(tmp_path):
