@@ -242,6 +242,17 @@ def is_out_of_memory(err: BaseException) -> bool:
 def run_bench(cfg: DictConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Measure every configuration; ``on_row(rows so far)`` after each, so that a run stopped
     part-way (a time limit on a lent GPU) keeps what it measured."""
+    if cfg.device not in ("cpu", "cuda"):
+        raise SystemExit(f"dpgen.bench: bench.device: unknown {cfg.device!r}. Fix: cpu or cuda")
+    for key, least in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("image_size", 1), ("channels", 1),
+                       ("num_classes", 1)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SystemExit(f"dpgen.bench: bench.{key}={value!r}: must be an integer >= {least}")
+    if not cfg.multiplicities or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
+                                     for k in cfg.multiplicities):
+        raise SystemExit(f"dpgen.bench: bench.multiplicities={list(cfg.multiplicities)}: must be integers >= 1, "
+                         "e.g. [1,4,16]")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dpgen.bench: bench.device=cuda but no CUDA device is visible. Fix: bench.device=cpu")
@@ -320,7 +331,13 @@ def main(cfg: DictConfig) -> None:
     bench = cfg.bench
     if bench.get("threads"):
         torch.set_num_threads(int(bench.threads))
-    rows = run_bench(bench, on_row=lambda rows: write_json(Path(bench.output), rows))
+    output = Path(bench.output)
+    try:  # before measuring: a bad path would otherwise lose the rows at the first write
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"dpgen.bench: bench.output={bench.output}: cannot create its directory ({err}). "
+                         "Fix: a writable path, e.g. outputs/bench.json") from err
+    rows = run_bench(bench, on_row=lambda rows: write_json(output, rows))
     print(format_table(rows))
     print(f"written to {bench.output}")
 

@@ -235,6 +235,24 @@ def check_resume_dir(cfg: DictConfig) -> None:
                           "pass the directory of the interrupted run, e.g. outputs/<date>/<time>")
 
 
+def _check_launch(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """Launch mistakes that would otherwise train in the wrong place: a cluster launcher without
+    ``-m`` (Hydra uses launchers for sweeps only, so the run trains here, e.g. on a login node),
+    and ``+resume`` beside a ``hydra.run.dir`` elsewhere (a new run that only records ``resume``)."""
+    from hydra.types import RunMode
+
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    if hydra_cfg.mode == RunMode.RUN and "submitit" in launcher:
+        choice = hydra_cfg.runtime.choices.get("hydra/launcher")
+        raise ConfigError("hydra/launcher", choice, "a launcher starts the jobs of a sweep (-m) only; without -m "
+                          "this run would train here", f"add -m: python -m dpgen -m hydra/launcher={choice} …")
+    resume = cfg.get("resume")
+    if hydra_cfg.mode == RunMode.RUN and resume is not None and \
+            Path(str(resume)).resolve() != Path(hydra_cfg.runtime.output_dir).resolve():
+        raise ConfigError("resume", resume, f"names another directory than hydra.run.dir={hydra_cfg.run.dir}, where "
+                          "this run would start afresh", "drop the hydra.run.dir override when resuming")
+
+
 def check_run_start(cfg: DictConfig) -> None:
     """What a run's command line (``python -m dpgen``, ``python -m dpgen.audit``) checks before
     any work: the overrides Hydra applied, the run to resume, the config, and this machine's GPUs."""
@@ -242,6 +260,8 @@ def check_run_start(cfg: DictConfig) -> None:
         hydra_cfg = HydraConfig.get()
         check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
     check_resume_dir(cfg)
+    if HydraConfig.initialized():
+        _check_launch(cfg, HydraConfig.get())
     validate_config(cfg)
     check_devices_present(cfg.trainer)
 

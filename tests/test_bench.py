@@ -6,6 +6,7 @@ measures, not something a test can assert on a shared 2-core machine."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -120,6 +121,20 @@ def test_bench_refuses_an_unknown_clipping_mode_before_measuring(tmp_path):
     assert result.returncode != 0
     assert "bench.clipping: unknown 'fast'" in result.stderr + result.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"device": "gpu"}, "bench.device: unknown 'gpu'"),
+    ({"batch_size": 0}, "bench.batch_size=0"),
+    ({"repeats": 0}, "bench.repeats=0"),
+    ({"multiplicities": [0]}, "bench.multiplicities=[0]"),
+])
+def test_bad_bench_settings_are_refused_before_measuring(override, message, monkeypatch):
+    import dpgen.bench as bench
+
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_bench(_tiny(**override))
 
 
 def test_make_bench_writes_its_rows_as_json(tmp_path):

@@ -160,6 +160,20 @@ def test_cli_validation_error_is_one_line(override, key, tmp_path):
     assert not (tmp_path / "run" / "stages.json").exists()
 
 
+def test_launch_mistakes_that_would_train_in_the_wrong_place_are_refused(tmp_path):
+    """A cluster launcher without -m trains here (a login node); +resume beside another
+    hydra.run.dir starts a new run there that only records ``resume``."""
+    out = _cli("hydra/launcher=slurm_local", tmp=tmp_path)
+    assert out.returncode != 0 and "dpgen: hydra/launcher='slurm_local': a launcher starts the jobs of a sweep" in \
+        out.stderr, out.stderr[-2000:]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run_config.yaml").write_text("seed: 0\n")
+    out = _cli(f"+resume={old}", tmp=tmp_path)  # _cli sets hydra.run.dir to tmp/run
+    assert out.returncode != 0 and "names another directory than hydra.run.dir" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "run" / "run_config.yaml").exists()
+
+
 def test_a_run_asking_for_more_gpus_than_the_machine_has_is_refused_before_work(monkeypatch):
     """Validation passes (a config may be composed here to run elsewhere); the run's start refuses
     instead of failing at its first GPU stage after the privacy plan and public pretraining."""
