@@ -9,6 +9,7 @@ import torch
 from conftest import compose_config, tiny_dpldm_overrides
 from omegaconf import OmegaConf
 
+from dpgen import stages
 from dpgen.config import validate_config
 from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.errors import ConfigError
@@ -106,7 +107,7 @@ def test_bad_sampling_config_is_refused(tiny_cfg, override, key):
     assert str(err.value).startswith(key) and "Fix:" in str(err.value)
 
 
-def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_path, caplog):
+def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_path, caplog, monkeypatch):
     """A finished DP run sampled again with CPSample (``python -m dpgen.sampling``): the same
     generator, ε of its DP training still tracked, but privacy.json, metrics.json, protection.json,
     the log and a release's data card say the outputs carry no formal guarantee; the audit runs."""
@@ -118,10 +119,16 @@ def test_cpsample_on_a_finished_run_states_no_formal_guarantee(tiny_cfg, tmp_pat
         resample([str(source), "--out", str(refused), "eval.utility_study=true", "eval.utility.size_multiples=[0.0001]"])
     assert not refused.exists()
     out = tmp_path / "cpsample"
+    args = [str(source), "--out", str(out), "sampling.classifier.max_steps=3", "sampling.classifier.width=8",
+            "eval=fast", "eval.audit=true", "audit.mia.max_examples=20", "audit.loss_score.noise_draws=1",
+            "eval.downstream.classifiers=[cnn]", "eval.fid.metrics=[fid]"]
+    sample_stage = stages.STAGES["sample"]
+    monkeypatch.setitem(stages.STAGES, "sample", lambda ctx: (_ for _ in ()).throw(RuntimeError("sampler failed")))
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        resample(args)
+    monkeypatch.setitem(stages.STAGES, "sample", sample_stage)
     with caplog.at_level("WARNING", logger="dpgen"):
-        resample([str(source), "--out", str(out), "sampling.classifier.max_steps=3", "sampling.classifier.width=8",
-                  "eval=fast", "eval.audit=true", "audit.mia.max_examples=20", "audit.loss_score.noise_draws=1",
-                  "eval.downstream.classifiers=[cnn]", "eval.fid.metrics=[fid]"])
+        resample(args)  # the failed attempt's directory is resumed, not refused as existing
     cfg = OmegaConf.load(out / "run_config.yaml")
     assert cfg.sampling.name == "cpsample" and cfg.method == plain.method
     assert (out / "model.pt").read_bytes() == (source / "model.pt").read_bytes()

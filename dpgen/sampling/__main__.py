@@ -72,9 +72,24 @@ def resampling_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(sample))
 
 
+def _unfinished_resampling(run_dir: Path, out: Path, cfg: DictConfig) -> bool:
+    from dpgen.stages import run_stages
+
+    try:
+        source = json.loads((out / "source_run.json").read_text())["source_run"]
+        completed = json.loads((out / "stages.json").read_text())["completed"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return Path(source) == run_dir.resolve() and not set(run_stages(cfg)) <= set(completed)
+
+
 def prepare(run_dir: Path, out: Path, cfg: DictConfig) -> None:
-    """``out`` as a run whose training is done: the generator and its ledger copied from ``run_dir``."""
+    """``out`` as a run whose training is done: the generator and its ledger copied from ``run_dir``.
+    An ``out`` that an earlier, failed resampling of ``run_dir`` prepared is resumed instead."""
     if out.exists():
+        if _unfinished_resampling(run_dir, out, cfg):
+            log.info("%s: an unfinished resampling of %s; resuming it", out, run_dir)
+            return
         raise ConfigError("--out", str(out), "exists already", "pass a new directory, or remove it")
     out.mkdir(parents=True)
     for name in (FINAL_WEIGHTS, "privacy.json"):
