@@ -190,17 +190,32 @@ def test_a_run_asking_for_more_gpus_than_the_machine_has_is_refused_before_work(
     check_devices_present(OmegaConf.create({"accelerator": "cpu", "devices": 2}))
 
 
+def test_a_local_sweep_with_one_bad_value_starts_no_job(tmp_path):
+    """Each job validates itself as it starts, so job 1's bad value would surface only after
+    job 0's whole run; the sweep checks every job's config first (dpgen/sweep.py)."""
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.")]
+    env = {**os.environ, "DPGEN_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "dpgen", "-m", "privacy.eps=1,abc", *overrides,
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("dpgen: sweep job 1 (privacy.eps=abc): privacy.eps='abc'")
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.slow
 def test_cli_multirun_over_epsilon(tmp_path):
     """`python -m dpgen -m privacy.eps=...` runs one job per value, each with its own ledger. A
-    refused job fails alone: the others run, the report covers them, and the sweep exits non-zero."""
+    job refused by its privacy plan fails alone: the others run, the report covers them, and the
+    sweep exits non-zero."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.")]
     env = {**os.environ, "DPGEN_CACHE_DIR": str(tmp_path / "cache")}
+    # eps=1e-9 passes validation; its privacy plan (which needs N) cannot be met under RDP.
     out = subprocess.run(
-        [sys.executable, "-m", "dpgen", "-m", "privacy.eps=2,0,8", *overrides,
+        [sys.executable, "-m", "dpgen", "-m", "privacy.eps=2,1e-9,8", "privacy.accountant=rdp", *overrides,
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0 and "privacy.eps=0: must be a number > 0" in out.stderr, out.stderr[-3000:]
+    assert out.returncode != 0 and "privacy.eps=1e-09 cannot be met" in out.stderr, out.stderr[-3000:]
     assert not (tmp_path / "sweep" / "1" / "privacy.json").exists()
     spent = {}
     for job in ("0", "2"):
