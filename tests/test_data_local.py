@@ -80,8 +80,9 @@ def test_cifar10_refuses_code_in_pickles(tmp_path):
 
     with open(tmp_path / "cifar-10-batches-py/test_batch", "wb") as f:
         pickle.dump({"data": Evil(), "labels": []}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ConfigError, match="UnpicklingError: refusing to load builtins.print") as err:
         build_dataset(_cfg("cifar10", tmp_path, channels=3), "test")
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
 
 
 def test_celeba(tmp_path):
@@ -191,3 +192,21 @@ def test_an_image_folder_run_infers_its_class_count_before_building_models(tmp_p
     assert cfg.data.num_classes is None
     validate_config(cfg)
     assert cfg.data.num_classes == 3
+
+
+def test_damaged_dataset_files_are_named_as_such(tmp_path):
+    """The layout check passes (the files are there); a truncated download is a one-line ConfigError,
+    not torchvision's bare AssertionError. A non-image file in an image folder names itself."""
+    make_mnist_root(tmp_path)
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"^data\.root=.*the mnist train files there could not be read.*"
+                                          r"Fix: download and extract the dataset again"):
+        build_dataset(_cfg("mnist", tmp_path), "train")
+    folder = tmp_path / "folder"
+    make_image_folder(folder, classes=("a", "b"), per_class=1)
+    (folder / "train" / "a" / "notes.png").write_text("not an image")
+    dataset = build_dataset(_cfg("imagefolder", folder, channels=3), "train")
+    bad = next(i for i, p in enumerate(dataset.paths) if p.name == "notes.png")
+    with pytest.raises(OSError, match=r"notes\.png: not a readable image .*Fix: remove or replace the file"):
+        dataset[bad]

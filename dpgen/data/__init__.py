@@ -9,6 +9,7 @@ Entry points take the ``data`` (or ``public``) config node, as a DictConfig or a
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
@@ -77,7 +78,13 @@ def build_dataset(cfg: Any, split: str) -> Dataset:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     plain, spec = _checked_data(cfg)
-    dataset = spec.build(plain, split)
+    try:
+        dataset = spec.build(plain, split)
+    except (AssertionError, EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        # The layout check passed, so the files are there but damaged (a truncated download, an
+        # archive extracted part-way): torchvision's and pickle's own errors do not say so.
+        raise ConfigError("data.root", plain.get("root"), f"the {spec.name} {split} files there could not be read "
+                          f"({type(err).__name__}: {err})", "download and extract the dataset again") from err
     limit = plain.get("train_limit")
     if split == "train" and limit is not None and limit < len(dataset):
         dataset = _random_subset(dataset, limit, plain.get("split_seed", 0))

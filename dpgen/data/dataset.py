@@ -143,5 +143,10 @@ class FileImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as img:
+        try:
+            img = Image.open(self.paths[index])
+        except OSError as err:  # PIL's UnidentifiedImageError included
+            raise OSError(f"{self.paths[index]}: not a readable image ({err}). Fix: remove or replace the file, "
+                          "then resume the run (+resume=<run dir>)") from err
+        with img:
             return self.transform(img), int(self.labels[index])
