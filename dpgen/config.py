@@ -177,12 +177,34 @@ def _check_method_settings(cfg: DictConfig) -> None:
                           "set sample.guidance_scale=1.0, or train with method.label_dropout=0.1")
 
 
+# diffusers' DDPMScheduler betas (its "cosine" is not implemented: squaredcos_cap_v2 is the cosine schedule).
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+TIMESTEP_SAMPLERS = ("uniform", "lognormal", "mixture")
+
+
+def _check_diffusion(cfg: DictConfig) -> None:
+    """Checked before anything is built from them: a bad value would otherwise surface as an
+    error about the model or the audit, or as diffusers' traceback."""
+    steps = cfg.diffusion.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError("diffusion.num_train_timesteps", steps, "must be an integer >= 2",
+                          "set diffusion.num_train_timesteps=1000")
+    if cfg.diffusion.beta_schedule not in BETA_SCHEDULES:
+        raise ConfigError("diffusion.beta_schedule", cfg.diffusion.beta_schedule, "unknown beta schedule",
+                          f"use one of {', '.join(BETA_SCHEDULES)} (squaredcos_cap_v2 is the cosine schedule)")
+    kind = OmegaConf.select(cfg, "method.timesteps.kind", default="uniform")
+    if kind not in TIMESTEP_SAMPLERS:
+        raise ConfigError("method.timesteps.kind", kind, "unknown timestep sampler",
+                          f"use one of {', '.join(TIMESTEP_SAMPLERS)}")
+
+
 def _check_dp_model(cfg: DictConfig) -> None:
     from dpgen.privacy.strategy import assert_dp_compatible
     from dpgen.stages.training import build_module
 
+    module = build_module(cfg)  # its own errors name their keys; only DP compatibility is the model's
     try:
-        assert_dp_compatible(build_module(cfg))
+        assert_dp_compatible(module)
     except ValueError as err:
         raise ConfigError("model", cfg.model.name, str(err).split(". Fix")[0],
                           "use a model with GroupNorm/LayerNorm only") from err
@@ -307,6 +329,7 @@ def validate_config(cfg: DictConfig) -> None:
                 "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
     _check_method_settings(cfg)
+    _check_diffusion(cfg)
     solver = run_solver(cfg.sample)
     if solver not in SOLVERS:
         raise ConfigError("sample.solver", solver, "unknown solver", f"use one of {', '.join(SOLVERS)}")

@@ -84,6 +84,9 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     ("sample.guidance_scale=abc", "sample.guidance_scale"),  # failed after dp_train had spent eps
     ("sample.guidance_scale=-1", "sample.guidance_scale"),
     (("method.label_dropout=0", "sample.guidance_scale=3"), "sample.guidance_scale"),
+    ("diffusion.num_train_timesteps=0", "diffusion.num_train_timesteps"),  # was blamed on audit.*
+    ("diffusion.beta_schedule=cosine", "diffusion.beta_schedule"),  # was diffusers' NotImplementedError
+    ("method.timesteps.kind=foo", "method.timesteps.kind"),  # was blamed on the model
 ])
 def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:
