@@ -163,6 +163,17 @@ def test_cli_validation_error_is_one_line(override, key, tmp_path):
     assert not (tmp_path / "run" / "stages.json").exists()
 
 
+def test_each_attempt_in_a_run_directory_keeps_its_own_hydra_record(tmp_path):
+    """A refused resume must not overwrite the overrides the run was started with."""
+    import time
+
+    for eps in ("abc", "-1"):
+        assert _cli(f"privacy.eps={eps}", tmp=tmp_path).returncode != 0
+        time.sleep(1.1)  # the records are named by the second
+    records = sorted((tmp_path / "run" / ".hydra").iterdir())
+    assert [(r / "overrides.yaml").read_text().split("privacy.eps=")[1].split("\n")[0] for r in records] == ["abc", "-1"]
+
+
 def test_launch_mistakes_that_would_train_in_the_wrong_place_are_refused(tmp_path):
     """A cluster launcher without -m trains here (a login node); +resume beside another
     hydra.run.dir starts a new run there that only records ``resume``."""
