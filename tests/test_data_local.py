@@ -210,3 +210,14 @@ def test_damaged_dataset_files_are_named_as_such(tmp_path):
     bad = next(i for i, p in enumerate(dataset.paths) if p.name == "notes.png")
     with pytest.raises(OSError, match=r"notes\.png: not a readable image .*Fix: remove or replace the file"):
         dataset[bad]
+
+
+def test_gzipped_mnist_files_are_recognised_and_the_fix_is_to_unpack_them(tmp_path):
+    import gzip
+
+    make_mnist_root(tmp_path)
+    for f in (tmp_path / "MNIST" / "raw").iterdir():
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"Fix: gunzip .*\.gz and the other \.gz files$"):
+        validate_data_config(_cfg("mnist", tmp_path))

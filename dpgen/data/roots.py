@@ -39,4 +39,7 @@ def require_files(root: Path, what: str, paths: Sequence[Path], expected: str, f
     if len(missing) < len(paths):  # a partial copy: say which files are absent
         names = ", ".join(p.name for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
         detail += f"; missing {names}"
+    packed = [p for p in missing if p.with_name(p.name + ".gz").exists()]
+    if packed:  # downloaded, never unpacked (MNIST's files come gzipped)
+        fix = f"gunzip {packed[0].with_name(packed[0].name + '.gz')}" + (" and the other .gz files" if len(packed) > 1 else "")
     raise ConfigError("data.root", str(root), f"{what} not found (expected {detail})", fix)
