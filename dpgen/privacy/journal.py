@@ -5,9 +5,9 @@ privacy.json states ε, which takes the accountant a while, so it is written onl
 a per-step record, the steps between the last of those and a crash would be re-run on resume
 with fresh noise and charged once, and a crash that an operator can cause after seeing something
 from those steps (the un-noised loss, with ``privacy.log_train_loss=true``) would make a resume a
-free second draw. The journal closes that: one appended line per step, the ledger's events after
-the charge, flushed and fsynced before the noise (about 0.3 ms on a local disk). A resume keeps
-whichever record spent most: the journal, privacy.json or the checkpoint.
+free second draw. The journal closes that: one appended line per step, the ledger's state (less
+its plan) after the charge, flushed and fsynced before the noise (about 0.3 ms on a local disk).
+A resume keeps whichever record spent most: the journal, privacy.json or the checkpoint.
 """
 
 from __future__ import annotations
