@@ -78,11 +78,11 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
     return {"completed": [], "wall_s": {}}
 
 
-# Config groups a resume may change while the stage that first reads them has not finished: they
-# have shaped no output yet (a sampling setting that failed after DP training can be corrected
-# without losing the trained model). Everything else (the privacy plan, the data, the model,
-# training) is fixed by the first attempt.
-_CHANGEABLE_UNTIL = {"sample": "sample", "eval": "evaluate", "audit": "evaluate"}
+# Config groups a resume may change while no stage that reads them has finished: they have shaped
+# no output yet (a sampling setting that failed after DP training can be corrected without losing
+# the trained model). DP-FETA's warm-up previews its model with the sample settings. Everything
+# else (the privacy plan, the data, the model, training) is fixed by the first attempt.
+_CHANGEABLE_UNTIL = {"sample": ("warmup", "sample"), "eval": ("evaluate",), "audit": ("evaluate",)}
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -104,7 +104,8 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
             before[group].pop(key, None)
     old, new = _leaves(before), _leaves(now)
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    refused = [k for k in changed if _CHANGEABLE_UNTIL.get(k.split(".")[0], "<none>") in (*completed, "<none>")]
+    refused = [k for k in changed if k.split(".")[0] not in _CHANGEABLE_UNTIL
+               or set(_CHANGEABLE_UNTIL[k.split(".")[0]]) & set(completed)]
     if refused:
         listed = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in refused[:6])
         raise ConfigError("resume", str(run_dir), f"this run was started with a different configuration ({listed}"

@@ -253,6 +253,10 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     # Every stage finished: the sampling settings are fixed too.
     with pytest.raises(ValueError, match=r"sample.steps: 2 -> 3"):
         run_pipeline(tiny_cfg("method=nonprivate", "sample.steps=3"), run_dir)
+    # So they are once DP-FETA's warm-up has previewed its model with them.
+    with pytest.raises(ValueError, match=r"sample.steps: 2 -> 3"):
+        _check_resume_config(tiny_cfg("method=nonprivate", "sample.steps=3"), run_dir, ["warmup"])
+    _check_resume_config(tiny_cfg("method=nonprivate", "sample.steps=3"), run_dir, ["train"])
     # A run saved with the retired formal_guarantee flags (before stop 22) still resumes.
     saved = OmegaConf.load(run_dir / "run_config.yaml")
     saved.method.formal_guarantee, saved.sampling.formal_guarantee = False, True
