@@ -242,8 +242,12 @@ def is_out_of_memory(err: BaseException) -> bool:
 def run_bench(cfg: DictConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Measure every configuration; ``on_row(rows so far)`` after each, so that a run stopped
     part-way (a time limit on a lent GPU) keeps what it measured."""
-    if cfg.device not in ("cpu", "cuda"):
-        raise SystemExit(f"dpgen.bench: bench.device: unknown {cfg.device!r}. Fix: cpu or cuda")
+    try:
+        device_type = torch.device(cfg.device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        raise SystemExit(f"dpgen.bench: bench.device: unknown {cfg.device!r}. Fix: cpu, cuda or cuda:<index>")
     for key, least in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("image_size", 1), ("channels", 1),
                        ("num_classes", 1)):
         value = cfg[key]

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dpgen.data import describe_data, has_public_data, validate_data_config, validate_public_config
-from dpgen.diffusion.sampling import SOLVERS, run_solver
+from dpgen.diffusion.sampling import SOLVERS, make_train_scheduler, run_solver
 from dpgen.distributed import check_devices_present, validate_trainer_config
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
@@ -177,8 +177,6 @@ def _check_method_settings(cfg: DictConfig) -> None:
                           "set sample.guidance_scale=1.0, or train with method.label_dropout=0.1")
 
 
-# diffusers' DDPMScheduler betas (its "cosine" is not implemented: squaredcos_cap_v2 is the cosine schedule).
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 TIMESTEP_SAMPLERS = ("uniform", "lognormal", "mixture")
 
 
@@ -189,9 +187,11 @@ def _check_diffusion(cfg: DictConfig) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ConfigError("diffusion.num_train_timesteps", steps, "must be an integer >= 2",
                           "set diffusion.num_train_timesteps=1000")
-    if cfg.diffusion.beta_schedule not in BETA_SCHEDULES:
-        raise ConfigError("diffusion.beta_schedule", cfg.diffusion.beta_schedule, "unknown beta schedule",
-                          f"use one of {', '.join(BETA_SCHEDULES)} (squaredcos_cap_v2 is the cosine schedule)")
+    try:  # diffusers' own list; its "cosine" is not implemented (squaredcos_cap_v2 is the cosine schedule)
+        make_train_scheduler(OmegaConf.to_container(cfg.diffusion))
+    except (NotImplementedError, ValueError) as err:
+        raise ConfigError("diffusion.beta_schedule", cfg.diffusion.beta_schedule, f"not a schedule diffusers has "
+                          f"({err})", "use linear, scaled_linear or squaredcos_cap_v2 (cosine)") from err
     kind = OmegaConf.select(cfg, "method.timesteps.kind", default="uniform")
     if kind not in TIMESTEP_SAMPLERS:
         raise ConfigError("method.timesteps.kind", kind, "unknown timestep sampler",
@@ -269,6 +269,9 @@ def _check_launch(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
         raise ConfigError("hydra/launcher", choice, "a launcher starts the jobs of a sweep (-m) only; without -m "
                           "this run would train here", f"add -m: python -m dpgen -m hydra/launcher={choice} …")
     resume = cfg.get("resume")
+    if hydra_cfg.mode == RunMode.MULTIRUN and resume is not None:
+        raise ConfigError("resume", resume, "a sweep's jobs run in the sweep's own directories, so each would "
+                          "start afresh there", "resume one run at a time, without -m")
     if hydra_cfg.mode == RunMode.RUN and resume is not None and \
             Path(str(resume)).resolve() != Path(hydra_cfg.runtime.output_dir).resolve():
         raise ConfigError("resume", resume, f"names another directory than hydra.run.dir={hydra_cfg.run.dir}, where "

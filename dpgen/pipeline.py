@@ -83,6 +83,8 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
 # the trained model). DP-FETA's warm-up previews its model with the sample settings. Everything
 # else (the privacy plan, the data, the model, training) is fixed by the first attempt.
 _CHANGEABLE_UNTIL = {"sample": ("warmup", "sample"), "eval": ("evaluate",), "audit": ("evaluate",)}
+# The canary audit (python -m dpgen.audit) trains on the canaries these choose, and never evaluates.
+_FIXED_AUDIT = ("audit.canary.count", "audit.canary.kind")
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -104,7 +106,7 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
             before[group].pop(key, None)
     old, new = _leaves(before), _leaves(now)
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    refused = [k for k in changed if k.split(".")[0] not in _CHANGEABLE_UNTIL
+    refused = [k for k in changed if k.split(".")[0] not in _CHANGEABLE_UNTIL or k.startswith(_FIXED_AUDIT)
                or set(_CHANGEABLE_UNTIL[k.split(".")[0]]) & set(completed)]
     if refused:
         listed = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in refused[:6])

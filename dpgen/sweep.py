@@ -34,8 +34,8 @@ class SweepCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         h = config.hydra
         if not (h.sweeper.get("_target_", "").endswith("BasicSweeper")
-                and h.launcher.get("_target_", "").endswith("BasicLauncher")):
-            return
+                and h.launcher.get("_target_", "").endswith("BasicLauncher")) or h.sweeper.get("params"):
+            return  # (values from hydra.sweeper.params: the jobs are not the command line's alone)
         from dpgen.config import validate_config
         from dpgen.errors import ConfigError
 

@@ -186,6 +186,10 @@ def test_launch_mistakes_that_would_train_in_the_wrong_place_are_refused(tmp_pat
     out = _cli(f"+resume={old}", tmp=tmp_path)  # _cli sets hydra.run.dir to tmp/run
     assert out.returncode != 0 and "names another directory than hydra.run.dir" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "run" / "run_config.yaml").exists()
+    out = _cli("-m", f"+resume={old}", f"hydra.sweep.dir={tmp_path / 'sweep'}", tmp=tmp_path)
+    assert out.returncode != 0 and "a sweep's jobs run in the sweep's own directories" in out.stderr, \
+        out.stderr[-2000:]
+    assert not (tmp_path / "sweep" / "0" / "run_config.yaml").exists()
 
 
 def test_a_run_asking_for_more_gpus_than_the_machine_has_is_refused_before_work(monkeypatch):

@@ -221,3 +221,10 @@ def test_gzipped_mnist_files_are_recognised_and_the_fix_is_to_unpack_them(tmp_pa
         f.unlink()
     with pytest.raises(ConfigError, match=r"Fix: gunzip .*\.gz and the other \.gz files$"):
         validate_data_config(_cfg("mnist", tmp_path))
+
+
+def test_an_empty_class_folder_is_named_before_work(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b"), per_class=1)
+    (tmp_path / "train" / "c").mkdir()
+    with pytest.raises(ConfigError, match=r"train/c holds no images. Fix: add images to .*/train/c, or remove"):
+        validate_data_config(_cfg("imagefolder", tmp_path, channels=3))

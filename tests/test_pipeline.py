@@ -257,6 +257,10 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"sample.steps: 2 -> 3"):
         _check_resume_config(tiny_cfg("method=nonprivate", "sample.steps=3"), run_dir, ["warmup"])
     _check_resume_config(tiny_cfg("method=nonprivate", "sample.steps=3"), run_dir, ["train"])
+    # The canary audit never evaluates, and trains on the canaries these settings choose.
+    with pytest.raises(ValueError, match=r"audit.canary.kind: 'letters' -> 'mislabeled'"):
+        _check_resume_config(tiny_cfg("method=nonprivate", "audit.canary.kind=mislabeled"), run_dir, ["train"])
+    _check_resume_config(tiny_cfg("method=nonprivate", "audit.canary.confidence=0.9"), run_dir, ["train"])
     # A run saved with the retired formal_guarantee flags (before stop 22) still resumes.
     saved = OmegaConf.load(run_dir / "run_config.yaml")
     saved.method.formal_guarantee, saved.sampling.formal_guarantee = False, True

@@ -80,6 +80,8 @@ def build_dataset(cfg: Any, split: str) -> Dataset:
     plain, spec = _checked_data(cfg)
     try:
         dataset = spec.build(plain, split)
+    except ConfigError:
+        raise
     except (AssertionError, EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
         # The layout check passed, so the files are there but damaged (a truncated download, an
         # archive extracted part-way): torchvision's and pickle's own errors do not say so.

@@ -48,6 +48,12 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(
             "data.root", str(root), f"no test split found (expected {root}/test/<class>/*.png)", fix
         )
+    # (make_dataset walks each class folder, subfolders included)
+    empty = [c for c in train if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / "train" / c).rglob("*"))]
+    if empty:
+        raise ConfigError("data.root", str(root), f"train/{empty[0]} holds no images"
+                          f"{f' (nor do {len(empty) - 1} more class folders)' if len(empty) > 1 else ''}",
+                          f"add images to {root}/train/{empty[0]}, or remove the folder")
     extra = sorted(set(_classes(root / "test")) - set(train))
     if extra:
         raise ConfigError(
