@@ -188,7 +188,7 @@ def _check_diffusion(cfg: DictConfig) -> None:
         raise ConfigError("diffusion.num_train_timesteps", steps, "must be an integer >= 2",
                           "set diffusion.num_train_timesteps=1000")
     try:  # diffusers' own list; its "cosine" is not implemented (squaredcos_cap_v2 is the cosine schedule)
-        make_train_scheduler(OmegaConf.to_container(cfg.diffusion))
+        make_train_scheduler(OmegaConf.to_container(cfg.diffusion, resolve=True))
     except (NotImplementedError, ValueError) as err:
         raise ConfigError("diffusion.beta_schedule", cfg.diffusion.beta_schedule, f"not a schedule diffusers has "
                           f"({err})", "use linear, scaled_linear or squaredcos_cap_v2 (cosine)") from err

@@ -80,9 +80,12 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
 
 # Config groups a resume may change while no stage that reads them has finished: they have shaped
 # no output yet (a sampling setting that failed after DP training can be corrected without losing
-# the trained model). DP-FETA's warm-up previews its model with the sample settings. Everything
-# else (the privacy plan, the data, the model, training) is fixed by the first attempt.
-_CHANGEABLE_UNTIL = {"sample": ("warmup", "sample"), "eval": ("evaluate",), "audit": ("evaluate",)}
+# the trained model). DP-FETA's warm-up previews its model with the sample settings; CPSample's
+# classifier is trained before sampling (a sampling=cpsample attempt voided the guarantee in
+# privacy.json, and a void stays void). Everything else (the privacy plan, the data, the model,
+# training) is fixed by the first attempt.
+_CHANGEABLE_UNTIL = {"sample": ("warmup", "sample"), "sampling": ("train_protection_classifier", "sample"),
+                     "eval": ("evaluate",), "audit": ("evaluate",)}
 # The canary audit (python -m dpgen.audit) trains on the canaries these choose, and never evaluates.
 _FIXED_AUDIT = ("audit.canary.count", "audit.canary.kind")
 

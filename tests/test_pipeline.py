@@ -261,6 +261,11 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"audit.canary.kind: 'letters' -> 'mislabeled'"):
         _check_resume_config(tiny_cfg("method=nonprivate", "audit.canary.kind=mislabeled"), run_dir, ["train"])
     _check_resume_config(tiny_cfg("method=nonprivate", "audit.canary.confidence=0.9"), run_dir, ["train"])
+    # A resampling whose CPSample classifier failed (out of memory, say) can be given other settings.
+    _check_resume_config(tiny_cfg("method=nonprivate", "sampling=cpsample"), run_dir, ["train"])
+    with pytest.raises(ValueError, match=r"sampling.classifier.batch_size: '<unset>' -> 128"):
+        _check_resume_config(tiny_cfg("method=nonprivate", "sampling=cpsample"), run_dir,
+                             ["train", "train_protection_classifier"])
     # A run saved with the retired formal_guarantee flags (before stop 22) still resumes.
     saved = OmegaConf.load(run_dir / "run_config.yaml")
     saved.method.formal_guarantee, saved.sampling.formal_guarantee = False, True
