@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dpgen.config import CONF_DIR
+from dpgen.data.config import require_int
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule
@@ -250,9 +251,10 @@ def run_bench(cfg: DictConfig, on_row: Callable[[list[dict]], None] | None = Non
         raise SystemExit(f"dpgen.bench: bench.device: unknown {cfg.device!r}. Fix: cpu, cuda or cuda:<index>")
     for key, least in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("image_size", 1), ("channels", 1),
                        ("num_classes", 1)):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise SystemExit(f"dpgen.bench: bench.{key}={value!r}: must be an integer >= {least}")
+        try:
+            require_int(cfg, "bench", key, minimum=least)
+        except ConfigError as err:
+            raise SystemExit(f"dpgen.bench: {err}") from err
     if not cfg.multiplicities or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
                                      for k in cfg.multiplicities):
         raise SystemExit(f"dpgen.bench: bench.multiplicities={list(cfg.multiplicities)}: must be integers >= 1, "

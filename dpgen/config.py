@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dpgen.data import describe_data, has_public_data, validate_data_config, validate_public_config
+from dpgen.data.config import is_number_in, require_int, require_number
 from dpgen.diffusion.sampling import SOLVERS, make_train_scheduler, run_solver
 from dpgen.distributed import check_devices_present, validate_trainer_config
 from dpgen.errors import ConfigError
@@ -140,37 +141,24 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
         raise ConfigError(key, value, "must be a positive integer", f"set {key} to a value >= 1")
 
 
-def _finite(value: object, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> bool:
-    """A real number (not a bool, a string or NaN) in the range, each end open or closed."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-
-
-def _check_number(key: str, value: object, low: float, high: float, fix: str, *, low_open: bool = False,
-                  high_open: bool = False) -> None:
-    if not _finite(value, low, high, low_open=low_open, high_open=high_open):
-        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(key, value, f"must be a number in {span}", fix)
-
-
 def _check_method_settings(cfg: DictConfig) -> None:
     """Training settings that would otherwise surface mid-run (a string learning rate fails when
     its stage starts, after public pretraining) or waste the budget silently (a learning rate of 0
     spends ε on a model that never moves; guidance with no label dropout extrapolates towards a
     null class the model never learned)."""
     for key in _dotted_keys(cfg.method, "method."):
-        value, name = OmegaConf.select(cfg, key), key.rsplit(".", 1)[-1]
+        parent, name = key.rsplit(".", 1)
+        node = OmegaConf.select(cfg, parent)
         if name == "lr":
-            _check_number(key, value, 0, 10, f"set {key}=1e-3 (a rate of 0 trains nothing)", low_open=True)
-        elif name == "ema_decay" and value is not None:
-            _check_number(key, value, 0, 1, f"set {key}=0.99, or null for no EMA", high_open=True)
+            require_number(node, parent, name, 0, 10, low_open=True, fix=f"set {key}=1e-3 (a rate of 0 trains nothing)")
+        elif name == "ema_decay" and node[name] is not None:
+            require_number(node, parent, name, 0, 1, high_open=True, fix=f"set {key}=0.99, or null for no EMA")
         elif name == "label_dropout":
-            _check_number(key, value, 0, 1, f"set {key}=0.1", high_open=True)
-        elif name == "hflip" and not isinstance(value, bool):
-            raise ConfigError(key, value, "must be true or false", f"set {key}=false")
-    scale = cfg.sample.guidance_scale
-    _check_number("sample.guidance_scale", scale, 0, 100, "set sample.guidance_scale=1.0 (no guidance)")
+            require_number(node, parent, name, 0, 1, high_open=True, fix=f"set {key}=0.1")
+        elif name == "hflip" and not isinstance(node[name], bool):
+            raise ConfigError(key, node[name], "must be true or false", f"set {key}=false")
+    scale = require_number(cfg.sample, "sample", "guidance_scale", 0, 100,
+                           fix="set sample.guidance_scale=1.0 (no guidance)")
     if scale != 1.0 and cfg.method.get("label_dropout") == 0:
         raise ConfigError("sample.guidance_scale", scale, "classifier-free guidance needs the unconditional "
                           "model, and method.label_dropout=0 never trains it",
@@ -183,10 +171,7 @@ TIMESTEP_SAMPLERS = ("uniform", "lognormal", "mixture")
 def _check_diffusion(cfg: DictConfig) -> None:
     """Checked before anything is built from them: a bad value would otherwise surface as an
     error about the model or the audit, or as diffusers' traceback."""
-    steps = cfg.diffusion.num_train_timesteps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ConfigError("diffusion.num_train_timesteps", steps, "must be an integer >= 2",
-                          "set diffusion.num_train_timesteps=1000")
+    require_int(cfg.diffusion, "diffusion", "num_train_timesteps", minimum=2)
     try:  # diffusers' own list; its "cosine" is not implemented (squaredcos_cap_v2 is the cosine schedule)
         make_train_scheduler(OmegaConf.to_container(cfg.diffusion, resolve=True))
     except (NotImplementedError, ValueError) as err:
@@ -347,12 +332,12 @@ def validate_config(cfg: DictConfig) -> None:
         p = cfg.privacy
         # Numbers, not merely values that compare: true is 1 to Python, and an infinite or NaN
         # clip makes the noise σ·C infinite or NaN beside a privacy.json that states an ε.
-        if not _finite(p.eps, 0, math.inf, low_open=True, high_open=True):
+        if not is_number_in(p.eps, 0, math.inf, low_open=True, high_open=True):
             raise ConfigError("privacy.eps", p.eps, "must be a number > 0", "set privacy.eps to e.g. 1 or 10")
-        if not _finite(p.delta, 0, 1, low_open=True, high_open=True):
+        if not is_number_in(p.delta, 0, 1, low_open=True, high_open=True):
             raise ConfigError("privacy.delta", p.delta, "must be a number in (0, 1) and below 1/N",
                               "set privacy.delta=1e-5")
-        if not _finite(p.clip, 0, math.inf, low_open=True, high_open=True):
+        if not is_number_in(p.clip, 0, math.inf, low_open=True, high_open=True):
             raise ConfigError("privacy.clip", p.clip, "must be a number > 0", "set privacy.clip=1.0")
         if p.accountant not in ACCOUNTANTS:
             raise ConfigError("privacy.accountant", p.accountant, "unknown accountant",

@@ -49,8 +49,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make the directory's entries (a rename, a new file) survive a power loss."""
     with contextlib.suppress(OSError):  # not every platform can fsync a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:

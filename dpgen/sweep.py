@@ -36,7 +36,7 @@ class SweepCheck(Callback):
         if not (h.sweeper.get("_target_", "").endswith("BasicSweeper")
                 and h.launcher.get("_target_", "").endswith("BasicLauncher")) or h.sweeper.get("params"):
             return  # (values from hydra.sweeper.params: the jobs are not the command line's alone)
-        from dpgen.config import validate_config
+        from dpgen.config import override_key, validate_config
         from dpgen.errors import ConfigError
 
         jobs, swept = sweep_jobs(list(h.overrides.task))
@@ -48,7 +48,7 @@ class SweepCheck(Callback):
                 try:
                     validate_config(cfg)
                 except ConfigError as err:
-                    values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
+                    values = " ".join(o for o in job if override_key(o) in swept)
                     sys.exit(f"dpgen: sweep job {num} ({values}): {err}. No job was started.")
         finally:
             HydraConfig.instance().cfg = saved

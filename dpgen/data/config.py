@@ -72,14 +72,22 @@ def require_choice(cfg: Mapping[str, Any], prefix: str, key: str, choices: Itera
     return value
 
 
-def require_number(cfg: Mapping[str, Any], prefix: str, key: str, low: float, high: float) -> float:
-    """``cfg[key]`` as a real number in [low, high]."""
+def is_number_in(value: object, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> bool:
+    """``value`` is a real number (not a bool, a string or NaN) in the range, each end open or closed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+def require_number(cfg: Mapping[str, Any], prefix: str, key: str, low: float, high: float, *,
+                   low_open: bool = False, high_open: bool = False, fix: str | None = None) -> float:
+    """``cfg[key]`` as a real number in the range [low, high], each end closed unless said open."""
     value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if not is_number_in(value, low, high, low_open=low_open, high_open=high_open):
         raise ConfigError(
             f"{prefix}.{key}",
             value,
-            f"must be a number in [{low}, {high}]",
-            f"set {prefix}.{key} within that range",
+            f"must be a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}",
+            fix or f"set {prefix}.{key} within that range",
         )
     return float(value)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dpgen.data.config import require_choice, require_int, require_number, to_plain
+from dpgen.data.config import is_number_in, require_choice, require_int, require_number, to_plain
 from dpgen.errors import ConfigError
 from dpgen.eval.downstream import validation_size
 from dpgen.eval.fidelity import METRICS
@@ -29,7 +29,7 @@ def _optional_positive(cfg: dict[str, Any], prefix: str, key: str) -> None:
 def _positive_number(cfg: dict[str, Any], prefix: str, key: str, example: str) -> None:
     """``cfg[key]``, a finite number > 0 (a learning rate of 0 trains nothing; below, it ascends)."""
     value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if not is_number_in(value, 0, math.inf, low_open=True, high_open=True):
         raise ConfigError(f"{prefix}.{key}", value, "must be a number > 0", f"set e.g. {prefix}.{key}={example}")
 
 

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from dpgen.io import fsync_directory
 from dpgen.privacy.ledger import PrivacyLedger
 
 JOURNAL = "privacy-journal.jsonl"
@@ -37,11 +38,7 @@ def append_spend(path: str | os.PathLike, ledger: PrivacyLedger) -> None:
         f.flush()
         os.fsync(f.fileno())
     if new:  # the file's directory entry must survive a power loss too
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(path.parent)
 
 
 def read_spend(path: str | os.PathLike) -> dict | None:
