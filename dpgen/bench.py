@@ -33,8 +33,8 @@ from diffusers.models.attention_processor import Attention
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from dpgen.checks import require_int
 from dpgen.config import CONF_DIR
-from dpgen.data.config import require_int
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule

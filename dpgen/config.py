@@ -14,8 +14,8 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from dpgen.checks import is_number_in, require_int, require_number
 from dpgen.data import describe_data, has_public_data, validate_data_config, validate_public_config
-from dpgen.data.config import is_number_in, require_int, require_number
 from dpgen.diffusion.sampling import SOLVERS, make_train_scheduler, run_solver
 from dpgen.distributed import check_devices_present, validate_trainer_config
 from dpgen.errors import ConfigError
@@ -134,11 +134,10 @@ def _first_failing(overrides: Sequence[str]) -> str | None:
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return
-    if not isinstance(value, int) or value <= 0:
-        raise ConfigError(key, value, "must be a positive integer", f"set {key} to a value >= 1")
+    """``key`` (dotted) is absent from this method's config, or an integer >= 1 (a bool is not)."""
+    if OmegaConf.select(cfg, key) is not None:
+        parent, name = key.rsplit(".", 1)
+        require_int(OmegaConf.select(cfg, parent), parent, name, minimum=1)
 
 
 def _check_method_settings(cfg: DictConfig) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from dpgen.checks import require_int
 from dpgen.errors import ConfigError
 
 STRATEGIES = ("single_device", "ddp")
@@ -107,8 +108,7 @@ def validate_trainer_config(t: DictConfig) -> None:
     if strategy not in STRATEGIES:
         raise ConfigError("trainer.strategy", strategy, "unknown strategy", f"use one of {', '.join(STRATEGIES)}")
     for key in ("devices", "num_nodes"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ConfigError(f"trainer.{key}", t[key], "must be a positive integer", f"set trainer.{key}=1 or more")
+        require_int(t, "trainer", key, minimum=1)
     world = external_world()
     if strategy != "ddp":
         if t.devices * t.num_nodes > 1:

@@ -87,6 +87,13 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     ("diffusion.num_train_timesteps=0", "diffusion.num_train_timesteps"),  # was blamed on audit.*
     ("diffusion.beta_schedule=cosine", "diffusion.beta_schedule"),  # was diffusers' NotImplementedError
     ("method.timesteps.kind=foo", "method.timesteps.kind"),  # was blamed on the model
+    # A bool is an int to Python: these ran as K=1, q=1 and one device.
+    ("method.multiplicity=true", "method.multiplicity"),
+    ("method.train.steps=true", "method.train.steps"),
+    ("trainer.devices=true", "trainer.devices"),
+    (("method=feta", "method.central.sample_rate=true"), "method.central.sample_rate"),
+    (("method=feta", "method.central.class_proportions=[1,abc]"), "method.central.class_proportions"),
+    (("method=privimage", "public=glyphs", "method.query_sigma=true"), "method.query_sigma"),
 ])
 def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from dpgen.data.config import require_choice, require_int, to_plain
+from dpgen.checks import require_choice, require_int, to_plain
 from dpgen.data.dataset import DatasetInfo, FileImageDataset, TensorImageDataset
 from dpgen.data.registry import DataSpec, registry
 from dpgen.errors import ConfigError

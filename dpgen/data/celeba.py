@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from dpgen.data.config import require_int
+from dpgen.checks import require_int
 from dpgen.data.dataset import DatasetInfo, FileImageDataset
 from dpgen.data.registry import DataSpec
 from dpgen.data.roots import require_files, require_root

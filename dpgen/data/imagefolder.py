@@ -12,7 +12,7 @@ from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from dpgen.data.config import require_int
+from dpgen.checks import require_int
 from dpgen.data.dataset import DatasetInfo, FileImageDataset
 from dpgen.data.registry import DataSpec
 from dpgen.data.roots import require_root

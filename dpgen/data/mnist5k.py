@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpgen.data.config import require_int
+from dpgen.checks import require_int
 from dpgen.data.dataset import DatasetInfo, TensorImageDataset
 from dpgen.data.registry import DataSpec
 from dpgen.data.splits import stratified_split

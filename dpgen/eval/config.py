@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dpgen.data.config import is_number_in, require_choice, require_int, require_number, to_plain
+from dpgen.checks import is_number_in, require_choice, require_int, require_number, to_plain
 from dpgen.errors import ConfigError
 from dpgen.eval.downstream import validation_size
 from dpgen.eval.fidelity import METRICS
@@ -82,7 +82,8 @@ def _positive_numbers(cfg: dict[str, Any], prefix: str, key: str, integer: bool 
     value = cfg.get(key)
     kinds = (int,) if integer else (int, float)
     if (not isinstance(value, list) or not value
-            or any(isinstance(v, bool) or not isinstance(v, kinds) or v <= 0 for v in value)):
+            or not all(isinstance(v, kinds) and is_number_in(v, 0, math.inf, low_open=True, high_open=True)
+                       for v in value)):
         kind = "integers" if integer else "numbers"
         raise ConfigError(f"{prefix}.{key}", value, f"must be a non-empty list of positive {kind}",
                           f"e.g. {prefix}.{key}=[1,2]")

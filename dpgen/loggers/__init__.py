@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.data.config import require_choice, require_int, to_plain
+from dpgen.checks import require_choice, require_int, to_plain
 from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
 from dpgen.loggers.grids import SampleGridCallback

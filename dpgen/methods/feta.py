@@ -7,40 +7,39 @@ mechanism (``dpgen/privacy/class_means.py``); this class checks their configurat
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 from omegaconf import DictConfig
 
+from dpgen.checks import is_number_in, require_int, require_number
 from dpgen.errors import ConfigError
 from dpgen.methods.dpdm import DPDMModule
 
 _ORDER = ("dp_central_images", "warmup", "dp_train")
 
 
-def _positive(key: str, value: object, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ConfigError(key, value, f"must be a positive {'integer' if integer else 'number'}",
-                          f"set {key} to a value > 0")
+def _positive(cfg: Mapping, prefix: str, key: str) -> None:
+    require_number(cfg, prefix, key, 0, math.inf, low_open=True, high_open=True, fix=f"set {prefix}.{key} > 0")
 
 
 def _check_central(cfg: DictConfig) -> None:
     c = cfg.method.central
-    _positive("method.central.rounds", c.rounds, integer=True)
-    _positive("method.central.resolution", c.resolution, integer=True)
+    require_int(c, "method.central", "rounds", minimum=1)
+    require_int(c, "method.central", "resolution", minimum=1)
     if c.resolution > cfg.data.image_size:
         raise ConfigError("method.central.resolution", c.resolution,
                           f"exceeds data.image_size={cfg.data.image_size}", "use a resolution <= the image size")
-    if not (isinstance(c.sample_rate, int | float) and 0 < c.sample_rate <= 1):
-        raise ConfigError("method.central.sample_rate", c.sample_rate, "must be in (0, 1]", "use e.g. 0.5")
+    require_number(c, "method.central", "sample_rate", 0, 1, low_open=True, fix="use e.g. 0.5")
     if c.clip_norm is not None:
-        _positive("method.central.clip_norm", c.clip_norm)
-    sigma, fraction = c.get("noise_multiplier"), c.get("budget_fraction")
-    if sigma is not None:
-        _positive("method.central.noise_multiplier", sigma)
-    elif not (isinstance(fraction, int | float) and 0 < fraction < 1):
-        raise ConfigError("method.central.budget_fraction", fraction, "must be in (0, 1) (DP-SGD gets the rest)",
-                          "use e.g. 0.2, or fix method.central.noise_multiplier")
+        _positive(c, "method.central", "clip_norm")
+    if c.get("noise_multiplier") is not None:
+        _positive(c, "method.central", "noise_multiplier")
+    else:
+        require_number(c, "method.central", "budget_fraction", 0, 1, low_open=True, high_open=True,
+                       fix="use e.g. 0.2 (DP-SGD gets the rest), or fix method.central.noise_multiplier")
     props = c.get("class_proportions")
-    if props is not None and (len(props) != cfg.data.num_classes or any(p <= 0 for p in props)):
+    if props is not None and (len(props) != cfg.data.num_classes or not all(is_number_in(p, 0, math.inf, low_open=True, high_open=True) for p in props)):
         raise ConfigError("method.central.class_proportions", list(props),
                           f"must be {cfg.data.num_classes} positive numbers (public class frequencies)",
                           "give one per class, or null for uniform")
@@ -48,17 +47,16 @@ def _check_central(cfg: DictConfig) -> None:
 
 def _check_warmup(cfg: DictConfig) -> None:
     w = cfg.method.warmup
-    _positive("method.warmup.batch_size", w.batch_size, integer=True)
-    _positive("method.warmup.lr", w.lr)
+    require_int(w, "method.warmup", "batch_size", minimum=1)
+    _positive(w, "method.warmup", "lr")
     if not w.curriculum:
         raise ConfigError("method.warmup.curriculum", w.curriculum, "needs at least one phase",
                           "e.g. [{steps: 100, blur: 1.0}, {steps: 100, blur: 0.0}]")
     for i, phase in enumerate(w.curriculum):
-        _positive(f"method.warmup.curriculum[{i}].steps", phase.get("steps"), integer=True)
-        blur = phase.get("blur", 0.0)
-        if not isinstance(blur, int | float) or blur < 0:
-            raise ConfigError(f"method.warmup.curriculum[{i}].blur", blur, "must be a number >= 0",
-                              "use 0 for sharp images")
+        require_int(phase, f"method.warmup.curriculum[{i}]", "steps", minimum=1)
+        if "blur" in phase:
+            require_number(phase, f"method.warmup.curriculum[{i}]", "blur", 0, math.inf, high_open=True,
+                           fix="use 0 for sharp images")
 
 
 class FETAModule(DPDMModule):

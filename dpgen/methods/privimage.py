@@ -8,8 +8,11 @@ is where its pretraining comes from, which is the job of the stages in
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig
 
+from dpgen.checks import is_number_in, require_int
 from dpgen.data import has_public_data, validate_public_config
 from dpgen.data.glyphs.fonts import CHARSETS
 from dpgen.errors import ConfigError
@@ -17,12 +20,6 @@ from dpgen.methods.dpdm import DPDMModule
 from dpgen.models.classifiers import CLASSIFIERS
 
 SELECTIONS = ("semantic", "all")
-
-
-def _positive_int(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "must be a positive integer", f"set {key} to a value >= 1")
-    return value
 
 
 class PrivImageModule(DPDMModule):
@@ -55,16 +52,16 @@ def check_selection_config(cfg: DictConfig) -> None:
     if q.name not in CLASSIFIERS:
         raise ConfigError("method.query_classifier.name", q.name, "unknown classifier",
                           f"use one of {', '.join(CLASSIFIERS)}")
-    _positive_int("method.query_classifier.epochs", q.epochs)
-    _positive_int("method.query_classifier.batch_size", q.batch_size)
+    require_int(q, "method.query_classifier", "epochs", minimum=1)
+    require_int(q, "method.query_classifier", "batch_size", minimum=1)
     if m.selection == "all":
         return
     public_classes = len(CHARSETS[cfg.public.charset])
-    top_k = _positive_int("method.query_top_k", m.query_top_k)
+    top_k = require_int(m, "method", "query_top_k", minimum=1)
     if top_k > public_classes:
         raise ConfigError("method.query_top_k", top_k, f"exceeds the {public_classes} public classes",
                           f"use at most {public_classes}")
-    per_class = _positive_int("method.classes_per_label", m.classes_per_label)
+    per_class = require_int(m, "method", "classes_per_label", minimum=1)
     if per_class * cfg.data.num_classes > public_classes:
         raise ConfigError("method.classes_per_label", per_class,
                           f"{cfg.data.num_classes} sensitive classes x {per_class} exceeds the {public_classes} "
@@ -72,12 +69,12 @@ def check_selection_config(cfg: DictConfig) -> None:
                           f"use at most {public_classes // cfg.data.num_classes}, or a larger public.charset")
     sigma = m.get("query_sigma")
     if sigma is not None:
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
+        if not is_number_in(sigma, 0, math.inf, low_open=True, high_open=True):
             raise ConfigError("method.query_sigma", sigma, "must be a noise multiplier > 0 or null",
                               "set e.g. method.query_sigma=20, or null to use method.query_budget_fraction")
     else:
         f = m.query_budget_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+        if not is_number_in(f, 0, 1, low_open=True, high_open=True):
             raise ConfigError("method.query_budget_fraction", f,
                               "must be in (0, 1): the query's share of privacy.eps, training gets the rest",
                               "set e.g. method.query_budget_fraction=0.1")

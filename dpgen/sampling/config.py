@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpgen.data.config import require_choice, require_int, require_number, to_plain
+from dpgen.checks import require_choice, require_int, require_number, to_plain
 from dpgen.errors import ConfigError
 
 SAMPLING = ("default", "cpsample")

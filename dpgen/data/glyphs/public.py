@@ -11,8 +11,8 @@ from typing import Any
 import PIL.features
 import torch
 
+from dpgen.checks import require_choice, require_int, require_number
 from dpgen.data.cache import config_key, load_tensors, save_atomic
-from dpgen.data.config import require_choice, require_int, require_number
 from dpgen.data.dataset import DatasetInfo, TensorImageDataset
 from dpgen.data.glyphs.augment import Augment
 from dpgen.data.glyphs.fonts import CHARSETS, font_files

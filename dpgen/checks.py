@@ -1,4 +1,4 @@
-"""Reading and checking config nodes: every problem becomes a one-line ConfigError."""
+"""Reading and checking config values: every problem becomes a one-line ConfigError."""
 
 from __future__ import annotations
 
