@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,14 +48,17 @@ from dpgen.models.ldm import (
     validate_ldm_config,
 )
 from dpgen.models.unet import build_unet
+from dpgen.privacy.journal import JOURNAL
+from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
 from dpgen.privacy.strategy import (
     CLIPPING_MODES,
-    add_gaussian_noise,
+    POISSON_GAUSSIAN,
+    DPSGDConfig,
     assert_dp_compatible,
     check_dp_precision,
-    clipped_gradient_sum,
+    dp_gradient,
 )
 
 log = logging.getLogger("dpgen.bench")
@@ -152,15 +156,29 @@ def peak_memory_bytes(step: Callable[[], None], module: torch.nn.Module, optimiz
 
 
 class StepPair:
-    """A non-private and a DP-SGD step of one module on one fixed batch."""
+    """A non-private and a DP-SGD step of one module on one fixed batch.
 
-    def __init__(self, module: DiffusionModule, batch: list[Tensor], clip: float, noise_multiplier: float,
-                 precision: str, clipping: str, max_physical_batch: int | None = None) -> None:
-        self.module, self.batch, self.clipping = module, batch, clipping
-        # None: the whole batch in one chunk (make bench compares like with like on B*K images).
-        self.max_physical_batch = max_physical_batch or len(batch[0])
+    The DP step is a run's (:func:`dpgen.privacy.strategy.dp_gradient`): charged to a planned
+    ledger and appended, fsynced, to a spend journal (in a temporary directory) before its noise."""
+
+    # A stand-in sensitive set: q·N is then the batch, so the update is normalised as in a run.
+    DATASET_SIZE = 60_000
+
+    def __init__(self, module: DiffusionModule, batch: list[Tensor], precision: str, clipping: str,
+                 max_physical_batch: int | None = None) -> None:
+        self.module, self.batch = module, batch
+        rows = len(batch[0])
+        # max_physical_batch None: the whole batch in one chunk (make bench compares like with like on B*K images).
+        self.config = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=rows / self.DATASET_SIZE,
+                                  dataset_size=self.DATASET_SIZE, max_physical_batch=max_physical_batch or rows,
+                                  clipping=clipping)
+        self.ledger = PrivacyLedger(1e6, 1e-6, self.DATASET_SIZE)
+        # Planned far beyond the steps a bench takes, so that recording one is the covered check a run makes.
+        self.ledger.plan([PlannedStage(self.config.stage, POISSON_GAUSSIAN, self.config.sample_rate, count=10_000,
+                                       noise_multiplier=self.config.noise_multiplier)])
+        self._journal_dir = tempfile.TemporaryDirectory(prefix="dpgen-bench-")  # removed with the pair
+        self.journal = Path(self._journal_dir.name) / JOURNAL
         self.optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-        self.clip, self.std = clip, noise_multiplier * clip
         self.generator = fresh_generator(batch[0].device)
         self.autocast = precision == "bf16"
         assert_dp_compatible(module)
@@ -183,13 +201,12 @@ class StepPair:
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.attach()
         try:
-            grad_sum, _ = clipped_gradient_sum(self.engine, self.module.per_example_loss, self.batch, self.clip,
-                                               self.max_physical_batch, self.clipping, forward_context=self._context)
+            grads, _ = dp_gradient(self.engine, self.module.per_example_loss, self.batch, self.config, self.generator,
+                                   ledger=self.ledger, spend_journal=self.journal, forward_context=self._context)
         finally:
             self.engine.remove()
-        add_gaussian_noise(grad_sum, self.std, self.generator)
-        for p, g in zip(self.engine.params, grad_sum):
-            p.grad = g / len(self.batch[0])  # stands in for q·N; the cost is the same
+        for p, g in zip(self.engine.params, grads):
+            p.grad = g
         self.optimizer.step()
 
 
@@ -282,8 +299,7 @@ def run_bench(cfg: DictConfig, on_row: Callable[[list[dict]], None] | None = Non
                 module = build_module(model_name, trainable, k, cfg, device)
                 total = sum(p.numel() for p in module.parameters())
                 n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
-                pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision=str(cfg.precision),
-                                clipping=clipping)
+                pair = StepPair(module, batch, str(cfg.precision), clipping)
                 row = {"config": f"{model_name}/{trainable}/{clipping}", "K": k, "B": cfg.batch_size,
                        "image_size": cfg.image_size, "channels": cfg.channels, "device": str(device),
                        "precision": str(cfg.precision), "threads": torch.get_num_threads(),

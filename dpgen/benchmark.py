@@ -85,8 +85,7 @@ class TrainingStep:
         # Timed at the precision the run trains at (bf16-mixed under trainer=gpu): the steps bought
         # must be the steps the run can take in the budget.
         precision = "bf16" if str(cfg.trainer.precision).startswith("bf16") else "32"
-        self.pair = StepPair(module, batch, clip=1.0, noise_multiplier=1.0, precision=precision, clipping=clipping,
-                             max_physical_batch=chunk)
+        self.pair = StepPair(module, batch, precision, clipping, max_physical_batch=chunk)
         self.step = self.pair.private if private else self.pair.nonprivate
         self.device = device
         # Methods whose steps are the same computation (dpdm, PrivImage and DP-FETA all train the

@@ -46,6 +46,29 @@ def test_bench_rows_carry_the_issue_fields_and_consistent_ratios():
     assert table.count("\n") == len(rows) + 1 and "unet_tiny/attention_only/mixed" in table
 
 
+def test_the_dp_step_timed_is_a_runs_step_charged_and_journaled_before_its_noise(monkeypatch):
+    """The bench must time what training pays, ledger and fsynced journal included."""
+    import dpgen.bench as bench
+    import dpgen.privacy.strategy as strategy
+    from dpgen.privacy.journal import read_spend
+
+    cfg = _tiny()
+    module = bench.build_module("unet_tiny", "full", 2, cfg, torch.device("cpu"))
+    pair = bench.StepPair(module, bench.bench_batch("unet_tiny", cfg, torch.device("cpu")), "32", "mixed")
+    drawn = []
+    noise = strategy.add_gaussian_noise
+
+    def add_noise(grad_sum, std, generator):
+        drawn.append((pair.ledger.steps_spent("dp_train"), read_spend(pair.journal)["events"][0]["steps"], std))
+        noise(grad_sum, std, generator)
+
+    monkeypatch.setattr(strategy, "add_gaussian_noise", add_noise)
+    pair.private()
+    pair.private()
+    assert drawn == [(1, 1, 1.0), (2, 2, 1.0)]
+    assert pair.config.expected_batch_size == pytest.approx(len(pair.batch[0]))
+
+
 def test_a_latent_model_benches_dpldm_on_latents_with_its_default_trainable_set(monkeypatch):
     import dpgen.bench as bench
     from dpgen.methods.dpldm import trainable_parameter_names

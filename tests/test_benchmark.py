@@ -57,8 +57,8 @@ def test_calibration_times_training_chunks_and_each_distinct_step_once():
     assert signatures["dpdm"] == signatures["privimage"] == signatures["feta"]
     assert len({signatures["dpdm"], signatures["dpldm"], signatures["nonprivate"]}) == 3
     dpldm = cfgs["dpldm"]
-    assert steps["dpldm"].pair.max_physical_batch == dpldm.privacy.max_physical_batch < dpldm.method.train.batch_size
-    assert steps["nonprivate"].pair.max_physical_batch == cfgs["nonprivate"].method.train.batch_size
+    assert steps["dpldm"].pair.config.max_physical_batch == dpldm.privacy.max_physical_batch < dpldm.method.train.batch_size
+    assert steps["nonprivate"].pair.config.max_physical_batch == cfgs["nonprivate"].method.train.batch_size
 
 
 def test_commands_give_each_method_its_calibrated_steps_and_one_sweep_dir(tmp_path):

@@ -178,6 +178,42 @@ def add_gaussian_noise(grad_sum: list[Tensor], std: float, generator: torch.Gene
         g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype), alpha=std)
 
 
+def dp_gradient(engine: PerExampleGradients, per_example_loss: Callable[[Any], Tensor], batch: Any,
+                config: DPSGDConfig, noise_generator: torch.Generator, *, ledger: PrivacyLedger | None = None,
+                spend_journal: Path | None = None,
+                forward_context: Callable[[], AbstractContextManager] = nullcontext,
+                noise: bool = True) -> tuple[list[Tensor], Tensor]:
+    """One DP-SGD step's gradient, and the summed loss of the local batch; what a run's strategy
+    and ``make bench`` both take, so the benchmark times the step that trains.
+
+    The clipped per-example sum is charged to ``ledger`` (and appended to ``spend_journal``, which
+    only rank 0 passes) before its noise is drawn: a crash between the two then costs budget
+    instead of giving a free draw. Under DDP the noise is drawn once, by rank 0, and added to the
+    sum of every rank's clipped sum. The result is normalised by the *expected* batch size q·N,
+    not the realised one, whose size would reveal whether an example was sampled.
+    ``noise=False`` is for tests that need the un-noised update; no config reaches it.
+    """
+    grad_sum, loss_sum = clipped_gradient_sum(engine, per_example_loss, batch, config.max_grad_norm,
+                                              config.max_physical_batch, config.clipping, forward_context)
+    if ledger is not None:
+        ledger.record(config.stage, POISSON_GAUSSIAN, config.noise_multiplier, config.sample_rate, 1)
+        if spend_journal is not None:
+            append_spend(spend_journal, ledger)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    if rank == 0 and noise and config.noise_multiplier > 0:
+        add_gaussian_noise(grad_sum, config.noise_multiplier * config.max_grad_norm, noise_generator)
+    if distributed:
+        # One noise draw for the step: rank 0's noise plus every rank's clipped sum.
+        flat = torch.cat([g.flatten() for g in grad_sum])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grad_sum:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return [g / config.expected_batch_size for g in grad_sum], loss_sum
+
+
 def assert_dp_compatible(module: torch.nn.Module) -> None:
     """Refuse modules that per-example clipping cannot make private, before any training.
 
@@ -249,15 +285,12 @@ class _DPSGDMixin:
         module = self.lightning_module
         assert self._engine is not None, "DP strategy used before setup"
         cfg = self.dp_config
-        grad_sum, loss_sum = clipped_gradient_sum(
-            self._engine, module.per_example_loss, batch, cfg.max_grad_norm, cfg.max_physical_batch,
-            cfg.clipping, forward_context=self.precision_plugin.train_step_context)
-        if self.ledger is not None:  # charged, and on disk, before the noise that makes it a release
-            self.ledger.record(cfg.stage, POISSON_GAUSSIAN, cfg.noise_multiplier, cfg.sample_rate, 1)
-            if self.spend_journal is not None and self.is_global_zero:
-                append_spend(self.spend_journal, self.ledger)
-        self._add_noise_and_reduce(grad_sum)
-        self._dp_grads = [g / cfg.expected_batch_size for g in grad_sum]
+        if self.noise_generator is None:
+            self.noise_generator = fresh_generator(self.root_device)
+        self._dp_grads, loss_sum = dp_gradient(
+            self._engine, module.per_example_loss, batch, cfg, self.noise_generator, ledger=self.ledger,
+            spend_journal=self.spend_journal if self.is_global_zero else None,
+            forward_context=self.precision_plugin.train_step_context, noise=self._noise_enabled)
         # The mean loss of a sensitive batch has no noise: it never feeds a decision, and it is
         # logged (to the progress bar, CSV, W&B) only where the config asks for it.
         n_local = _batch_len(batch)
@@ -265,23 +298,6 @@ class _DPSGDMixin:
         if cfg.log_train_loss:
             module.log("train/loss", mean_loss, prog_bar=True, batch_size=max(n_local, 1))
         return mean_loss.detach().requires_grad_()
-
-    def _add_noise_and_reduce(self, grad_sum: list[Tensor]) -> None:
-        cfg = self.dp_config
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        rank = dist.get_rank() if distributed else 0
-        if rank == 0 and self._noise_enabled and cfg.noise_multiplier > 0:
-            if self.noise_generator is None:
-                self.noise_generator = fresh_generator(self.root_device)
-            add_gaussian_noise(grad_sum, cfg.noise_multiplier * cfg.max_grad_norm, self.noise_generator)
-        if distributed:
-            # One noise draw for the step: rank 0's noise plus every rank's clipped sum.
-            flat = torch.cat([g.flatten() for g in grad_sum])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for g in grad_sum:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         # Lightning zeroes gradients between training_step and backward; install ours now.
