@@ -124,7 +124,7 @@ def validate_trainer_config(t: DictConfig) -> None:
         return
     if world is None and t.num_nodes > 1:
         raise ConfigError("trainer.num_nodes", t.num_nodes, "several nodes need one process per device, "
-                          "started by the cluster", "launch with hydra/launcher=submitit_slurm (or srun/torchrun)")
+                          "started by the cluster", "launch with hydra/launcher=slurm (or srun/torchrun)")
     if world is not None and world[1] != t.devices * t.num_nodes:
         raise ConfigError("trainer.devices", t.devices, f"the launcher started {world[1]} processes, but "
                           f"trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes}",

@@ -10,4 +10,10 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: object, problem: str, fix: str) -> None:
         self.key = key
+        self._args = (key, value, problem, fix)
         super().__init__(f"{key}={value!r}: {problem}. Fix: {fix}")
+
+    def __reduce__(self) -> tuple:
+        # A cluster launcher (submitit) pickles a job's exception back to the sweep; the default
+        # would call __init__ with the message alone and fail with a TypeError instead.
+        return (self.__class__, self._args)

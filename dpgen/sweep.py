@@ -3,7 +3,8 @@
 ``python -m dpgen -m privacy.eps=1,abc`` would otherwise train job 0 for its whole run before
 job 1 found that ``abc`` is no number. Only sweeps whose jobs run here (Hydra's basic sweeper
 and launcher) are checked: a cluster launcher's jobs may see data roots and GPUs that the
-submitting machine does not, and each job still validates itself when it starts.
+submitting machine does not, and each job still validates itself when it starts. Under a
+cluster launcher the one check is that the jobs' process geometry does not vary.
 """
 
 from __future__ import annotations
@@ -30,9 +31,21 @@ def sweep_jobs(task_overrides: list[str]) -> tuple[list[list[str]], set[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], swept
 
 
+# What sets a job's process geometry; a cluster launcher resolves its tasks_per_node and nodes
+# (${trainer.devices}, ${trainer.num_nodes}) once, from the sweep's own config.
+_GEOMETRY = ("trainer", "trainer.devices", "trainer.num_nodes")
+
+
 class SweepCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         h = config.hydra
+        if "submitit" in h.launcher.get("_target_", ""):
+            _, swept = sweep_jobs(list(h.overrides.task))
+            if varied := sorted(swept & set(_GEOMETRY)):
+                sys.exit(f"dpgen: {', '.join(varied)} varies across the sweep, but the launcher starts every job "
+                         "with the processes of the first composition (hydra.launcher.tasks_per_node and nodes "
+                         "are resolved once), so the other jobs would be refused. Fix: one sweep per job "
+                         "geometry. No job was started.")
         if not (h.sweeper.get("_target_", "").endswith("BasicSweeper")
                 and h.launcher.get("_target_", "").endswith("BasicLauncher")) or h.sweeper.get("params"):
             return  # (values from hydra.sweeper.params: the jobs are not the command line's alone)

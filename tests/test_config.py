@@ -199,6 +199,23 @@ def test_launch_mistakes_that_would_train_in_the_wrong_place_are_refused(tmp_pat
     assert not (tmp_path / "sweep" / "0" / "run_config.yaml").exists()
 
 
+def test_a_cluster_sweep_over_the_job_geometry_is_refused_before_any_job(tmp_path):
+    """submitit resolves tasks_per_node=${trainer.devices} once: every job would get the first
+    job's processes and all but that one be refused after their start (found by the ops review)."""
+    out = _cli("-m", "hydra/launcher=slurm_local", "trainer=ddp_cpu", "trainer.devices=1,2",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", tmp=tmp_path)
+    assert out.returncode != 0 and "dpgen: trainer.devices varies across the sweep" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
+
+
+def test_a_config_error_survives_the_pickling_a_cluster_launcher_does():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("privacy.eps", "abc", "must be a number", "set it")))
+    assert isinstance(err, ConfigError) and err.key == "privacy.eps"
+    assert str(err) == "privacy.eps='abc': must be a number. Fix: set it"
+
+
 def test_a_run_asking_for_more_gpus_than_the_machine_has_is_refused_before_work(monkeypatch):
     """Validation passes (a config may be composed here to run elsewhere); the run's start refuses
     instead of failing at its first GPU stage after the privacy plan and public pretraining."""

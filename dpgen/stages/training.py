@@ -76,7 +76,10 @@ def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callba
         logger=stage_loggers(ctx.cfg, ctx.run_dir, stage), callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], log_every_n_steps=min(t.log_every_n_steps, max_steps),
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        use_distributed_sampler=False, default_root_dir=ctx.run_dir, **kwargs,
+        use_distributed_sampler=False, default_root_dir=ctx.run_dir,
+        # Stages without checkpoints (public pretraining: a cache) get no Lightning default checkpoint
+        # under logs/ either.
+        enable_checkpointing=checkpoint_dir is not None, **kwargs,
     )
 
 
