@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
@@ -88,6 +89,15 @@ _CHANGEABLE_UNTIL = {"sample": ("warmup", "sample"), "sampling": ("train_protect
                      "eval": ("evaluate",), "audit": ("evaluate",)}
 # The canary audit (python -m dpgen.audit) trains on the canaries these choose, and never evaluates.
 _FIXED_AUDIT = ("audit.canary.count", "audit.canary.kind")
+# Where curves go shapes no output: a resume may switch W&B on, or off.
+_CHANGEABLE_ALWAYS = ("logger",)
+# A refusal lists what most likely explains it first (a sweep re-run into another's directory).
+_LISTED_FIRST = ("privacy", "data", "method", "model", "diffusion", "public", "seed")
+
+
+def _refusal_order(key: str) -> tuple[int, str]:
+    group = key.split(".")[0]
+    return (_LISTED_FIRST.index(group) if group in _LISTED_FIRST else len(_LISTED_FIRST), key)
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -108,9 +118,11 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
         if isinstance(before.get(group), dict):
             before[group].pop(key, None)
     old, new = _leaves(before), _leaves(now)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    refused = [k for k in changed if k.split(".")[0] not in _CHANGEABLE_UNTIL or k.startswith(_FIXED_AUDIT)
-               or set(_CHANGEABLE_UNTIL[k.split(".")[0]]) & set(completed)]
+    changed = sorted((k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>")),
+                     key=_refusal_order)
+    refused = [k for k in changed if k.split(".")[0] not in _CHANGEABLE_ALWAYS and (
+        k.split(".")[0] not in _CHANGEABLE_UNTIL or k.startswith(_FIXED_AUDIT)
+        or set(_CHANGEABLE_UNTIL[k.split(".")[0]]) & set(completed))]
     if refused:
         listed = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in refused[:6])
         raise ConfigError("resume", str(run_dir), f"this run was started with a different configuration ({listed}"
@@ -194,6 +206,21 @@ def only_process_in(run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
+def _publish_hydra_record(run_dir: Path) -> None:
+    """This attempt's Hydra record also in Hydra's own layout (``.hydra/config.yaml``, ``hydra.yaml``,
+    ``overrides.yaml``), for tools that read it there. Each attempt keeps its own in
+    ``.hydra/<time>/`` (conf/config.yaml), and only an attempt that passed its checks and its
+    privacy plan is published, so a refused one never replaces the record of the run."""
+    if not HydraConfig.initialized() or not HydraConfig.get().output_subdir:
+        return
+    attempt = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
+    hydra_dir = run_dir / ".hydra"
+    if attempt.parent.resolve() != hydra_dir.resolve():
+        return
+    for record in sorted(attempt.glob("*.yaml")):
+        atomic_write(hydra_dir / record.name, lambda f, src=record: f.write(src.read_bytes()))
+
+
 def _run_stages(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None, train_set: Dataset | None,
                 start: float, rank: int, launch: str | None) -> RunContext:
     state = _load_state(run_dir)
@@ -211,6 +238,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None, tr
         if rank == 0:  # after the checks and the plan: a run refused there leaves nothing to resume
             atomic_write(run_dir / "run_config.yaml",
                          lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode()))
+            _publish_hydra_record(run_dir)
         with experiment(cfg, run_dir):
             for i, name in enumerate(stages):
                 if name in state["completed"]:

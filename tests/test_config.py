@@ -264,6 +264,10 @@ def test_cli_multirun_over_epsilon(tmp_path):
         privacy = json.loads((tmp_path / "sweep" / job / "privacy.json").read_text())
         spent[privacy["epsilon_target"]] = privacy["epsilon_spent"]
         assert (tmp_path / "sweep" / job / "metrics.json").exists()
+        # Hydra's own layout holds the accepted attempt's record (DESIGN.md: `.hydra/`).
+        assert "privacy.eps=" in (tmp_path / "sweep" / job / ".hydra" / "overrides.yaml").read_text()
+    assert not (tmp_path / "sweep" / "1" / ".hydra" / "config.yaml").exists()  # refused by its plan
+    assert list((tmp_path / "sweep" / "1" / ".hydra").glob("*/config.yaml"))  # its attempt's own record
     assert set(spent) == {2.0, 8.0} and spent[2.0] <= 2.0 < spent[8.0] <= 8.0
     # The sweep ends with its report (SweepReport, a Hydra callback).
     report = (tmp_path / "sweep" / "report.md").read_text()

@@ -77,7 +77,9 @@ def test_wandb_offline_run_holds_config_curves_images_and_metrics(wandb_run):
     records = _complete_records(wandb_run)
 
     (run,) = _kinds(records, "run")
-    assert run.run_group == "sweep-x" and list(run.tags) == ["test"] and run.display_name == "dpdm-eps5"
+    assert run.run_group == "sweep-x" and run.display_name == "dpdm-eps5"
+    assert list(run.tags) == ["test", "dpdm", "eps=5", "formal-dp"]
+    assert "outside the guarantee" in run.notes
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["method"]["name"] == "dpdm" and config["privacy"]["eps"] == 5.0  # resolved config
 
@@ -98,6 +100,13 @@ def test_wandb_offline_run_holds_config_curves_images_and_metrics(wandb_run):
     assert summary["fid_feature_extractor"] == "glyphnet-v1"
     assert summary["downstream_accuracy"] == pytest.approx(metrics["downstream_accuracy"])
     assert summary["privacy"]["epsilon_spent"] == pytest.approx(metrics["epsilon"])
+    assert "training split" in summary["outside_dp_guarantee"]
+    # The last ε point is the ε of privacy.json, plotted at the DP step it was spent after.
+    eps = [(h_items["trainer/global_step"], h_items["dp_train-privacy/epsilon"]) for h_items in (
+        {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in h.item} for h in _kinds(records, "history"))
+        if "dp_train-privacy/epsilon" in h_items]
+    privacy = json.loads((wandb_run / "privacy.json").read_text())
+    assert eps[-1] == (privacy["events"][-1]["steps"], pytest.approx(privacy["epsilon_spent"]))
 
     images = list((wandb_run / "wandb").glob("offline-run-*/files/media/images/*.png"))
     assert len(images) >= 3  # two training grids (steps 2 and 4) and the final grid
@@ -110,6 +119,24 @@ def test_training_grids_and_curves_in_the_run_directory(wandb_run):
     with open(wandb_run / "logs" / "dp_train" / "metrics.csv") as f:
         columns = set(next(csv.reader(f)))
     assert {"privacy/epsilon", "lr-Adam"} <= columns and "train/loss" not in columns
+
+
+def test_a_resumed_run_logs_to_the_w_and_b_run_it_started(wandb_run, tmp_path):
+    """Offline, W&B cannot resume: the second attempt writes its own directory, under the same run
+    id, name and group (online, the same id resumes the run)."""
+    from conftest import compose_config, tiny_overrides
+
+    before = {p.name for p in (wandb_run / "wandb").glob("offline-run-*")}
+    cfg = compose_config(tiny_overrides(wandb_run.parent) + [
+        "privacy.eps=5", "logger=wandb", "logger.mode=offline", "logger.tags=[test]", "logger.group=sweep-x",
+        "logger.sample_every_n_steps=2", "logger.grid_per_class=1", "logger.grid_steps=2"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_SILENT", "true")
+        run_pipeline(cfg, wandb_run)  # every stage done: the attempt only opens and closes the run
+    runs = sorted((wandb_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(before) + 1
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    assert ids == {json.loads((wandb_run / "wandb-run.json").read_text())["id"]}
 
 
 def test_the_sensitive_training_loss_is_logged_only_when_asked_for(tiny_cfg, tmp_path, caplog):

@@ -266,6 +266,11 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"sampling.classifier.batch_size: '<unset>' -> 128"):
         _check_resume_config(tiny_cfg("method=nonprivate", "sampling=cpsample"), run_dir,
                              ["train", "train_protection_classifier"])
+    # Logging shapes no output; a refusal names the privacy plan, data, method and seed first.
+    _check_resume_config(tiny_cfg("method=nonprivate", "logger=wandb"), run_dir, ["train", "sample", "evaluate"])
+    with pytest.raises(ValueError, match=r"\(seed: 0 -> 3; audit.canary.kind"):
+        _check_resume_config(tiny_cfg("method=nonprivate", "seed=3", "audit.canary.kind=mislabeled"), run_dir,
+                             ["train"])
     # A run saved with the retired formal_guarantee flags (before stop 22) still resumes.
     saved = OmegaConf.load(run_dir / "run_config.yaml")
     saved.method.formal_guarantee, saved.sampling.formal_guarantee = False, True

@@ -263,6 +263,9 @@ def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]]) -> bytes
         "(FID grows as sets shrink, so only that column is comparable with it).",
         "The real-data ceiling and fidelity reference are computed on the sensitive data without privacy; "
         "they are reference points, not released outputs.",
+        "Each ε is one run's. Runs on the same sensitive data compose: releasing the outputs of several "
+        "(say every point of this sweep) is covered only by their combined budget, at most the sum of "
+        "their ε (and of their δ), and a run repeated in a new directory spends its budget again.",
         "",
         f"![accuracy vs ε]({ACCURACY_PNG})",
         f"![FID vs ε]({FID_PNG})",

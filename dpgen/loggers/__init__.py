@@ -5,15 +5,20 @@ the training loss of non-private stages; of DP stages only with ``privacy.log_tr
 With ``logger=wandb`` the whole dpgen run is also one W&B run, opened by the pipeline before the
 first stage: each stage's Lightning ``WandbLogger`` attaches to it with the stage as key prefix,
 and the final metrics become its summary. ``logger.mode=offline`` writes
-under ``<run>/wandb/`` and needs no account; ``wandb sync`` uploads it later.
+under ``<run>/wandb/`` and needs no account; ``wandb sync`` uploads it later. A resumed run logs
+to the W&B run it started (its id and group are kept in ``<run>/wandb-run.json``); W&B cannot
+resume an offline run, so offline each attempt writes its own ``offline-run-*`` directory under
+the same run id, name and group.
 
-A DP stage's training loss, where logged, is computed on sensitive batches without noise: like
-the CSV logs, a W&B run is not part of the released output.
+A DP stage's training loss, where logged, is computed on sensitive batches without noise, and
+so are the summary's metrics against the training split: like the CSV logs, a W&B run is not
+part of the released output, and its notes and ``outside_dp_guarantee`` summary say so.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,17 +35,20 @@ from omegaconf import DictConfig, OmegaConf
 from dpgen.checks import require_choice, require_int, to_plain
 from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
+from dpgen.io import write_json
 from dpgen.loggers.grids import SampleGridCallback
 from dpgen.privacy.guarantee import guarantee_notes, has_formal_guarantee, training_is_private
 
 LOGGERS = ("csv", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
+WANDB_CONSOLES = ("off", "auto", "wrap", "redirect")
 
 
 def validate_logger_config(cfg: Any) -> None:
     lg = to_plain(cfg, "logger")
     if require_choice(lg, "logger", "name", LOGGERS) == "wandb":
         require_choice(lg, "logger", "mode", WANDB_MODES)
+        require_choice(lg, "logger", "console", WANDB_CONSOLES)
         if not isinstance(lg.get("tags"), list):
             raise ConfigError("logger.tags", lg.get("tags"), "must be a list", "e.g. logger.tags=[mnist,dpdm]")
     require_int(lg, "logger", "sample_every_n_steps", minimum=0)
@@ -59,6 +67,15 @@ def _sweep_group() -> str | None:
     return None
 
 
+# What a W&B run shows beside ε that ε does not cover (its notes, and a summary key).
+OUTSIDE_GUARANTEE = (
+    "The privacy guarantee (privacy.epsilon_spent) covers the generator's samples and weights only. Metrics "
+    "computed against the sensitive training split (FID/KID/precision/recall against it, the audits' MIA AUC "
+    "and replication rate, the real-data ceiling), any DP stage's train/loss curve and the console log are "
+    "computed from sensitive data without noise: they are outside the guarantee. Do not publish this run as is.")
+RUN_RECORD = "wandb-run.json"
+
+
 def _run_name(cfg: DictConfig) -> str:
     """``dpdm-eps10``; ``nonprivate``; ``dpdm-eps10-cpsample-no-formal-dp`` when sampling voids the
     guarantee of a DP-trained generator, so a dashboard never shows such a run as a DP point. A
@@ -71,6 +88,36 @@ def _run_name(cfg: DictConfig) -> str:
     return name if has_formal_guarantee(cfg) else f"{name}-{cfg.sampling.name}-no-formal-dp"
 
 
+def _job_suffix() -> str:
+    """``-job<n>`` in a Hydra multirun: a sweep over more than ε would otherwise name runs alike."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"-job{HydraConfig.get().job.num}"
+    return ""
+
+
+def _tags(cfg: DictConfig) -> list[str]:
+    """The user's tags, and what a dashboard filters DP points by."""
+    private = training_is_private(cfg)
+    tags = [cfg.method.name, f"eps={cfg.privacy.eps:g}" if private else "nonprivate",
+            "formal-dp" if private and has_formal_guarantee(cfg) else "no-formal-dp"]
+    if private and cfg.privacy.get("log_train_loss"):
+        tags.append("unnoised-train-loss")
+    return list(dict.fromkeys([*cfg.logger.tags, *tags]))
+
+
+def _run_identity(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The W&B run id, name and group of this dpgen run: kept from its first attempt, so that a
+    resume (``+resume``, a requeued job, a re-run sweep) continues the same W&B run."""
+    path = run_dir / RUN_RECORD
+    if path.exists():
+        return json.loads(path.read_text())
+    # W&B's run ids are short lowercase alphanumerics.
+    identity = {"id": secrets.token_hex(6), "name": _run_name(cfg) + _job_suffix(),
+                "group": cfg.logger.group or _sweep_group()}
+    write_json(path, identity)
+    return identity
+
+
 @contextmanager
 def experiment(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     """The W&B run around all stages of one dpgen run (nothing for ``logger=csv``)."""
@@ -80,10 +127,11 @@ def experiment(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     import wandb
 
     lg = cfg.logger
+    identity = _run_identity(cfg, run_dir)
     run = wandb.init(
-        dir=str(run_dir), mode=lg.mode, project=lg.project, entity=lg.entity,
-        group=lg.group or _sweep_group(), tags=list(lg.tags), name=_run_name(cfg),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        dir=str(run_dir), mode=lg.mode, project=lg.project, entity=lg.entity, id=identity["id"], resume="allow",
+        group=identity["group"], name=identity["name"], tags=_tags(cfg), notes=OUTSIDE_GUARANTEE,
+        config=OmegaConf.to_container(cfg, resolve=True), settings=wandb.Settings(console=lg.console),
     )
     # Lightning defines this x axis only for runs it creates itself.
     run.define_metric("trainer/global_step")
@@ -136,7 +184,8 @@ def log_results(cfg: DictConfig, run_dir: Path) -> None:
         path = run_dir / f"{name}.json"
         if path.exists():
             summary[name] = json.loads(path.read_text())
-    wandb.run.summary.update({**summary.get("metrics", {}), "privacy": summary.get("privacy", {})})
+    wandb.run.summary.update({**summary.get("metrics", {}), "privacy": summary.get("privacy", {}),
+                              "outside_dp_guarantee": OUTSIDE_GUARANTEE})
     if (run_dir / "samples.png").exists():
         caption = "final samples, one row per class"
         if not has_formal_guarantee(cfg):

@@ -37,6 +37,7 @@ class PrivacyAccountantCallback(Callback):
         self.privacy_json = Path(privacy_json) if privacy_json else None
         self.log_every_n_steps = max(1, log_every_n_steps)
         self.output_every_n_steps = output_every_n_steps
+        self._logged_at: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -50,18 +51,29 @@ class PrivacyAccountantCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         steps = self.ledger.steps_spent(self.stage)
-        # RDP is cheap enough for every step and upper-bounds nothing we claim; the governing
-        # accountant (PLD by default) is logged at intervals and at the end.
-        pl_module.log("privacy/epsilon_rdp", compute_epsilon(self.ledger.events, self.ledger.delta, "rdp"))
-        pl_module.log("privacy/steps", float(steps))
         if steps % self.log_every_n_steps == 0 or self.ledger.remaining_steps(self.stage) == 0:
-            pl_module.log("privacy/epsilon", self.ledger.epsilon_spent())
+            self._log(trainer, steps)
             self._write(trainer)
         elif self.output_every_n_steps and trainer.global_step % self.output_every_n_steps == 0:
             self._write(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, self.ledger.steps_spent(self.stage))
         self._write(trainer)
+
+    def _log(self, trainer: Trainer, steps: int) -> None:
+        """ε after ``steps`` DP steps, at x = ``steps``, straight to the stage's loggers: through
+        ``LightningModule.log`` it would reach them only every ``trainer.log_every_n_steps``, one
+        step off, and miss the last step. The claimed ε is the governing accountant's; RDP's bound
+        (usually looser) is logged beside it for comparison with papers that report RDP's."""
+        if not trainer.is_global_zero or steps == self._logged_at:
+            return
+        self._logged_at = steps
+        metrics = {"privacy/epsilon": self.ledger.epsilon_spent(),
+                   "privacy/epsilon_rdp": compute_epsilon(self.ledger.events, self.ledger.delta, "rdp"),
+                   "privacy/steps": float(steps)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=steps)
 
     def _write(self, trainer: Trainer) -> None:
         if self.privacy_json is not None and trainer.is_global_zero:
