@@ -271,7 +271,7 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"\(seed: 0 -> 3; audit.canary.kind"):
         _check_resume_config(tiny_cfg("method=nonprivate", "seed=3", "audit.canary.kind=mislabeled"), run_dir,
                              ["train"])
-    # A run saved with the retired formal_guarantee flags (before stop 22) still resumes.
+    # A run saved with the retired formal_guarantee flags (older dpgen versions) still resumes.
     saved = OmegaConf.load(run_dir / "run_config.yaml")
     saved.method.formal_guarantee, saved.sampling.formal_guarantee = False, True
     OmegaConf.save(saved, run_dir / "run_config.yaml")

@@ -271,7 +271,7 @@ def test_settings_are_ordered_by_the_value_of_their_numbers(sweep):
 
 
 def test_repeats_scored_under_different_feature_extractors_are_not_averaged(sweep):
-    """Before stop 24 GlyphNet was trained with each run's seed: FIDs of such runs do not compare."""
+    """Older dpgen versions trained GlyphNet with each run's seed: FIDs of such runs do not compare."""
     for job, sha in (("1", "a" * 64), ("2", "b" * 64)):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         write_json(sweep / job / "metrics.json", {**metrics, "feature_extractor": {"weights_sha256": sha}})
@@ -325,7 +325,7 @@ def test_repeats_survive_a_resume_and_a_voided_twin_but_image_folders_and_rescor
         OmegaConf.save(OmegaConf.merge(OmegaConf.load(sweep / job / "run_config.yaml"),
                                        {"data": {"name": "mnist", "root": f"/mnt/{job}/mnist"}}),
                        sweep / job / "run_config.yaml")
-    OmegaConf.save({"downstream": {"epochs": 30}}, sweep / "2" / "evaluate_config.yaml")  # before stop 24
+    OmegaConf.save({"downstream": {"epochs": 30}}, sweep / "2" / "evaluate_config.yaml")  # as older dpgen versions saved it
     settings = {r["run"]: r["setting"] for r in collect_runs(sweep)}
     assert settings["1"] == "eval.downstream.epochs=–" and settings["2"] == "eval.downstream.epochs=30"
     OmegaConf.save({"eval": {"downstream": {"epochs": 30}}, "audit": {"mia": {"max_examples": 50}}},

@@ -151,7 +151,7 @@ def _warn_unmatched(rows: Rows) -> None:
     left_out = [r["run"] for r in rows if r.get("fid") is not None and r.get("fid_at_reference_size") is None]
     if left_out:
         log.warning("report: the FID plot shows FID at the reference's sample size and leaves out %d run(s) "
-                    "scored without it (eval.reference=false, or before stop 22): %s; re-score them with "
+                    "scored without it (eval.reference=false, or by an older dpgen): %s; re-score them with "
                     "python -m dpgen.evaluate <run> eval.reference=true to plot them", len(left_out), ", ".join(left_out))
 
 

@@ -67,7 +67,7 @@ def _flat_config(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
     """The run's saved config as dotted keys -> JSON text of the value ({} if it has none). A run
     re-scored by ``python -m dpgen.evaluate`` was scored with the eval and audit config of its
     ``evaluate_config.yaml``. The feature extractor's weights count as a setting: FIDs under two
-    extractors do not compare, and before stop 24 GlyphNet was trained with each run's seed."""
+    extractors do not compare, and older dpgen versions trained GlyphNet with each run's seed."""
     path = run_dir / "run_config.yaml"
     if not path.is_file():
         return {}
@@ -75,7 +75,7 @@ def _flat_config(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
     rescored = run_dir / "evaluate_config.yaml"
     if rescored.is_file():
         used = OmegaConf.to_container(OmegaConf.load(rescored))
-        config.update(used if "eval" in used else {"eval": used})  # before stop 24 it held eval alone
+        config.update(used if "eval" in used else {"eval": used})  # older dpgen versions saved eval alone
     flat: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:

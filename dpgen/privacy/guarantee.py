@@ -18,7 +18,7 @@ CPSAMPLE_NO_GUARANTEE = ("This run's samples carry no formal differential-privac
                          "clipping or noise. Any epsilon reported covers the generator's training only; "
                          "CPSample's protection is empirical (see the audit metrics).")
 
-# The flags that claimed a guarantee before stop 22; saved configs of older runs still hold them.
+# The flags that claimed a guarantee in older dpgen versions; saved configs of older runs still hold them.
 # They never changed what a run did, so resume checks and reports ignore them.
 RETIRED_FLAGS = ("method.formal_guarantee", "sampling.formal_guarantee")
 

@@ -734,7 +734,7 @@ class PrivacyLedger:
         }
 
     def to_json(self) -> dict:
-        """The ``privacy.json`` contract of DESIGN.md (plus ``planned``, ``formal_guarantee``).
+        """The ``privacy.json`` contract (README, Run directory) (plus ``planned``, ``formal_guarantee``).
 
         Non-finite values (a failed informative accountant, an infinite epsilon) are written
         as null so that the file stays strict JSON.

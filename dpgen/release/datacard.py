@@ -77,7 +77,7 @@ def _public_data(run: SourceRun) -> dict[str, Any] | None:
 def _parameters(run: SourceRun) -> dict[str, int]:
     """As in metrics.json (the denoiser), plus everything sampling runs (a decoder, if any). The
     trained count comes from metrics.json where the run wrote one: what was trained then, even if
-    today's dpgen would train another set (DP-LDM's before stop 22)."""
+    today's dpgen would train another set (DP-LDM's in older dpgen versions)."""
     module = run.generator
     metrics = run.run_dir / "metrics.json"
     recorded = json.loads(metrics.read_text()).get("trainable_parameters") if metrics.is_file() else None

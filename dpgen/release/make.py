@@ -63,7 +63,7 @@ def generator_identity(weights: Path, spec: ReleaseSpec, cfg: DictConfig, run_di
               if k not in ("num_samples", "batch_size")}  # the request's own batch size is in the spec
     sampling = cfg.get("sampling")
     classifier = run_dir / CLASSIFIER_FILE
-    # Before stop 24 an image folder was named by the class alone: such a release is not continued.
+    # Older dpgen versions named an image folder by the class alone: such a release is not continued.
     folders = class_folders(describe_data(cfg.data).class_names) if spec.format == "imagefolder" else None
     return {"model_sha256": _sha256(weights), **spec.to_json(), "sample": sample, "class_folders": folders,
             "sampling": OmegaConf.to_container(sampling, resolve=True) if sampling is not None else None,

@@ -75,7 +75,7 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     cfg = ctx.cfg
     note = " ".join(guarantee_notes(cfg))
     if not training_is_private(cfg):
-        if is_rank_zero():  # DESIGN's keys, with no ε to state: a reader need not special-case the file
+        if is_rank_zero():  # privacy.json's keys, with no ε to state: a reader need not special-case the file
             write_json(ctx.privacy_json, {
                 "delta": None, "epsilon_target": None, "epsilon_spent": None, "accountant": None,
                 "epsilon_by_accountant": {}, "dataset_size": len(ctx.train_set), "neighbouring": None,

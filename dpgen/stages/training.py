@@ -303,7 +303,7 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
 
 def _check_checkpoint_trains_the_same_parameters(path: str, module: DiffusionModule, stage: str) -> None:
     """Refuse, before any step, a checkpoint whose optimizer trained another parameter set (a run
-    started by a dpgen whose trainable set differed, e.g. DP-LDM's before stop 22)."""
+    started by a dpgen whose trainable set differed, e.g. DP-LDM's in older dpgen versions)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # Lightning reads it again
     saved = sum(len(group["params"]) for state in checkpoint.get("optimizer_states", [])
                 for group in state["param_groups"])
