@@ -15,8 +15,7 @@ from omegaconf import DictConfig
 
 from dpgen.config import check_run_start
 from dpgen.distributed import export_submitit_local_ranks
-from dpgen.errors import ConfigError
-from dpgen.privacy.ledger import BudgetError
+from dpgen.errors import BudgetError, ConfigError
 
 log = logging.getLogger("dpgen")
 

@@ -31,11 +31,10 @@ from torch.utils.data import Dataset
 
 from dpgen.config import check_run_start
 from dpgen.data import build_dataset, build_public_dataset, has_public_data
-from dpgen.errors import ConfigError
+from dpgen.errors import BudgetError, ConfigError
 from dpgen.eval.audit import LossScoreSettings, loss_scores, roc_summary
 from dpgen.eval.empirical_epsilon import median_split_clopper_pearson, one_run_audit
 from dpgen.io import write_json
-from dpgen.privacy.ledger import BudgetError
 from dpgen.stages import training_stages
 
 log = logging.getLogger("dpgen")

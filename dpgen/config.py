@@ -25,13 +25,13 @@ from dpgen.methods import METHODS
 from dpgen.methods.privimage import check_selection_config
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
+from dpgen.privacy.accounting import ACCOUNTANTS
 from dpgen.privacy.guarantee import NON_PRIVATE_STAGES, training_is_private
 from dpgen.privacy.strategy import CLIPPING_MODES, check_dp_precision
 from dpgen.sampling.config import validate_sampling_config
 from dpgen.stages import STAGES, run_stages
 from dpgen.stages.planning import STAGE_PLANS
 
-ACCOUNTANTS = ("pld", "rdp", "prv")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 

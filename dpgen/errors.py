@@ -17,3 +17,7 @@ class ConfigError(ValueError):
         # A cluster launcher (submitit) pickles a job's exception back to the sweep; the default
         # would call __init__ with the message alone and fail with a TypeError instead.
         return (self.__class__, self._args)
+
+
+class BudgetError(ValueError):
+    """The privacy budget cannot be met by a plan, or recording an event would exceed it."""

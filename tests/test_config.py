@@ -110,7 +110,7 @@ def test_delta_at_least_one_over_n_is_refused_before_any_stage(tiny_cfg, tmp_pat
 
 
 def test_unreachable_budget_is_refused_before_any_stage(tiny_cfg, tmp_path):
-    from dpgen.privacy.ledger import BudgetError
+    from dpgen.errors import BudgetError
 
     with pytest.raises(BudgetError):
         # (0, delta)-DP is reachable with PLD at huge sigma, but not under RDP below sigma=1e4.

@@ -16,8 +16,8 @@ from dpgen.config import validate_config
 from dpgen.data.curriculum import CurriculumBatches, Phase, random_affine
 from dpgen.errors import ConfigError
 from dpgen.pipeline import RunContext, run_pipeline
+from dpgen.privacy.accounting import compute_epsilon
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts
-from dpgen.privacy.ledger import compute_epsilon
 from dpgen.stages import training
 from dpgen.stages.planning import plan_privacy
 from dpgen.stages.training import pretrain_cache_path

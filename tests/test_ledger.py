@@ -16,18 +16,13 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy.stats import norm
 
-from dpgen.errors import ConfigError
+from dpgen.errors import BudgetError, ConfigError
+from dpgen.privacy import accounting
 from dpgen.privacy import ledger as ledger_mod
-from dpgen.privacy.ledger import (
-    GAUSSIAN,
-    POISSON_GAUSSIAN,
-    BudgetError,
-    MechanismEvent,
-    PlannedStage,
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    compute_epsilon,
-)
+from dpgen.privacy.accounting import compute_epsilon
+from dpgen.privacy.calibration import calibrate_noise_multiplier
+from dpgen.privacy.events import GAUSSIAN, POISSON_GAUSSIAN, MechanismEvent
+from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 
 DELTA = 1e-5
 
@@ -60,8 +55,8 @@ def gaussian_delta(sigma: float, eps: float) -> float:
 
 
 def clear_caches() -> None:
-    ledger_mod._epsilon_cached.cache_clear()
-    ledger_mod._pld_epsilon_at.cache_clear()
+    accounting._epsilon_cached.cache_clear()
+    accounting.pld_epsilon_at.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,13 +420,13 @@ def test_a_failing_informative_accountant_does_not_break_privacy_json(ledger, mo
     def prv_fails(key, delta):
         raise RuntimeError("Cannot compute epsilon")
 
-    monkeypatch.setitem(ledger_mod._EPSILON_FNS, "prv", prv_fails)
+    monkeypatch.setitem(accounting._EPSILON_FNS, "prv", prv_fails)
     record_train(ledger, 13)  # an event list no other test caches
     d = json.loads(json.dumps(ledger.to_json(), allow_nan=False))
     assert d["epsilon_by_accountant"]["prv"] is None
     assert d["epsilon_spent"] == d["epsilon_by_accountant"]["pld"] > 0
     # The governing accountant's failure is never swallowed.
-    monkeypatch.setitem(ledger_mod._EPSILON_FNS, "pld", prv_fails)
+    monkeypatch.setitem(accounting._EPSILON_FNS, "pld", prv_fails)
     record_train(ledger, 1)
     with pytest.raises(RuntimeError):
         ledger.to_json()
@@ -440,10 +435,10 @@ def test_a_failing_informative_accountant_does_not_break_privacy_json(ledger, mo
 def test_epsilon_is_cached(ledger):
     record_train(ledger, 7)
     ledger.to_json()
-    misses = ledger_mod._epsilon_cached.cache_info().misses
+    misses = accounting._epsilon_cached.cache_info().misses
     ledger.to_json()
     ledger.epsilon_by_accountant()
-    assert ledger_mod._epsilon_cached.cache_info().misses == misses
+    assert accounting._epsilon_cached.cache_info().misses == misses
 
 
 def test_json_round_trip(ledger):

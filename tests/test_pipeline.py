@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from dpgen.errors import ConfigError
 from dpgen.pipeline import _check_resume_config, run_pipeline
-from dpgen.privacy.ledger import MechanismEvent, compute_epsilon
+from dpgen.privacy.accounting import compute_epsilon
+from dpgen.privacy.events import MechanismEvent
 from dpgen.stages.training import build_module
 
 DESIGN_METRICS_KEYS = {"method", "epsilon", "delta", "num_samples", "downstream_accuracy",

@@ -22,7 +22,8 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from dpgen.privacy.ledger import PrivacyLedger, compute_epsilon
+from dpgen.privacy.accounting import compute_epsilon
+from dpgen.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch import Tensor
 
 from dpgen.errors import ConfigError
+from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.journal import append_spend
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients, exact_fp32
 
-POISSON_GAUSSIAN = "poisson_subsampled_gaussian"
 CLIPPING_MODES = ("materialize", "ghost", "mixed")
 _CAPTURE_MODE = {"materialize": "materialize", "ghost": "norms", "mixed": "mixed"}
 

@@ -16,11 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import describe_data
 from dpgen.methods import DiffusionModule
+from dpgen.privacy.events import EPS_RTOL
 from dpgen.privacy.guarantee import has_formal_guarantee, ledger_kept_guarantee, training_is_private
 from dpgen.stages.training import FINAL_WEIGHTS, build_module
-
-# The ledger's own slack for comparing a spent epsilon with its target (float round-off only).
-_EPS_RTOL = 1e-9
 
 
 class ReleaseError(ValueError):
@@ -87,7 +85,7 @@ def open_run(run_dir: str | Path) -> SourceRun:
         return SourceRun(run_dir, cfg, {}, done)
     privacy = _read_json(privacy_file)
     spent, target = privacy.get("epsilon_spent"), privacy.get("epsilon_target")
-    if target is not None and (spent is None or spent > target * (1 + _EPS_RTOL)):
+    if target is not None and (spent is None or spent > target * (1 + EPS_RTOL)):
         raise ReleaseError(f"{run_dir}: privacy.json reports epsilon spent {spent} above its target {target}. "
                            "Fix: do not release this run; retrain within the budget")
     return SourceRun(run_dir, cfg, privacy, done)

@@ -20,7 +20,7 @@ from dpgen.diffusion.sampling import run_solver
 from dpgen.io import save_torch
 from dpgen.loggers.grids import save_grid
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts
-from dpgen.privacy.ledger import POISSON_GAUSSIAN
+from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.sampling import PoissonBatchSampler
 from dpgen.stages.training import (
     WARMUP_WEIGHTS,

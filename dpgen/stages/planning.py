@@ -17,9 +17,11 @@ from omegaconf import DictConfig
 from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
+from dpgen.privacy.accounting import compute_epsilon
+from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.guarantee import guarantee_notes, training_is_private
 from dpgen.privacy.journal import JOURNAL, read_spend
-from dpgen.privacy.ledger import POISSON_GAUSSIAN, PlannedStage, PrivacyLedger, compute_epsilon
+from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext

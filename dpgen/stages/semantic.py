@@ -35,7 +35,7 @@ from dpgen.eval.downstream import TrainSettings, train_classifier
 from dpgen.eval.threads import cpu_threads
 from dpgen.io import build_once, save_torch, write_json
 from dpgen.models.classifiers import build_classifier
-from dpgen.privacy.ledger import GAUSSIAN
+from dpgen.privacy.events import GAUSSIAN
 from dpgen.privacy.queries import noisy_vote_histogram, vote_histogram_sensitivity
 from dpgen.stages.training import (
     _relabel_public,
