@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torchmetrics.functional.classification import binary_auroc
 from torchvision.utils import save_image
 
 from dpgen.data.dataset import stack_items
@@ -79,8 +79,8 @@ def roc_summary(member_scores: Sequence[float], non_member_scores: Sequence[floa
     """AUC (ties count half) and, per :data:`FPR_LEVELS`, the best TPR of a threshold test
     "member iff score > τ" whose FPR is at most that level."""
     pos, neg = np.asarray(member_scores, dtype=float), np.asarray(non_member_scores, dtype=float)
-    ranks = rankdata(np.concatenate([pos, neg]))
-    auc = (ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    auc = binary_auroc(torch.from_numpy(np.concatenate([pos, neg])),
+                       torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)]))
     out = {"auc": float(auc)}
     neg_desc = np.sort(neg)[::-1]
     for name, level in FPR_LEVELS.items():

@@ -38,10 +38,8 @@ def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tu
         raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes}/{trials}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    tail = (1 - confidence) / 2
-    lo = 0.0 if successes == 0 else float(stats.beta.ppf(tail, successes, trials - successes + 1))
-    hi = 1.0 if successes == trials else float(stats.beta.ppf(1 - tail, successes + 1, trials - successes))
-    return lo, hi
+    interval = stats.binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="exact")
+    return float(interval.low), float(interval.high)
 
 
 def epsilon_from_error_rates(fpr: float, fnr: float, delta: float) -> float:
