@@ -4,6 +4,7 @@ Cache locks: two jobs of a sweep that need the same cache entry compute it once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +65,15 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +30,3 @@ def load_tensors(path: Path) -> dict[str, Any] | None:
         log.warning("ignoring unreadable cache file %s (%s)", path, e)
         return None
 
-
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write ``obj`` so that readers see either the old file or the complete new one.
-
-    Two runs of a sweep may build the same entry at once; each writes its own temporary file
-    in the target directory (same filesystem) and renames it into place.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

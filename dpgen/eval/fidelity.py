@@ -8,7 +8,6 @@ only downloads Inception weights when given no path, which this module never doe
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 
 from dpgen.eval.glyphnet import NAME as GLYPHNET
 from dpgen.eval.glyphnet import glyphnet_weights
+from dpgen.io import sha256_file
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's registered name
 METRICS = ("fid", "kid", "isc", "prc")
@@ -52,23 +52,15 @@ class FeatureExtractor:
                 "weights_sha256": self.weights_sha256, "description": self.description}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_extractor(fid_cfg: Mapping[str, Any], cache_dir: str | Path) -> FeatureExtractor:
     """Inception-v3 with the configured local weights, else GlyphNet (trained once, cached)."""
     if fid_cfg.get("weights_path"):
         path = Path(fid_cfg["weights_path"])
-        return FeatureExtractor(INCEPTION, path, _sha256(path),
+        return FeatureExtractor(INCEPTION, path, sha256_file(path),
                                 f"torch-fidelity Inception-v3 with local weights {path.name}")
     path = glyphnet_weights(fid_cfg["glyphs"], fid_cfg["glyphnet"], cache_dir)
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    return FeatureExtractor(GLYPHNET, path, _sha256(path),
+    return FeatureExtractor(GLYPHNET, path, sha256_file(path),
                             f"{GLYPHNET} trained on {saved['info']['trained_on']}, no sensitive data")
 
 

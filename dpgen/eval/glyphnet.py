@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 from dpgen.data import build_public_dataset
 from dpgen.data.cache import config_key
 from dpgen.data.transforms import resize_square
-from dpgen.io import cache_lock, save_torch
+from dpgen.io import build_once, save_torch
 
 log = logging.getLogger("dpgen")
 
@@ -144,19 +144,19 @@ def train_glyphnet(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]) 
                      "glyph_val_accuracy": val_acc, "classes": list(data.info.class_names)}}
 
 
+def _train_and_save(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], path: Path) -> None:
+    log.info("evaluate: training the %s feature extractor on public glyphs (once; cached at %s)", NAME, path)
+    start = time.time()
+    saved = train_glyphnet(glyphs_cfg, train_cfg)
+    save_torch(path, saved)
+    log.info("evaluate: %s trained in %.1f s, %.1f%% on held-out glyphs", NAME, time.time() - start,
+             100 * saved["info"]["glyph_val_accuracy"])
+
+
 def glyphnet_weights(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
     """The cached weights file for this config, trained first when missing (public data only)."""
     glyphs = {k: v for k, v in glyphs_cfg.items() if k != "cache_dir"}
     key = config_key({"name": NAME, "glyphs": glyphs, "train": {"seed": 0, **train_cfg}})
     path = Path(cache_dir) / f"{NAME}-{key}.pt"
-    with cache_lock(path, "evaluate"):
-        if path.exists():
-            log.info("evaluate: reusing cached %s feature extractor %s", NAME, path)
-            return path
-        log.info("evaluate: training the %s feature extractor on public glyphs (once; cached at %s)", NAME, path)
-        start = time.time()
-        saved = train_glyphnet(glyphs_cfg, train_cfg)
-        save_torch(path, saved)
-        log.info("evaluate: %s trained in %.1f s, %.1f%% on held-out glyphs", NAME, time.time() - start,
-                 100 * saved["info"]["glyph_val_accuracy"])
+    build_once(path, "evaluate", f"{NAME} feature extractor", lambda: _train_and_save(glyphs_cfg, train_cfg, path))
     return path

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dpgen.data.cache import config_key
-from dpgen.io import cache_lock, write_json
+from dpgen.io import build_once, write_json
 
 log = logging.getLogger("dpgen")
 
@@ -31,10 +31,5 @@ def cached_reference(cache_dir: str | Path, kind: str, key: dict[str, Any],
                      compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``compute()`` once per ``key``; later calls (and concurrent ones, which wait) read the cached JSON."""
     path = Path(cache_dir) / f"reference-{kind}-{config_key(key)}.json"
-    with cache_lock(path, "evaluate"):
-        if path.exists():
-            log.info("evaluate: reusing cached %s reference %s", kind, path)
-            return json.loads(path.read_text())
-        value = compute()
-        write_json(path, value)
-        return value
+    build_once(path, "evaluate", f"{kind} reference", lambda: write_json(path, compute()))
+    return json.loads(path.read_text())

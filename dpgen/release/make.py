@@ -7,7 +7,6 @@ marks the release complete last.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dpgen.data import build_dataset, describe_data
 from dpgen.diffusion.sampling import EpsCorrection, run_solver
-from dpgen.io import write_json
+from dpgen.io import sha256_file, write_json
 from dpgen.methods import DiffusionModule
 from dpgen.release.datacard import build_datacard, write_datacard
 from dpgen.release.shards import (
@@ -44,14 +43,6 @@ from dpgen.stages.sample import to_uint8_hwc
 log = logging.getLogger("dpgen")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def generator_identity(weights: Path, spec: ReleaseSpec, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """What a resumed set of shards must share with the one it continues: the generator's
     weights, how it is sampled (solver settings, CPSample and its classifier) and the request.
@@ -65,9 +56,9 @@ def generator_identity(weights: Path, spec: ReleaseSpec, cfg: DictConfig, run_di
     classifier = run_dir / CLASSIFIER_FILE
     # Older dpgen versions named an image folder by the class alone: such a release is not continued.
     folders = class_folders(describe_data(cfg.data).class_names) if spec.format == "imagefolder" else None
-    return {"model_sha256": _sha256(weights), **spec.to_json(), "sample": sample, "class_folders": folders,
+    return {"model_sha256": sha256_file(weights), **spec.to_json(), "sample": sample, "class_folders": folders,
             "sampling": OmegaConf.to_container(sampling, resolve=True) if sampling is not None else None,
-            "protection_classifier_sha256": _sha256(classifier) if classifier.is_file() else None}
+            "protection_classifier_sha256": sha256_file(classifier) if classifier.is_file() else None}
 
 
 def _existing_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:

@@ -12,13 +12,14 @@ import PIL.features
 import torch
 
 from dpgen.checks import require_choice, require_int, require_number
-from dpgen.data.cache import config_key, load_tensors, save_atomic
+from dpgen.data.cache import config_key, load_tensors
 from dpgen.data.dataset import DatasetInfo, TensorImageDataset
 from dpgen.data.glyphs.augment import Augment
 from dpgen.data.glyphs.fonts import CHARSETS, font_files
 from dpgen.data.glyphs.render import render_glyph_set
 from dpgen.data.transforms import uint8_to_model
 from dpgen.errors import ConfigError
+from dpgen.io import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def build_glyphs(cfg: dict[str, Any]) -> TensorImageDataset:
     if data is None:
         data = _render(cfg)
         if path is not None:
-            save_atomic(data, path)
+            save_torch(path, data)
     names = tuple(data["class_names"])
     info = DatasetInfo("glyphs", len(names), names, cfg["channels"], cfg["image_size"])
     images = uint8_to_model(data["images"], cfg["image_size"], cfg["channels"])
