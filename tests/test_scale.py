@@ -379,13 +379,14 @@ def test_dp_training_runs_on_the_configured_device_of_a_gpu_machine(tiny_cfg, tm
     import torch
     from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
-    from dpgen.stages.training import _trainer, dp_strategy
+    from dpgen.stages.trainer import build_trainer
+    from dpgen.stages.training import dp_strategy
 
     monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))  # a GPU machine
     monkeypatch.setattr(connector, "_select_auto_accelerator", lambda *a, **k: "cuda")
     ctx = RunContext(tiny_cfg("privacy.eps=5"), tmp_path)
     ctx.ledger = plan_privacy(ctx)
-    trainer = _trainer(ctx, "dp_train", 1, [], strategy=dp_strategy(ctx))
+    trainer = build_trainer(ctx, "dp_train", 1, [], strategy=dp_strategy(ctx))
     assert isinstance(trainer.accelerator, CPUAccelerator)
     on_gpu = RunContext(tiny_cfg("privacy.eps=5", "trainer=gpu"), tmp_path)
     on_gpu.ledger = ctx.ledger

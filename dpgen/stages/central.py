@@ -22,10 +22,9 @@ from dpgen.loggers.grids import save_grid
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts
 from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.sampling import PoissonBatchSampler
+from dpgen.stages.trainer import build_trainer, ema_callbacks
 from dpgen.stages.training import (
     WARMUP_WEIGHTS,
-    _ema,
-    _trainer,
     build_module,
     init_from_pretraining,
 )
@@ -105,7 +104,7 @@ def warmup(ctx: RunContext) -> None:
     init_from_pretraining(ctx, module)
     module.lr = w.lr
     module.multiplicity = 1  # no clipping or noise here: K copies would only be a larger batch
-    trainer = _trainer(ctx, "warmup", len(batches), _ema(w.get("ema_decay")))
+    trainer = build_trainer(ctx, "warmup", len(batches), ema_callbacks(w.get("ema_decay")))
     trainer.fit(module, DataLoader(batches, batch_size=None))
     save_torch(ctx.path(WARMUP_WEIGHTS), module.generator_state_dict())
     # What the warm-up taught, before any DP-SGD step: a small grid, no privacy cost.

@@ -21,10 +21,8 @@ from dpgen.io import build_once, save_torch
 from dpgen.methods.autoencoder import KLAutoencoderModule
 from dpgen.methods.dpldm import DPLDMModule
 from dpgen.models.ldm import build_autoencoder, encode_latents
+from dpgen.stages.trainer import build_trainer, ema_callbacks, shuffled_loader
 from dpgen.stages.training import (
-    _ema,
-    _shuffled_loader,
-    _trainer,
     build_module,
     fit_dp,
     hashed_cache_path,
@@ -76,9 +74,9 @@ def _pretrain_autoencoder(ctx: RunContext, cache: Path) -> None:
     p = cfg.method.pretrain_autoencoder
     public = build_public_dataset(cfg.public)
     autoencoder = build_autoencoder(_plain(cfg.model), cfg.data.channels, cfg.data.image_size)
-    trainer = _trainer(ctx, "pretrain_autoencoder", p.steps, [])
+    trainer = build_trainer(ctx, "pretrain_autoencoder", p.steps, [])
     trainer.fit(KLAutoencoderModule(autoencoder, p.lr, p.kl_weight),
-                _shuffled_loader(TensorDataset(public.images), p.batch_size, cfg.seed))
+                shuffled_loader(TensorDataset(public.images), p.batch_size, cfg.seed))
     # Latent diffusion's scaling factor: unit-variance latents suit the noise schedule.
     latents = encode_latents(autoencoder, public.images, 1.0)
     scale = 1.0 / latents.std().item()
@@ -108,8 +106,8 @@ def _pretrain_ldm(ctx: RunContext, cache: Path) -> None:
     # As for pixel pretraining: without privacy, multiplicity is only a larger batch.
     module.multiplicity = 1
     data = TensorDataset(module.encode(public.images), public.labels)
-    trainer = _trainer(ctx, "pretrain_ldm", p.steps, _ema(p.get("ema_decay")))
-    trainer.fit(module, _shuffled_loader(data, p.batch_size, cfg.seed))
+    trainer = build_trainer(ctx, "pretrain_ldm", p.steps, ema_callbacks(p.get("ema_decay")))
+    trainer.fit(module, shuffled_loader(data, p.batch_size, cfg.seed))
     save_torch(cache, {"state_dict": module.unet.state_dict(), "class_names": list(public.info.class_names)})
     log.info("pretrain_ldm: cached %s", cache)
 

@@ -38,11 +38,11 @@ from dpgen.models.classifiers import build_classifier
 from dpgen.privacy.events import GAUSSIAN
 from dpgen.privacy.queries import noisy_vote_histogram, vote_histogram_sensitivity
 from dpgen.stages.training import (
-    _relabel_public,
     hashed_cache_path,
     pretrain_cache_path,
     pretrain_unet,
     public_config_key,
+    relabel_public,
 )
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def pretrain_selected(ctx: RunContext) -> None:
 def _pretrain_selected(ctx: RunContext, cache: Path) -> None:
     selection = load_selection(ctx)
     if selection is None:
-        data = _relabel_public(ctx)
+        data = relabel_public(ctx)
     else:
         data = relabel_selection(build_public_dataset(ctx.cfg.public), selection)
     log.info("pretrain_selected: %d public images (%s)", len(data),

@@ -9,22 +9,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+from lightning.pytorch import Trainer
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.swa_utils import get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from dpgen.data import build_public_dataset, describe_data
 from dpgen.distributed import ddp_strategy_kwargs, is_ddp, is_rank_zero
-from dpgen.io import AtomicCheckpointIO, build_once, save_torch
-from dpgen.loggers import stage_callbacks, stage_loggers
+from dpgen.io import build_once, save_torch
 from dpgen.methods import METHODS, DiffusionModule
 from dpgen.privacy.callback import PrivacyAccountantCallback
 from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.sampling import PoissonDataModule
 from dpgen.privacy.strategy import DDPDPSGDStrategy, DPSGDConfig, DPSGDStrategy
+from dpgen.stages.trainer import build_trainer, ema_callbacks, shuffled_loader
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
@@ -43,64 +40,6 @@ def load_final_module(ctx: RunContext) -> DiffusionModule:
     module = build_module(ctx.cfg)
     module.load_generator_state_dict(torch.load(ctx.path(FINAL_WEIGHTS), map_location="cpu"))
     return module
-
-
-class _CheckpointEveryNAndLast(ModelCheckpoint):
-    """``last.ckpt`` every n steps and at the last step. Lightning's own saves at the end only if
-    the fit saved nothing: a crash after the last step but before ``model.pt`` (or
-    ``stages.json``) would resume from an older checkpoint and rebuild ``model.pt`` from fewer
-    steps than the ledger charged. Saved through ModelCheckpoint's bookkeeping (no ``last-v1``)."""
-
-    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def _trainer(ctx: RunContext, stage: str, max_steps: int, callbacks: list[Callback],
-             strategy: Any = "auto", checkpoint_dir: Path | None = None) -> Trainer:
-    t = ctx.cfg.trainer
-    if checkpoint_dir is not None:
-        callbacks = [*callbacks, _CheckpointEveryNAndLast(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
-                                                          every_n_train_steps=t.checkpoint_every_n_steps)]
-    callbacks = [*callbacks, *stage_callbacks(ctx.cfg, ctx.run_dir, stage)]
-    kwargs: dict[str, Any] = {}
-    # The accelerator is always named: "auto" would pick the GPU of a GPU machine under trainer=cpu.
-    if isinstance(strategy, DDPDPSGDStrategy):
-        kwargs.update(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes)
-    else:
-        # DP-SGD without DDP, and the non-private stages, run in one process on one device
-        # (see dpgen/distributed.py).
-        kwargs.update(accelerator=t.accelerator, devices=1, num_nodes=1)
-    return Trainer(
-        max_steps=max_steps, max_epochs=-1, strategy=strategy, precision=t.precision,
-        logger=stage_loggers(ctx.cfg, ctx.run_dir, stage), callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], log_every_n_steps=min(t.log_every_n_steps, max_steps),
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        use_distributed_sampler=False, default_root_dir=ctx.run_dir,
-        # Stages without checkpoints (public pretraining: a cache) get no Lightning default checkpoint
-        # under logs/ either.
-        enable_checkpointing=checkpoint_dir is not None, **kwargs,
-    )
-
-
-def _ema(decay: float | None) -> list[Callback]:
-    """EMA of weights, updated once per optimizer step (= once per logical DP step).
-
-    torch's multi-tensor EMA is a lerp, which leaves a weight that did not move bit-identical;
-    Lightning's ``EMAWeightAveraging`` computes ``decay*avg + (1-decay)*w``, which drifts by
-    rounding, and frozen weights (DP-LDM fine-tunes a subset) must stay the pretrained ones.
-    """
-    return [WeightAveraging(multi_avg_fn=_EMAUpdate(decay))] if decay else []
-
-
-class _EMAUpdate:
-    """``get_ema_multi_avg_fn(decay)`` as a picklable object: DDP spawn pickles callbacks."""
-
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
-
-    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
-        get_ema_multi_avg_fn(self.decay)(averaged, current, num_averaged)
 
 
 def _resume_path(checkpoint_dir: Path) -> str | None:
@@ -128,13 +67,8 @@ def _save_final(ctx: RunContext, module: DiffusionModule) -> None:
     save_torch(ctx.path(FINAL_WEIGHTS), module.generator_state_dict())
 
 
-def _shuffled_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
-                      generator=torch.Generator().manual_seed(seed))
-
-
 # -- public pretraining --------------------------------------------------------------------
-def _relabel_public(ctx: RunContext) -> TensorDataset:
+def relabel_public(ctx: RunContext) -> TensorDataset:
     """Public images labelled in the sensitive label space where class names agree (digit
     glyph '3' -> MNIST class 3); other public classes get the null (unconditional) label."""
     public = build_public_dataset(ctx.cfg.public)
@@ -185,7 +119,7 @@ def pretrain_public(ctx: RunContext) -> None:
         return
     cache = pretrain_cache_path(cfg)
     build_once(cache, "pretrain_public", "public pretraining",
-               lambda: pretrain_unet(ctx, "pretrain_public", _relabel_public(ctx), cache))
+               lambda: pretrain_unet(ctx, "pretrain_public", relabel_public(ctx), cache))
 
 
 def pretrain_unet(ctx: RunContext, stage: str, data: Dataset, cache: Path) -> None:
@@ -199,8 +133,8 @@ def pretrain_unet(ctx: RunContext, stage: str, data: Dataset, cache: Path) -> No
     # Multiplicity reduces the variance of *clipped, noised* gradients; without privacy it is
     # just a larger batch, so public pretraining uses K=1 and spends its compute on steps.
     module.multiplicity = 1
-    trainer = _trainer(ctx, stage, p.steps, _ema(p.get("ema_decay")))
-    trainer.fit(module, _shuffled_loader(data, p.batch_size, cfg.seed))
+    trainer = build_trainer(ctx, stage, p.steps, ema_callbacks(p.get("ema_decay")))
+    trainer.fit(module, shuffled_loader(data, p.batch_size, cfg.seed))
     save_torch(cache, module.unet.state_dict())
     log.info("%s: cached %s", stage, cache)
 
@@ -236,9 +170,9 @@ def train(ctx: RunContext) -> None:
     module = build_module(cfg)
     _init_weights(ctx, module)
     ckpt_dir = ctx.path("checkpoints")
-    trainer = _trainer(ctx, "train", cfg.method.train.steps, _ema(cfg.method.get("ema_decay")), checkpoint_dir=ckpt_dir)
+    trainer = build_trainer(ctx, "train", cfg.method.train.steps, ema_callbacks(cfg.method.get("ema_decay")), checkpoint_dir=ckpt_dir)
     _fit(trainer, module, _resume_path(ckpt_dir),
-         train_dataloaders=_shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed))
+         train_dataloaders=shuffled_loader(ctx.train_set, cfg.method.train.batch_size, cfg.seed))
     _save_final(ctx, module)
 
 
@@ -289,7 +223,7 @@ def fit_dp(ctx: RunContext, module: DiffusionModule, dataset: Dataset, stage: st
                     "many a crash can lose)", stage, spent, spent + remaining, remaining)
     accountant = PrivacyAccountantCallback(ctx.ledger, stage, ctx.privacy_json, cfg.privacy.log_every_n_steps,
                                            output_every_n_steps=cfg.logger.sample_every_n_steps)
-    trainer = _trainer(ctx, stage, cfg.method.train.steps, [accountant, *_ema(cfg.method.get("ema_decay"))],
+    trainer = build_trainer(ctx, stage, cfg.method.train.steps, [accountant, *ema_callbacks(cfg.method.get("ema_decay"))],
                        strategy=strategy, checkpoint_dir=ckpt_dir)
     data = PoissonDataModule(dataset, strategy.dp_config.sample_rate, steps=max(remaining, 1))
     if is_ddp(cfg.trainer) and torch.cuda.is_available():
