@@ -34,6 +34,11 @@ def resize_square(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return TF.resize(images, [image_size, image_size], antialias=True)
 
 
+def model_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Model images in [-1, 1] -> uint8 (0..255), same shape: how samples are stored and scored."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def uint8_to_model(images: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` (0..255) -> float32 ``[N, channels, S, S]`` in [-1, 1]."""
     if images.dtype != torch.uint8 or images.ndim != 4:

@@ -16,7 +16,6 @@ its own training run: :mod:`dpgen.audit`.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,9 +171,4 @@ def _save_pairs(path: str | os.PathLike, samples: Tensor, nearest: list[Tensor],
     pairs = [torch.stack([s.float() / 127.5 - 1, t]) for s, t in zip(samples, nearest)]
     grid = torch.cat(pairs)
 
-    def write(f):
-        buf = io.BytesIO()
-        save_image((grid + 1) / 2, buf, nrow=2 * per_row, padding=1, format="png")
-        f.write(buf.getvalue())
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: save_image((grid + 1) / 2, f, nrow=2 * per_row, padding=1, format="png"))

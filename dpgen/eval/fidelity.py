@@ -19,6 +19,7 @@ import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dpgen.data.transforms import model_to_uint8
 from dpgen.eval.glyphnet import NAME as GLYPHNET
 from dpgen.eval.glyphnet import glyphnet_weights
 from dpgen.io import sha256_file
@@ -80,10 +81,7 @@ class FidelityImages(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> Tensor:
-        if isinstance(self.source, Tensor):
-            x = self.source[i]
-        else:
-            x = ((self.source[i][0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        x = self.source[i] if isinstance(self.source, Tensor) else model_to_uint8(self.source[i][0])
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dpgen.data import build_public_dataset
 from dpgen.data.cache import config_key
-from dpgen.data.transforms import resize_square
+from dpgen.data.transforms import model_to_uint8, resize_square
 from dpgen.io import build_once, save_torch
 
 log = logging.getLogger("dpgen")
@@ -106,17 +106,12 @@ if NAME not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(NAME, GlyphNetExtractor)
 
 
-def _to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8, as samples are stored: the extractor trains on what it will see."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def train_glyphnet(glyphs_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Train on the public glyphs; returns what :class:`GlyphNetExtractor` loads. The seed is the
     extractor's own (``train_cfg.seed``), never the run's: runs compare only under one extractor."""
     seed = train_cfg.get("seed", 0)
     data = build_public_dataset(glyphs_cfg)
-    images, labels = _to_uint8(data.images), data.labels
+    images, labels = model_to_uint8(data.images), data.labels
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(labels), generator=g)
     n_val = max(1, len(perm) // 10)

@@ -6,7 +6,6 @@ it is safe inside a Hydra multirun.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -177,9 +176,4 @@ def utility_figure(series: dict[str, list[tuple[float, float]]], n_train: int) -
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> None:
-    def write(f):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        f.write(buf.getvalue())
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))

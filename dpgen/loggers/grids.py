@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,7 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tenso
         rows.append(torch.cat([picked, pad]))
     grid = torch.cat(rows)
 
-    def write(f):
-        buf = io.BytesIO()
-        save_image((grid + 1) / 2, buf, nrow=per_row, padding=1, format="png")
-        f.write(buf.getvalue())
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: save_image((grid + 1) / 2, f, nrow=per_row, padding=1, format="png"))
 
 
 class SampleGridCallback(Callback):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dpgen.data.transforms import model_to_uint8
 from dpgen.diffusion.sampling import run_solver
 from dpgen.distributed import sampling_device
 from dpgen.io import atomic_write, write_json
@@ -31,7 +32,7 @@ PROTECTION_JSON = "protection.json"
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C] (the samples.npz contract)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return model_to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 def from_uint8_hwc(images: np.ndarray) -> torch.Tensor:
