@@ -21,7 +21,7 @@ from dpgen.audit import (
 from dpgen.data import build_public_dataset
 from dpgen.pipeline import RunContext
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
-from dpgen.privacy.sampling import PoissonDataModule
+from dpgen.privacy.poisson import PoissonDataModule
 from dpgen.privacy.strategy import POISSON_GAUSSIAN, DPSGDConfig, DPSGDStrategy
 
 DIM, BACKGROUND, CANARIES, STEPS = 10_000, 100, 256, 20

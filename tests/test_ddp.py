@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import TensorDataset
 
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
-from dpgen.privacy.sampling import PoissonDataModule
+from dpgen.privacy.poisson import PoissonDataModule
 from dpgen.privacy.strategy import DDPDPSGDStrategy, DPSGDConfig
 
 N, Q = 40, 0.2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from dpgen.privacy.sampling import PoissonBatchSampler, poisson_dataloader
+from dpgen.privacy.poisson import PoissonBatchSampler, poisson_dataloader
 
 
 def test_batch_sizes_are_binomial_not_fixed():

@@ -190,7 +190,7 @@ def test_a_seeded_poisson_sampler_is_refused_across_ranks():
     """A generator would be copied into every rank, which would all draw the same uniforms."""
     import torch
 
-    from dpgen.privacy.sampling import PoissonBatchSampler
+    from dpgen.privacy.poisson import PoissonBatchSampler
 
     PoissonBatchSampler(10, 0.5, 1, generator=torch.Generator().manual_seed(0))  # one process: fine
     with pytest.raises(ValueError, match="DDP ranks"):

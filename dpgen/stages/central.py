@@ -21,7 +21,7 @@ from dpgen.io import save_torch
 from dpgen.loggers.grids import save_grid
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts
 from dpgen.privacy.events import POISSON_GAUSSIAN
-from dpgen.privacy.sampling import PoissonBatchSampler
+from dpgen.privacy.poisson import PoissonBatchSampler
 from dpgen.stages.trainer import build_trainer, ema_callbacks
 from dpgen.stages.training import (
     WARMUP_WEIGHTS,

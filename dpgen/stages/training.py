@@ -19,7 +19,7 @@ from dpgen.io import build_once, save_torch
 from dpgen.methods import METHODS, DiffusionModule
 from dpgen.privacy.callback import PrivacyAccountantCallback
 from dpgen.privacy.journal import JOURNAL
-from dpgen.privacy.sampling import PoissonDataModule
+from dpgen.privacy.poisson import PoissonDataModule
 from dpgen.privacy.strategy import DDPDPSGDStrategy, DPSGDConfig, DPSGDStrategy
 from dpgen.stages.trainer import build_trainer, ema_callbacks, shuffled_loader
 
