@@ -362,6 +362,31 @@ def test_record_refuses_overspending_and_leaves_state_unchanged(ledger):
         ledger.record("dp_semantic_query", GAUSSIAN, 2.0)  # an unplanned, expensive query
 
 
+def test_a_step_with_less_noise_than_planned_is_not_covered_by_the_plan(ledger):
+    """The plan covers its own (stage, mechanism, σ, q) only: the same steps at half the planned
+    σ must be checked against the budget, and refused (found by a mutation review)."""
+    half = ledger.planned_noise_multiplier("dp_train") / 2
+    ledger.record("dp_semantic_query", GAUSSIAN, 20.0)
+    before = ledger.to_json()
+    with pytest.raises(BudgetError):
+        ledger.record("dp_train", POISSON_GAUSSIAN, half, 0.05, 100)
+    assert ledger.to_json() == before
+
+
+def test_even_a_small_overspend_is_refused(ledger):
+    """The slack on the target is float round-off, not a tolerance: the first extra step that
+    takes ε above the target is refused, however little above."""
+    ledger.record("dp_semantic_query", GAUSSIAN, 20.0)
+    record_train(ledger, 100)
+    sigma = ledger.planned_noise_multiplier("dp_train")
+    extra = next(k for k in range(1, 200)
+                 if compute_epsilon([*ledger.events, poisson(sigma, 0.05, k)], DELTA) > 1.0)
+    assert compute_epsilon([*ledger.events, poisson(sigma, 0.05, extra)], DELTA) < 1.02
+    record_train(ledger, extra - 1)  # still within the target
+    with pytest.raises(BudgetError):
+        record_train(ledger)
+
+
 def test_record_accepts_unplanned_events_that_fit(ledger):
     record_train(ledger, 50)
     # Not covered by the plan (other sigma), but half the steps leave room for it.
