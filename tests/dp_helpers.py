@@ -87,3 +87,28 @@ def one_dp_step(module: TinyDPModule, batch, config: DPSGDConfig, noise: bool = 
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader([batch], batch_size=None))
     return [p.detach().cpu() - b for p, b in zip(module.parameters(), before)]
+
+
+def record_calls(monkeypatch, module, name: str) -> list[tuple[tuple, dict]]:
+    """Replace ``module.name`` (a function) by a wrapper that records each call's arguments."""
+    original, calls = getattr(module, name), []
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
+def record_instances(monkeypatch, module, name: str) -> list:
+    """Replace the class ``module.name`` by a subclass that records every instance built."""
+    original, instances = getattr(module, name), []
+
+    class Recorded(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            instances.append(self)
+
+    monkeypatch.setattr(module, name, Recorded)
+    return instances

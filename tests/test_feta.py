@@ -11,13 +11,16 @@ import torch
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_helpers import record_calls, record_instances
 
 from dpgen.config import validate_config
 from dpgen.data.curriculum import CurriculumBatches, Phase, random_affine
 from dpgen.errors import ConfigError
 from dpgen.pipeline import RunContext, run_pipeline
+from dpgen.privacy import class_means
 from dpgen.privacy.accounting import compute_epsilon
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts
+from dpgen.stages import central as central_stage
 from dpgen.stages import training
 from dpgen.stages.planning import plan_privacy
 from dpgen.stages.training import pretrain_cache_path
@@ -138,6 +141,12 @@ def test_feta_end_to_end(tiny_cfg, tmp_path, monkeypatch):
         original_fit_dp(ctx, module, dataset, stage)
 
     monkeypatch.setattr(training, "fit_dp", remember_start)
+    # What the stages draw, to compare with what the ledger charges (a mutation review found
+    # nothing tied them together: noise at σ/2 or the whole split instead of a subsample passed).
+    releases = record_calls(monkeypatch, class_means, "gaussian_mechanism")
+    subsamples = record_calls(monkeypatch, central_stage, "_subsample_sums")
+    samplers = record_instances(monkeypatch, central_stage, "PoissonBatchSampler")
+    loaders = record_instances(monkeypatch, training, "PoissonDataModule")
     run_dir = tmp_path / "run"
     cfg = tiny_cfg(*FETA, "privacy.eps=1")
     validate_config(cfg)
@@ -147,6 +156,14 @@ def test_feta_end_to_end(tiny_cfg, tmp_path, monkeypatch):
     central, train = privacy["events"]
     assert (central["stage"], central["steps"], central["sample_rate"]) == ("dp_central_images", 3, 0.5)
     assert (train["stage"], train["steps"]) == ("dp_train", 4)
+    sensitivity = torch.load(run_dir / "central_images.pt")["sensitivity"]
+    assert [(a[1], a[2], a[3] if len(a) > 3 else k.get("generator")) for a, k in releases] == \
+        [(sensitivity, central["noise_multiplier"], None)] * 3  # charged σ, OS-entropy noise
+    assert [s.sample_rate for s in samplers] == [central["sample_rate"]]
+    sizes = [len(a[2]) for a, _ in subsamples]
+    n_train = privacy["dataset_size"]
+    assert len(sizes) == 3 and len(set(sizes)) > 1 and all(0.45 < n / n_train < 0.55 for n in sizes)  # Bin(N, q)
+    assert [m.sample_rate for m in loaders] == [train["sample_rate"]]
     assert privacy["epsilon_spent"] <= 1.0
     # Independent recomputation: compose the file's events with dp-accounting directly.
     acc = PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)

@@ -13,12 +13,15 @@ from conftest import compose_config, tiny_overrides
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_helpers import record_calls, record_instances
 
 from dpgen.config import validate_config
 from dpgen.data import DatasetInfo, TensorImageDataset
 from dpgen.errors import ConfigError
 from dpgen.pipeline import RunContext, run_pipeline
+from dpgen.privacy import queries
 from dpgen.privacy.queries import noisy_vote_histogram, vote_histogram
+from dpgen.stages import training
 from dpgen.stages.planning import plan_privacy
 from dpgen.stages.semantic import (
     dp_semantic_query,
@@ -178,9 +181,9 @@ def _planned(cfg, run_dir):
 
 
 def test_query_is_planned_before_training_and_all_plans_no_query(privimage_cfg, tmp_path):
-    query, training = _planned(privimage_cfg("privacy.eps=1"), tmp_path / "a").ledger.planned
+    query, train = _planned(privimage_cfg("privacy.eps=1"), tmp_path / "a").ledger.planned
     assert (query.stage, query.mechanism, query.count) == ("dp_semantic_query", "gaussian", 1)
-    assert training.stage == "dp_train"
+    assert train.stage == "dp_train"
     alone = PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)
     alone.compose(GaussianDpEvent(query.noise_multiplier))
     assert alone.get_epsilon(1e-5) == pytest.approx(0.1, rel=0.02)  # query_budget_fraction of eps=1
@@ -226,7 +229,9 @@ def test_privimage_without_public_data_is_refused(tmp_path):
 
 
 # -- end to end ------------------------------------------------------------------------------
-def test_privimage_end_to_end_composes_query_and_training(privimage_cfg, tmp_path):
+def test_privimage_end_to_end_composes_query_and_training(privimage_cfg, tmp_path, monkeypatch):
+    releases = record_calls(monkeypatch, queries, "gaussian_mechanism")  # what the query draws
+    loaders = record_instances(monkeypatch, training, "PoissonDataModule")
     cfg = privimage_cfg("privacy.eps=1", "method.query_classifier.epochs=1")
     run_dir = tmp_path / "run"
     ctx = run_pipeline(cfg, run_dir)
@@ -240,14 +245,18 @@ def test_privimage_end_to_end_composes_query_and_training(privimage_cfg, tmp_pat
     assert json.loads((run_dir / "metrics.json").read_text())["method"] == "privimage"
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
-    query, training = privacy["events"]
+    query, train = privacy["events"]
     assert query["stage"] == "dp_semantic_query" and query["count"] == 1
-    assert training["stage"] == "dp_train" and training["steps"] == 4
+    assert train["stage"] == "dp_train" and train["steps"] == 4
+    # The query's noise is the charged σ times √k, from OS entropy (not the public run seed).
+    assert [(a[1], a[2], a[3] if len(a) > 3 else k.get("generator")) for a, k in releases] == \
+        [(math.sqrt(cfg.method.query_top_k), query["noise_multiplier"], None)]
+    assert [m.sample_rate for m in loaders] == [train["sample_rate"]]
     # dp-accounting itself, not the ledger: the query composed with every DP-SGD step.
     acc = PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)
     acc.compose(GaussianDpEvent(query["noise_multiplier"]))
-    acc.compose(PoissonSampledDpEvent(training["sample_rate"], GaussianDpEvent(training["noise_multiplier"])),
-                training["steps"])
+    acc.compose(PoissonSampledDpEvent(train["sample_rate"], GaussianDpEvent(train["noise_multiplier"])),
+                train["steps"])
     eps = acc.get_epsilon(privacy["delta"])
     assert 0.98 <= eps <= 1.0  # the plan spends the whole budget (calibrated within 1 %)
     assert privacy["epsilon_spent"] == pytest.approx(eps, rel=2e-3)
