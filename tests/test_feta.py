@@ -132,6 +132,30 @@ def test_random_affine_distorts_each_image_on_its_own():
     assert torch.allclose(y[:, :, 0, 0], torch.full((8, 1), -1.0))  # background fill stays background
 
 
+def test_a_crash_after_the_central_images_keeps_their_charge_on_resume(tiny_cfg, tmp_path, monkeypatch):
+    """The rounds were released and charged before the crash: the resumed run reuses the images
+    and its privacy.json still lists their rounds (a resume that did not read privacy.json, and
+    so lost them, passed every other test)."""
+    from dpgen import stages
+
+    warmup = stages.STAGES["warmup"]
+
+    def crash(ctx):
+        raise RuntimeError("crash in warmup")
+
+    monkeypatch.setitem(stages.STAGES, "warmup", crash)
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg(*FETA, "privacy.eps=1")
+    with pytest.raises(RuntimeError, match="crash in warmup"):
+        run_pipeline(cfg, run_dir)
+    released = (run_dir / "central_images.pt").read_bytes()
+    monkeypatch.setitem(stages.STAGES, "warmup", warmup)
+    run_pipeline(cfg, run_dir)
+    events = json.loads((run_dir / "privacy.json").read_text())["events"]
+    assert [(e["stage"], e["steps"]) for e in events] == [("dp_central_images", 3), ("dp_train", 4)]
+    assert (run_dir / "central_images.pt").read_bytes() == released
+
+
 def test_feta_end_to_end(tiny_cfg, tmp_path, monkeypatch):
     start = {}
     original_fit_dp = training.fit_dp
