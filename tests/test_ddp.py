@@ -25,6 +25,7 @@ class DumpParams(Callback):
     def on_train_start(self, trainer, pl_module):
         self.before = [p.detach().clone() for p in pl_module.parameters()]
         self.drawn = []
+        self.uniforms = torch.rand(4).tolist()  # what per_example_loss would draw its timesteps from
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.drawn.append(batch[0][:, 0, 0, 0].round().long().tolist())  # the examples' indices (_run_ddp)
@@ -33,7 +34,7 @@ class DumpParams(Callback):
         after = [p.detach().clone() for p in pl_module.parameters()]
         ledger = trainer.strategy.ledger
         torch.save({"before": self.before, "after": after, "ledger": ledger.to_json() if ledger else None,
-                    "drawn": self.drawn}, f"{self.out}/rank{trainer.global_rank}.pt")
+                    "drawn": self.drawn, "uniforms": self.uniforms}, f"{self.out}/rank{trainer.global_rank}.pt")
 
 
 class ZeroGradModule(TinyDPModule):
@@ -76,6 +77,11 @@ def test_ddp_replicas_identical_and_one_global_ledger(tmp_path):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(r0["after"], r0["before"]))
     assert r0["ledger"]["events"] == r1["ledger"]["events"]
+    # Each example's timesteps and noise come from secret, per-rank entropy: a spawned process
+    # starts from torch's fixed default seed, from which both ranks would draw alike and publicly.
+    default = torch.Generator().manual_seed(torch.Generator().initial_seed())
+    assert r0["uniforms"] != r1["uniforms"] and torch.rand(4, generator=default).tolist() not in \
+        (r0["uniforms"], r1["uniforms"])
     single = _ledger(3)
     single.record("dp_train", "poisson_subsampled_gaussian", single.planned_noise_multiplier("dp_train"), Q, 3)
     assert r0["ledger"]["events"] == json.loads(json.dumps(single.to_json()))["events"]
