@@ -167,11 +167,20 @@ def test_feta_end_to_end(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "fit_dp", remember_start)
     # What the stages draw, to compare with what the ledger charges (a mutation review found
     # nothing tied them together: noise at σ/2 or the whole split instead of a subsample passed).
+    run_dir = tmp_path / "run"
+    on_disk = []  # central rounds privacy.json shows when each round's noise is drawn
+    noise = class_means.gaussian_mechanism
+
+    def charged_first(*args, **kwargs):
+        events = json.loads((run_dir / "privacy.json").read_text())["events"]
+        on_disk.append(sum(e["steps"] for e in events if e["stage"] == "dp_central_images"))
+        return noise(*args, **kwargs)
+
+    monkeypatch.setattr(class_means, "gaussian_mechanism", charged_first)
     releases = record_calls(monkeypatch, class_means, "gaussian_mechanism")
     subsamples = record_calls(monkeypatch, central_stage, "_subsample_sums")
     samplers = record_instances(monkeypatch, central_stage, "PoissonBatchSampler")
     loaders = record_instances(monkeypatch, training, "PoissonDataModule")
-    run_dir = tmp_path / "run"
     cfg = tiny_cfg(*FETA, "privacy.eps=1")
     validate_config(cfg)
     run_pipeline(cfg, run_dir)
@@ -183,6 +192,7 @@ def test_feta_end_to_end(tiny_cfg, tmp_path, monkeypatch):
     sensitivity = torch.load(run_dir / "central_images.pt")["sensitivity"]
     assert [(a[1], a[2], a[3] if len(a) > 3 else k.get("generator")) for a, k in releases] == \
         [(sensitivity, central["noise_multiplier"], None)] * 3  # charged σ, OS-entropy noise
+    assert on_disk == [1, 2, 3]  # each round charged, on disk, before its noise
     assert [s.sample_rate for s in samplers] == [central["sample_rate"]]
     sizes = [len(a[2]) for a, _ in subsamples]
     n_train = privacy["dataset_size"]
