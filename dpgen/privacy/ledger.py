@@ -197,8 +197,7 @@ class PrivacyLedger:
                 try:
                     sigmas[s.stage] = calibrate_noise_multiplier(
                         s.budget_fraction * target, self.delta, s.sample_rate, s.count,
-                        s.mechanism, (), self.accountant, s.stage,
-                    )  # fmt: skip
+                        mechanism=s.mechanism, accountant=self.accountant, stage=s.stage)
                 except BudgetError as e:
                     raise BudgetError(
                         f"privacy.eps={format_epsilon(target)} cannot be met: stage {s.stage!r} with "
@@ -212,9 +211,8 @@ class PrivacyLedger:
             r = remainder[0]
             others = [event(s) for s in stages if s is not r]
             sigmas[r.stage] = calibrate_noise_multiplier(
-                target, self.delta, r.sample_rate, r.count, r.mechanism, others,
-                self.accountant, r.stage,
-            )  # fmt: skip
+                target, self.delta, r.sample_rate, r.count, mechanism=r.mechanism, fixed_events=others,
+                accountant=self.accountant, stage=r.stage)
 
         planned = [event(s) for s in stages]
         eps = compute_epsilon(planned, self.delta, self.accountant)
@@ -322,13 +320,9 @@ class PrivacyLedger:
         """
         by = {k: (v if math.isfinite(v) else None) for k, v in self.epsilon_by_accountant().items()}
         return {
-            "delta": self.delta,
-            "epsilon_target": self.epsilon_target,
+            **self._header(),
             "epsilon_spent": by[self.accountant],
-            "accountant": self.accountant,
             "epsilon_by_accountant": by,
-            "dataset_size": self.dataset_size,
-            "neighbouring": self.neighbouring,
             "events": [e.to_json() for e in self._events],
             "planned": [e.to_json() for e in self._planned],
             "formal_guarantee": self.formal_guarantee,
@@ -409,3 +403,11 @@ class PrivacyLedger:
         # Serialise first: an accountant failure must not leave a temporary file behind.
         text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
         atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def non_private_record(dataset_size: int, method: str, note: str) -> dict:
+    """``privacy.json`` of a run with no DP stage: the same keys, with no ε to state, so that a
+    reader need not special-case the file."""
+    return {"delta": None, "epsilon_target": None, "epsilon_spent": None, "accountant": None,
+            "epsilon_by_accountant": {}, "dataset_size": dataset_size, "neighbouring": None,
+            "events": [], "formal_guarantee": False, "method": method, "note": note}

@@ -21,7 +21,7 @@ from dpgen.privacy.accounting import compute_epsilon
 from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.guarantee import guarantee_notes, training_is_private
 from dpgen.privacy.journal import JOURNAL, read_spend
-from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
+from dpgen.privacy.ledger import PlannedStage, PrivacyLedger, non_private_record
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
@@ -77,11 +77,8 @@ def plan_privacy(ctx: RunContext) -> PrivacyLedger | None:
     cfg = ctx.cfg
     note = " ".join(guarantee_notes(cfg))
     if not training_is_private(cfg):
-        if is_rank_zero():  # privacy.json's keys, with no ε to state: a reader need not special-case the file
-            write_json(ctx.privacy_json, {
-                "delta": None, "epsilon_target": None, "epsilon_spent": None, "accountant": None,
-                "epsilon_by_accountant": {}, "dataset_size": len(ctx.train_set), "neighbouring": None,
-                "events": [], "formal_guarantee": False, "method": cfg.method.name, "note": note})
+        if is_rank_zero():
+            write_json(ctx.privacy_json, non_private_record(len(ctx.train_set), cfg.method.name, note))
         log.warning(note)
         return None
     n = len(ctx.train_set)
