@@ -35,7 +35,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dpgen.checks import require_int
-from dpgen.config import CONF_DIR
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule
@@ -48,6 +47,7 @@ from dpgen.models.ldm import (
     validate_ldm_config,
 )
 from dpgen.models.unet import build_unet
+from dpgen.overrides import CONF_DIR
 from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator

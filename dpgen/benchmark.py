@@ -32,9 +32,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.bench import StepPair, time_step
-from dpgen.config import CONF_DIR, validate_config
+from dpgen.config import validate_config
 from dpgen.eval.report import ACCURACY_PNG, FID_PNG, collect_runs, method_label, write_report
 from dpgen.io import atomic_write, write_json
+from dpgen.overrides import CONF_DIR
 from dpgen.privacy.guarantee import training_is_private
 from dpgen.stages.training import build_module
 

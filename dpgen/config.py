@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
-import itertools
 import math
-from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dpgen.checks import is_number_in, require_int, require_number
 from dpgen.data import describe_data, has_public_data, validate_data_config, validate_public_config
@@ -25,112 +19,13 @@ from dpgen.methods import METHODS
 from dpgen.methods.privimage import check_selection_config
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
+from dpgen.overrides import check_appended_keys, dotted_keys
 from dpgen.privacy.accounting import ACCOUNTANTS
 from dpgen.privacy.guarantee import NON_PRIVATE_STAGES, training_is_private
 from dpgen.privacy.strategy import CLIPPING_MODES, check_dp_precision
 from dpgen.sampling.config import validate_sampling_config
 from dpgen.stages import STAGES, run_stages
 from dpgen.stages.planning import STAGE_PLANS
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def override_key(override: str) -> str:
-    """The key a Hydra command-line override sets: ``+eval.audit=true`` -> ``eval.audit``."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-# Keys a user adds with ``+key=value`` that dpgen reads although no config file sets them.
-APPENDABLE_KEYS = ("resume",)
-
-
-def _dotted_keys(node: object, prefix: str = "") -> list[str]:
-    if not isinstance(node, DictConfig):
-        return [prefix[:-1]]
-    return [k for key in node for k in _dotted_keys(node._get_node(key), f"{prefix}{key}.")]
-
-
-def check_appended_keys(cfg: DictConfig, overrides: Sequence[str], groups: Collection[str]) -> None:
-    """Refuse ``+key=value`` for a key no config defines and dpgen never reads. Hydra suggests
-    the ``+`` when a key is mistyped, and the run then ignores it: ``+privacy.epss=1`` ran at the
-    default ε=10. ``groups`` are the config groups, which ``+group=option`` selects."""
-    for override in overrides:
-        key = override_key(override)
-        if not override.startswith("+") or override.startswith("++") or key in APPENDABLE_KEYS \
-                or key.split("@")[0] in groups:
-            continue
-        close = difflib.get_close_matches(key, [k for k in _dotted_keys(cfg) if k != key], n=1)
-        raise ConfigError(key, override.split("=", 1)[-1], "no dpgen config defines this key, so the run would "
-                          "ignore it", f"did you mean {close[0]}=...?" if close else "drop it")
-
-
-def run_config_with_todays_groups(run_dir: Path, groups: Sequence[str], overrides: Sequence[str]) -> DictConfig:
-    """A finished run's ``run_config.yaml`` with today's config ``groups`` (composed with those
-    of ``overrides`` that fall in them) in place of its own. The callers decide which overrides
-    they accept; everything outside ``groups`` stays what made the run."""
-    mine = [o for o in overrides if override_key(o).split(".")[0] in groups]
-    today = compose_overrides(mine)
-    cfg = OmegaConf.load(run_dir / "run_config.yaml")
-    for group in groups:
-        cfg[group] = OmegaConf.to_container(today[group], resolve=False)  # interpolations resolve against the run
-    return cfg
-
-
-def override_error(err: Exception, override: str | None) -> ConfigError:
-    """Hydra's error composing an ``override`` (a 50-line traceback) as one line naming it."""
-    key, value = (override_key(override), override.split("=", 1)[-1]) if override else ("overrides", None)
-    first_line = str(err).strip().splitlines()[0]
-    if isinstance(err, OverrideParseException):
-        return ConfigError(key, value, f"is not a valid override ({first_line})",
-                           "write key=value, a list as key=[a,b], and quote it for the shell: 'key=[a,b]'")
-    if isinstance(err, MissingConfigException):
-        options = _available_options(str(err))
-        return ConfigError(key, value, f"no such option of config group {key}",
-                           f"use one of {', '.join(options)}" if options else f"see the files in conf/{key}/")
-    if isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)) or "does not exist" in first_line:
-        return ConfigError(key, value, "no such key in the config (a typo?)",
-                           "check the key's spelling; python -m dpgen --cfg job prints every key")
-    return ConfigError(key, value, first_line.rstrip("."), "check the override against python -m dpgen --cfg job")
-
-
-def _available_options(message: str) -> list[str]:
-    """The options Hydra lists after "Available options in '<group>':", one per tab-indented line."""
-    lines = message.splitlines()
-    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("Available options")), len(lines))
-    return [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), lines[start:])]
-
-
-def _compose(overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
-# What composing a bad override raises: Hydra's errors, and OmegaConf's where Hydra lets them
-# through (``eval.fid.metrics.x=1`` indexes a list with ``x``: a ValueError).
-_COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
-
-
-def compose_overrides(overrides: Sequence[str]) -> DictConfig:
-    """Today's config with ``overrides``; one that cannot apply ends as a one-line ConfigError."""
-    try:
-        cfg = _compose(overrides)
-    except _COMPOSE_ERRORS as err:
-        raise override_error(err, _first_failing(overrides)) from err
-    groups = {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
-    check_appended_keys(cfg, overrides, groups)
-    return cfg
-
-
-def _first_failing(overrides: Sequence[str]) -> str | None:
-    """The override whose addition breaks composition. Hydra's messages do not always name it (a
-    syntax error does not), and one may apply only after another (``sampling=cpsample`` before
-    ``sampling.classifier.width=8``), so the overrides are composed in growing prefixes."""
-    for i, override in enumerate(overrides):
-        try:
-            _compose(overrides[: i + 1])
-        except _COMPOSE_ERRORS:
-            return override
-    return None
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:
@@ -145,7 +40,7 @@ def _check_method_settings(cfg: DictConfig) -> None:
     its stage starts, after public pretraining) or waste the budget silently (a learning rate of 0
     spends ε on a model that never moves; guidance with no label dropout extrapolates towards a
     null class the model never learned)."""
-    for key in _dotted_keys(cfg.method, "method."):
+    for key in dotted_keys(cfg.method, "method."):
         parent, name = key.rsplit(".", 1)
         node = OmegaConf.select(cfg, parent)
         if name == "lr":

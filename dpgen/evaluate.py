@@ -19,10 +19,10 @@ from pathlib import Path
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.config import override_key, run_config_with_todays_groups
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.io import atomic_write
+from dpgen.overrides import override_key, run_config_with_todays_groups
 
 log = logging.getLogger("dpgen")
 

@@ -49,8 +49,9 @@ class SweepCheck(Callback):
         if not (h.sweeper.get("_target_", "").endswith("BasicSweeper")
                 and h.launcher.get("_target_", "").endswith("BasicLauncher")) or h.sweeper.get("params"):
             return  # (values from hydra.sweeper.params: the jobs are not the command line's alone)
-        from dpgen.config import override_key, validate_config
+        from dpgen.config import validate_config
         from dpgen.errors import ConfigError
+        from dpgen.overrides import override_key
 
         jobs, swept = sweep_jobs(list(h.overrides.task))
         saved = HydraConfig.instance().cfg  # the sweep's own, put back for the jobs' launch

@@ -23,14 +23,14 @@ from pathlib import Path
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.config import (
+from dpgen.config import validate_config
+from dpgen.errors import ConfigError
+from dpgen.io import write_json
+from dpgen.overrides import (
     compose_overrides,
     override_key,
     run_config_with_todays_groups,
-    validate_config,
 )
-from dpgen.errors import ConfigError
-from dpgen.io import write_json
 from dpgen.release.source import ReleaseError, open_run
 from dpgen.stages import training_stages
 from dpgen.stages.training import FINAL_WEIGHTS
