@@ -240,6 +240,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError("privacy.clipping", p.clipping, "unknown clipping mode",
                               f"use one of {', '.join(CLIPPING_MODES)}")
         check_dp_precision(cfg.trainer.precision, p.clipping)
+        require_int(p, "privacy", "log_every_n_steps", minimum=1)
         if not isinstance(p.log_train_loss, bool):
             raise ConfigError("privacy.log_train_loss", p.log_train_loss, "must be true or false",
                               "set privacy.log_train_loss=false (the default) or true")

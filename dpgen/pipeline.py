@@ -128,7 +128,7 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
         raise ConfigError("resume", str(run_dir), f"this run was started with a different configuration ({listed}"
                           f"{'; …' if len(refused) > 6 else ''})", f"repeat the original overrides (see {saved})")
     if changed:
-        log.warning("resume: %s changed; the stages that read them have not run yet", ", ".join(changed))
+        log.warning("resume: %s changed (logging, or settings of stages that have not run yet)", ", ".join(changed))
 
 
 def _wait_for_rank_zero(run_dir: Path, stages: list[str], since: float, poll_s: float = 2.0,

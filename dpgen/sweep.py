@@ -41,7 +41,7 @@ class SweepCheck(Callback):
         h = config.hydra
         if "submitit" in h.launcher.get("_target_", ""):
             _, swept = sweep_jobs(list(h.overrides.task))
-            if varied := sorted(swept & set(_GEOMETRY)):
+            if varied := sorted({key.lstrip("+~") for key in swept} & set(_GEOMETRY)):
                 sys.exit(f"dpgen: {', '.join(varied)} varies across the sweep, but the launcher starts every job "
                          "with the processes of the first composition (hydra.launcher.tasks_per_node and nodes "
                          "are resolved once), so the other jobs would be refused. Fix: one sweep per job "

@@ -66,6 +66,8 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     ("eval.downstream.val_fraction=0", "eval.downstream.val_fraction"),
     ("eval.num_samples=100000", "eval.num_samples"),
     ("privacy.log_train_loss=maybe", "privacy.log_train_loss"),
+    ("privacy.log_every_n_steps=abc", "privacy.log_every_n_steps"),  # failed when the DP stage started
+    ("privacy.log_every_n_steps=0", "privacy.log_every_n_steps"),
     ("trainer.precision=16-mixed", "trainer.precision"),
     ("trainer.precision=bf16-true", "trainer.precision"),
     (("trainer.precision=bf16-mixed", "privacy.clipping=ghost"), "privacy.clipping"),

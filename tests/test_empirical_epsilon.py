@@ -130,6 +130,8 @@ def test_roc_summary_against_a_brute_force_threshold_scan():
     for name, level in (("1pct", 0.01), ("0.1pct", 0.001)):
         best = max((pos > t).mean() for t in np.concatenate([neg, [np.inf]]) if (neg > t).mean() <= level)
         assert out[f"tpr_at_fpr_{name}"] == pytest.approx(best)
+    far = roc_summary([40, 41, 42, 43], [38, 39, 39.5, 37.5])  # scores far outside [0, 1]
+    assert far["auc"] == 1.0 and far["tpr_at_fpr_1pct"] == 1.0
     tied_pos, tied_neg = np.round(pos), np.round(neg)  # a tie counts half
     auc = np.mean([(p > n) + 0.5 * (p == n) for p in tied_pos for n in tied_neg])
     assert roc_summary(tied_pos, tied_neg)["auc"] == pytest.approx(auc)

@@ -108,6 +108,8 @@ def test_wandb_offline_run_holds_config_curves_images_and_metrics(wandb_run):
     privacy = json.loads((wandb_run / "privacy.json").read_text())
     assert eps[-1] == (privacy["events"][-1]["steps"], pytest.approx(privacy["epsilon_spent"]))
 
+    # The console (an un-noised loss under privacy.log_train_loss) is not uploaded by default.
+    assert not list((wandb_run / "wandb").glob("offline-run-*/files/output.log"))
     images = list((wandb_run / "wandb").glob("offline-run-*/files/media/images/*.png"))
     assert len(images) >= 3  # two training grids (steps 2 and 4) and the final grid
     assert _kinds(records, "exit")[0].exit_code == 0
@@ -149,16 +151,26 @@ def test_the_sensitive_training_loss_is_logged_only_when_asked_for(tiny_cfg, tmp
         assert "train/loss" in next(csv.reader(f))
 
 
-def test_multirun_groups_by_sweep_directory(tiny_cfg, monkeypatch):
+def test_multirun_groups_by_sweep_directory(tiny_cfg, monkeypatch, tmp_path):
     from dpgen import loggers
 
     class _Hydra:
         mode = RunMode.MULTIRUN
         sweep = type("Sweep", (), {"dir": "multirun/2026-11-23/10-00-00"})
+        job = type("Job", (), {"num": 3})
 
     monkeypatch.setattr(loggers.HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(loggers.HydraConfig, "get", staticmethod(lambda: _Hydra))
     assert loggers._sweep_group() == "multirun/2026-11-23/10-00-00"
+    cfg = tiny_cfg("privacy.eps=4", "logger=wandb", "privacy.log_train_loss=true")
+    first = loggers._run_identity(cfg, tmp_path)
+    assert (first["name"], first["group"]) == ("dpdm-eps4-job3", "multirun/2026-11-23/10-00-00")
+    assert "unnoised-train-loss" in loggers._tags(cfg) and "formal-dp" in loggers._tags(cfg)
+    # The job resumed alone (+resume, not a multirun) keeps its id, group and job number; its name
+    # follows what the attempt does (CPSample sampling voids the guarantee).
+    monkeypatch.setattr(loggers.HydraConfig, "initialized", staticmethod(lambda: False))
+    again = loggers._run_identity(tiny_cfg("privacy.eps=4", "logger=wandb", "sampling=cpsample"), tmp_path)
+    assert again == {**first, "name": "dpdm-eps4-cpsample-no-formal-dp-job3"}
 
 
 @pytest.mark.parametrize("override,key", [

@@ -76,7 +76,7 @@ def test_slurm_launcher_matches_trainer_geometry(tmp_path):
     launcher = out.stdout.split("  launcher:\n", 1)[1]
     for line in ("_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
                  "partition: gpu", "tasks_per_node: 4", "nodes: 2", "gpus_per_node: 4",
-                 "name: dpgen-dpdm", "max_num_timeout: 3"):  # a job at its time limit is requeued
+                 "name: dpgen", "max_num_timeout: 3"):  # a job at its time limit is requeued
         assert line in launcher, line
 
 

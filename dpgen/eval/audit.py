@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -78,7 +79,10 @@ def roc_summary(member_scores: Sequence[float], non_member_scores: Sequence[floa
     """AUC (ties count half) and, per :data:`FPR_LEVELS`, the best TPR of a threshold test
     "member iff score > τ" whose FPR is at most that level."""
     pos, neg = np.asarray(member_scores, dtype=float), np.asarray(non_member_scores, dtype=float)
-    auc = binary_auroc(torch.from_numpy(np.concatenate([pos, neg])),
+    scores = np.concatenate([pos, neg])
+    # Ranks scaled into (0, 1): torchmetrics reads scores outside [0, 1] as logits and squashes
+    # them with a sigmoid, which saturates (40 and 43 would tie); ranks keep the order and ties.
+    auc = binary_auroc(torch.from_numpy(rankdata(scores) / (len(scores) + 1)),
                        torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)]))
     out = {"auc": float(auc)}
     neg_desc = np.sort(neg)[::-1]

@@ -8,7 +8,7 @@ and the final metrics become its summary. ``logger.mode=offline`` writes
 under ``<run>/wandb/`` and needs no account; ``wandb sync`` uploads it later. A resumed run logs
 to the W&B run it started (its id and group are kept in ``<run>/wandb-run.json``); W&B cannot
 resume an offline run, so offline each attempt writes its own ``offline-run-*`` directory under
-the same run id, name and group.
+the same run id.
 
 A DP stage's training loss, where logged, is computed on sensitive batches without noise, and
 so are the summary's metrics against the training split: like the CSV logs, a W&B run is not
@@ -106,15 +106,20 @@ def _tags(cfg: DictConfig) -> list[str]:
 
 
 def _run_identity(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """The W&B run id, name and group of this dpgen run: kept from its first attempt, so that a
-    resume (``+resume``, a requeued job, a re-run sweep) continues the same W&B run."""
+    """The W&B run id, name and group of this attempt. The id is kept from the first attempt, so
+    that a resume (``+resume``, a requeued job, a re-run sweep) continues the same W&B run; the
+    name and group are this attempt's (a resume into ``sampling=cpsample`` must be renamed
+    ``…-no-formal-dp``), except that a job resumed alone keeps its sweep's group and ``-job<n>``."""
     path = run_dir / RUN_RECORD
-    if path.exists():
-        return json.loads(path.read_text())
-    # W&B's run ids are short lowercase alphanumerics.
-    identity = {"id": secrets.token_hex(6), "name": _run_name(cfg) + _job_suffix(),
-                "group": cfg.logger.group or _sweep_group()}
-    write_json(path, identity)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    identity = {
+        "id": saved.get("id") or secrets.token_hex(6),  # W&B's run ids are short lowercase alphanumerics
+        "job_suffix": _job_suffix() or saved.get("job_suffix", ""),
+        "group": cfg.logger.group or _sweep_group() or saved.get("group"),
+    }
+    identity["name"] = _run_name(cfg) + identity["job_suffix"]
+    if identity != saved:
+        write_json(path, identity)
     return identity
 
 

@@ -179,7 +179,8 @@ def add_gaussian_noise(grad_sum: list[Tensor], std: float, generator: torch.Gene
 
 
 def dp_gradient(engine: PerExampleGradients, per_example_loss: Callable[[Any], Tensor], batch: Any,
-                config: DPSGDConfig, noise_generator: torch.Generator, *, ledger: PrivacyLedger | None = None,
+                config: DPSGDConfig, noise_generator: torch.Generator | None, *,
+                ledger: PrivacyLedger | None = None,
                 spend_journal: Path | None = None,
                 forward_context: Callable[[], AbstractContextManager] = nullcontext,
                 noise: bool = True) -> tuple[list[Tensor], Tensor]:
@@ -191,7 +192,8 @@ def dp_gradient(engine: PerExampleGradients, per_example_loss: Callable[[Any], T
     instead of giving a free draw. Under DDP the noise is drawn once, by rank 0, and added to the
     sum of every rank's clipped sum. The result is normalised by the *expected* batch size q·N,
     not the realised one, whose size would reveal whether an example was sampled.
-    ``noise=False`` is for tests that need the un-noised update; no config reaches it.
+    ``noise_generator`` is rank 0's (other ranks draw nothing and may pass None); ``noise=False``
+    is for tests that need the un-noised update, and no config reaches it.
     """
     grad_sum, loss_sum = clipped_gradient_sum(engine, per_example_loss, batch, config.max_grad_norm,
                                               config.max_physical_batch, config.clipping, forward_context)
@@ -202,6 +204,8 @@ def dp_gradient(engine: PerExampleGradients, per_example_loss: Callable[[Any], T
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     if rank == 0 and noise and config.noise_multiplier > 0:
+        if noise_generator is None:
+            raise ValueError("rank 0 draws the step's noise: it needs a noise generator")
         add_gaussian_noise(grad_sum, config.noise_multiplier * config.max_grad_norm, noise_generator)
     if distributed:
         # One noise draw for the step: rank 0's noise plus every rank's clipped sum.
@@ -285,7 +289,7 @@ class _DPSGDMixin:
         module = self.lightning_module
         assert self._engine is not None, "DP strategy used before setup"
         cfg = self.dp_config
-        if self.noise_generator is None:
+        if self.noise_generator is None and self.is_global_zero:  # the one rank that draws noise
             self.noise_generator = fresh_generator(self.root_device)
         self._dp_grads, loss_sum = dp_gradient(
             self._engine, module.per_example_loss, batch, cfg, self.noise_generator, ledger=self.ledger,

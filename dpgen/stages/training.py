@@ -102,7 +102,7 @@ def pretrain_cache_path(cfg: DictConfig, selection: list[list[str]] | None = Non
         "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
         "pretrain": OmegaConf.to_container(cfg.method.pretrain_public, resolve=True),
         "label_dropout": cfg.method.label_dropout,
-        # The public labels are mapped onto the sensitive classes by name (_relabel_public):
+        # The public labels are mapped onto the sensitive classes by name (relabel_public):
         # MNIST and FashionMNIST both have 10 classes, but not the same glyphs in them.
         "classes": list(describe_data(cfg.data).class_names),
         "seed": cfg.seed,
