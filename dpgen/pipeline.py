@@ -211,12 +211,15 @@ def _publish_hydra_record(run_dir: Path) -> None:
     ``overrides.yaml``), for tools that read it there. Each attempt keeps its own in
     ``.hydra/<time>/`` (conf/config.yaml), and only an attempt that passed its checks and its
     privacy plan is published, so a refused one never replaces the record of the run."""
-    if not HydraConfig.initialized() or not HydraConfig.get().output_subdir:
+    if not HydraConfig.initialized():
         return
-    attempt = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
+    # select: a config composed outside a Hydra run (a tool's, a test's) has no runtime.output_dir.
+    subdir = OmegaConf.select(HydraConfig.get(), "output_subdir", default=None)
+    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
     hydra_dir = run_dir / ".hydra"
-    if attempt.parent.resolve() != hydra_dir.resolve():
+    if not subdir or not output_dir or (Path(output_dir) / subdir).parent.resolve() != hydra_dir.resolve():
         return
+    attempt = Path(output_dir) / subdir
     for record in sorted(attempt.glob("*.yaml")):
         atomic_write(hydra_dir / record.name, lambda f, src=record: f.write(src.read_bytes()))
 

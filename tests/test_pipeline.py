@@ -324,3 +324,22 @@ def test_resume_refuses_a_checkpoint_that_trained_another_parameter_set(tmp_path
         _check_checkpoint_trains_the_same_parameters(str(path), module, "dp_train")
     torch.save({"optimizer_states": [{"param_groups": [{"params": list(range(n))}]}]}, path)
     _check_checkpoint_trains_the_same_parameters(str(path), module, "dp_train")
+
+
+def test_the_hydra_record_is_published_only_from_a_hydra_run_of_this_directory(tmp_path, monkeypatch):
+    """A config composed by a tool or a test (``return_hydra_config=True``) leaves Hydra's
+    singleton set without a runtime.output_dir; a run started afterwards must not fail on it
+    (the whole suite did, in this order)."""
+    from dpgen import pipeline
+
+    attempt = tmp_path / ".hydra" / "2026-11-24_15-00-00"
+    attempt.mkdir(parents=True)
+    (attempt / "overrides.yaml").write_text("- privacy.eps=4\n")
+    monkeypatch.setattr(pipeline.HydraConfig, "initialized", staticmethod(lambda: True))
+    for runtime in ("???", str(tmp_path / "elsewhere"), str(tmp_path)):
+        hydra = OmegaConf.create({"output_subdir": ".hydra/2026-11-24_15-00-00", "runtime": {"output_dir": runtime}})
+        monkeypatch.setattr(pipeline.HydraConfig, "get", staticmethod(lambda hydra=hydra: hydra))
+        pipeline._publish_hydra_record(tmp_path)
+        published = tmp_path / ".hydra" / "overrides.yaml"
+        assert published.exists() == (runtime == str(tmp_path))
+    assert published.read_text() == "- privacy.eps=4\n"
