@@ -39,7 +39,8 @@ def _check_central(cfg: DictConfig) -> None:
         require_number(c, "method.central", "budget_fraction", 0, 1, low_open=True, high_open=True,
                        fix="use e.g. 0.2 (DP-SGD gets the rest), or fix method.central.noise_multiplier")
     props = c.get("class_proportions")
-    if props is not None and (len(props) != cfg.data.num_classes or not all(is_number_in(p, 0, math.inf, low_open=True, high_open=True) for p in props)):
+    positive = props is not None and all(is_number_in(p, 0, math.inf, low_open=True, high_open=True) for p in props)
+    if props is not None and (len(props) != cfg.data.num_classes or not positive):
         raise ConfigError("method.central.class_proportions", list(props),
                           f"must be {cfg.data.num_classes} positive numbers (public class frequencies)",
                           "give one per class, or null for uniform")
