@@ -48,13 +48,13 @@ from dpgen.models.ldm import (
 )
 from dpgen.models.unet import build_unet
 from dpgen.overrides import CONF_DIR
+from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
 from dpgen.privacy.strategy import (
     CLIPPING_MODES,
-    POISSON_GAUSSIAN,
     DPSGDConfig,
     assert_dp_compatible,
     check_dp_precision,
