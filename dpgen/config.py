@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from dpgen.checks import is_number_in, require_int, require_number
 from dpgen.data import describe_data, has_public_data, validate_data_config, validate_public_config
 from dpgen.diffusion.sampling import SOLVERS, make_train_scheduler, run_solver
+from dpgen.diffusion.timesteps import TIMESTEP_SAMPLERS
 from dpgen.distributed import check_devices_present, validate_trainer_config
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
@@ -20,7 +21,7 @@ from dpgen.methods.privimage import check_selection_config
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
 from dpgen.overrides import check_appended_keys, dotted_keys
-from dpgen.privacy.accounting import ACCOUNTANTS
+from dpgen.privacy.accounting import check_accountant
 from dpgen.privacy.guarantee import NON_PRIVATE_STAGES, training_is_private
 from dpgen.privacy.strategy import CLIPPING_MODES, check_dp_precision
 from dpgen.sampling.config import validate_sampling_config
@@ -57,9 +58,6 @@ def _check_method_settings(cfg: DictConfig) -> None:
         raise ConfigError("sample.guidance_scale", scale, "classifier-free guidance needs the unconditional "
                           "model, and method.label_dropout=0 never trains it",
                           "set sample.guidance_scale=1.0, or train with method.label_dropout=0.1")
-
-
-TIMESTEP_SAMPLERS = ("uniform", "lognormal", "mixture")
 
 
 def _check_diffusion(cfg: DictConfig) -> None:
@@ -233,9 +231,7 @@ def validate_config(cfg: DictConfig) -> None:
                               "set privacy.delta=1e-5")
         if not is_number_in(p.clip, 0, math.inf, low_open=True, high_open=True):
             raise ConfigError("privacy.clip", p.clip, "must be a number > 0", "set privacy.clip=1.0")
-        if p.accountant not in ACCOUNTANTS:
-            raise ConfigError("privacy.accountant", p.accountant, "unknown accountant",
-                              f"use one of {', '.join(ACCOUNTANTS)}")
+        check_accountant(p.accountant)
         if p.clipping not in CLIPPING_MODES:
             raise ConfigError("privacy.clipping", p.clipping, "unknown clipping mode",
                               f"use one of {', '.join(CLIPPING_MODES)}")

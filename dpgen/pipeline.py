@@ -100,6 +100,15 @@ def _refusal_order(key: str) -> tuple[int, str]:
     return (_LISTED_FIRST.index(group) if group in _LISTED_FIRST else len(_LISTED_FIRST), key)
 
 
+def _may_change_on_resume(key: str, completed: Sequence[str]) -> bool:
+    group = key.split(".")[0]
+    if group in _CHANGEABLE_ALWAYS:
+        return True
+    if group not in _CHANGEABLE_UNTIL or key.startswith(_FIXED_AUDIT):
+        return False
+    return not set(_CHANGEABLE_UNTIL[group]) & set(completed)
+
+
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(node, dict) or not node:
         return {prefix.rstrip("."): node}
@@ -120,9 +129,7 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
     old, new = _leaves(before), _leaves(now)
     changed = sorted((k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>")),
                      key=_refusal_order)
-    refused = [k for k in changed if k.split(".")[0] not in _CHANGEABLE_ALWAYS and (
-        k.split(".")[0] not in _CHANGEABLE_UNTIL or k.startswith(_FIXED_AUDIT)
-        or set(_CHANGEABLE_UNTIL[k.split(".")[0]]) & set(completed))]
+    refused = [k for k in changed if not _may_change_on_resume(k, completed)]
     if refused:
         listed = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in refused[:6])
         raise ConfigError("resume", str(run_dir), f"this run was started with a different configuration ({listed}"
@@ -216,10 +223,11 @@ def _publish_hydra_record(run_dir: Path) -> None:
     # select: a config composed outside a Hydra run (a tool's, a test's) has no runtime.output_dir.
     subdir = OmegaConf.select(HydraConfig.get(), "output_subdir", default=None)
     output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
-    hydra_dir = run_dir / ".hydra"
-    if not subdir or not output_dir or (Path(output_dir) / subdir).parent.resolve() != hydra_dir.resolve():
+    if not subdir or not output_dir:
         return
-    attempt = Path(output_dir) / subdir
+    attempt, hydra_dir = Path(output_dir) / subdir, run_dir / ".hydra"
+    if attempt.parent.resolve() != hydra_dir.resolve():
+        return
     for record in sorted(attempt.glob("*.yaml")):
         atomic_write(hydra_dir / record.name, lambda f, src=record: f.write(src.read_bytes()))
 

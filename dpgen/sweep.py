@@ -22,12 +22,15 @@ log = logging.getLogger("dpgen")
 
 
 def sweep_jobs(task_overrides: list[str]) -> tuple[list[list[str]], set[str]]:
-    """Each job's overrides, as Hydra's basic sweeper will run them, and the keys that vary."""
+    """Each job's overrides, as Hydra's basic sweeper will run them, and the keys that vary
+    (without ``+``/``++``/``~``, as :func:`dpgen.overrides.override_key` names them)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from dpgen.overrides import override_key
+
     parsed = OverridesParser.create().parse_overrides(task_overrides)
-    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    swept = {override_key(o.get_key_element()) for o in parsed if o.is_sweep_override()}
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], swept
 
 
@@ -41,7 +44,7 @@ class SweepCheck(Callback):
         h = config.hydra
         if "submitit" in h.launcher.get("_target_", ""):
             _, swept = sweep_jobs(list(h.overrides.task))
-            if varied := sorted({key.lstrip("+~") for key in swept} & set(_GEOMETRY)):
+            if varied := sorted(swept & set(_GEOMETRY)):
                 sys.exit(f"dpgen: {', '.join(varied)} varies across the sweep, but the launcher starts every job "
                          "with the processes of the first composition (hydra.launcher.tasks_per_node and nodes "
                          "are resolved once), so the other jobs would be refused. Fix: one sweep per job "

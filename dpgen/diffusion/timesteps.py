@@ -78,6 +78,9 @@ class MixtureTimesteps(TimestepSampler):
         return self._probs
 
 
+TIMESTEP_SAMPLERS = ("uniform", "lognormal", "mixture")  # method.timesteps.kind
+
+
 def build_timestep_sampler(cfg: dict, alphas_cumprod: torch.Tensor) -> TimestepSampler:
     """``cfg`` is ``method.timesteps``: ``{kind: uniform|lognormal|mixture, ...}``."""
     kind = cfg.get("kind", "uniform")
@@ -88,4 +91,4 @@ def build_timestep_sampler(cfg: dict, alphas_cumprod: torch.Tensor) -> TimestepS
         return LogNormalTimesteps(alphas_cumprod, cfg.get("p_mean", -1.2), cfg.get("p_std", 1.2))
     if kind == "mixture":
         return MixtureTimesteps(T, cfg["intervals"])
-    raise ValueError(f"method.timesteps.kind={kind!r}: unknown; use uniform, lognormal or mixture")
+    raise ValueError(f"method.timesteps.kind={kind!r}: unknown; use {', '.join(TIMESTEP_SAMPLERS)}")

@@ -12,15 +12,12 @@ on, so a sweep computes them once.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dpgen.data.cache import config_key
 from dpgen.io import build_once, write_json
-
-log = logging.getLogger("dpgen")
 
 NOTE = ("fidelity_reference (real train vs real held-out) and downstream_accuracy_real (classifiers "
         "trained on the real training split) are non-private reference points computed on the "

@@ -126,7 +126,7 @@ def _epsilon_cached(key: _Key, delta: float, accountant: str) -> float:
 def check_accountant(accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
         raise ConfigError(
-            "privacy.accountant", accountant, "unknown accountant", f"use one of {ACCOUNTANTS}"
+            "privacy.accountant", accountant, "unknown accountant", f"use one of {', '.join(ACCOUNTANTS)}"
         )
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from dpgen.privacy.accounting import compute_epsilon
 from dpgen.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class PrivacyAccountantCallback(Callback):
             return
         self._logged_at = steps
         metrics = {"privacy/epsilon": self.ledger.epsilon_spent(),
-                   "privacy/epsilon_rdp": compute_epsilon(self.ledger.events, self.ledger.delta, "rdp"),
+                   "privacy/epsilon_rdp": self.ledger.epsilon_spent("rdp"),
                    "privacy/steps": float(steps)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=steps)
