@@ -574,3 +574,34 @@ def test_the_spend_journal_keeps_the_last_whole_line(tmp_path):
     other = PrivacyLedger(epsilon_target=4.0, delta=1e-5, dataset_size=100)  # another budget
     with pytest.raises(ConfigError, match="privacy.eps"):
         other.load_state_dict(read_spend(path))
+
+
+def test_the_spend_journal_is_compacted_to_its_last_record_only_after_the_append(tmp_path, monkeypatch):
+    """A long run's journal stays bounded, and the step being charged is durable before the rewrite."""
+    from dpgen.privacy import journal
+
+    monkeypatch.setattr(journal, "COMPACT_AT_BYTES", 2000)
+    ledger = PrivacyLedger(epsilon_target=8.0, delta=1e-5, dataset_size=100)
+    ledger.plan([PlannedStage("dp_train", POISSON_GAUSSIAN, sample_rate=0.1, count=100)])
+    path = tmp_path / "journal.jsonl"
+    sizes, compactions = [], 0
+    for _ in range(40):
+        ledger.record("dp_train", POISSON_GAUSSIAN, ledger.planned_noise_multiplier("dp_train"), 0.1, 1)
+        journal.append_spend(path, ledger)
+        sizes.append(path.stat().st_size)
+        if len(sizes) > 1 and sizes[-1] < sizes[-2]:  # rewritten: the last record alone
+            compactions += 1
+            assert path.read_text().count("\n") == 1
+        assert journal.read_spend(path)["events"][0]["steps"] == ledger.steps_spent("dp_train")
+    assert compactions >= 3 and max(sizes) <= 2000
+    assert os.listdir(tmp_path) == ["journal.jsonl"]  # no temporary file left behind
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(journal, "atomic_write", crash)
+    monkeypatch.setattr(journal, "COMPACT_AT_BYTES", 0)  # the next append compacts
+    ledger.record("dp_train", POISSON_GAUSSIAN, ledger.planned_noise_multiplier("dp_train"), 0.1, 1)
+    with pytest.raises(OSError, match="disk full"):
+        journal.append_spend(path, ledger)
+    assert journal.read_spend(path)["events"][0]["steps"] == 41  # charged before the failed rewrite

@@ -8,6 +8,10 @@ from those steps (the un-noised loss, with ``privacy.log_train_loss=true``) woul
 free second draw. The journal closes that: one appended line per step, the ledger's state (less
 its plan) after the charge, flushed and fsynced before the noise (about 0.3 ms on a local disk).
 A resume keeps whichever record spent most: the journal, privacy.json or the checkpoint.
+
+Each record is the whole ledger, so only the last one is ever read. Past ``COMPACT_AT_BYTES``
+the file is replaced, atomically, by its last record: a run of a million steps would otherwise
+leave a 300 MB journal, read whole on every resume.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import json
 import os
 from pathlib import Path
 
-from dpgen.io import fsync_directory
+from dpgen.io import atomic_write, fsync_directory
 from dpgen.privacy.ledger import PrivacyLedger
 
 JOURNAL = "privacy-journal.jsonl"
+COMPACT_AT_BYTES = 1 << 20  # about 3,000 records of one stage; a rewrite that often costs nothing
 
 
 def append_spend(path: str | os.PathLike, ledger: PrivacyLedger) -> None:
@@ -37,7 +42,12 @@ def append_spend(path: str | os.PathLike, ledger: PrivacyLedger) -> None:
         f.write(record)
         f.flush()
         os.fsync(f.fileno())
-    if new:  # the file's directory entry must survive a power loss too
+        size = f.tell()
+    if size > COMPACT_AT_BYTES:
+        # Only after the append is durable: a crash during the rewrite leaves the old file or the
+        # new one, and both end with this record.
+        atomic_write(path, lambda out: out.write(record.encode("utf-8")))
+    elif new:  # the file's directory entry must survive a power loss too
         fsync_directory(path.parent)
 
 
