@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -160,7 +162,11 @@ def check_run_start(cfg: DictConfig) -> None:
     any work: the overrides Hydra applied, the run to resume, the config, and this machine's GPUs."""
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
+        # Inside the Hydra app, its own config search path composes the run without its ++ overrides.
+        in_app = GlobalHydra.instance().is_initialized()
+        check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices,
+                            compose_base=(lambda overrides: hydra.compose(hydra_cfg.job.config_name, overrides))
+                            if in_app else None)
     check_resume_dir(cfg)
     if HydraConfig.initialized():
         _check_launch(cfg, HydraConfig.get())

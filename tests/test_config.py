@@ -159,6 +159,7 @@ def test_cli_cfg_job_and_help(tmp_path):
     ("method.train.steps=-1", "method.train.steps"),
     ("data.image_size=18", "data.image_size"),
     ("+privacy.epss=1", "privacy.epss"),  # Hydra suggests the '+' for a mistyped key; the run would ignore it
+    ("++privacy.epss=1", "privacy.epss"),  # force-add: a key absent without it is as mistyped
     ("+resume=/nonexistent/dpgen-run", "resume"),  # a mistyped path would start a new run there
     ("trainer.accelerator=gpuu", "trainer.accelerator"),  # trained on the CPU without a word
     ("public=none", "public"),  # dpdm pretrains on public data: refused only at that stage, after planning
@@ -276,3 +277,16 @@ def test_cli_multirun_over_epsilon(tmp_path):
     assert report.count("| dpdm |") == 2
     for name in ("report.csv", "accuracy_vs_epsilon.png", "fid_vs_epsilon.png"):
         assert (tmp_path / "sweep" / name).stat().st_size > 0, name
+
+
+def test_force_added_keys_are_checked_against_the_config_without_them():
+    """``++key=value`` overrides a key that exists and adds one that does not: only the latter is refused."""
+    from dpgen.overrides import compose_overrides
+
+    assert compose_overrides(["++privacy.eps=1"]).privacy.eps == 1
+    assert compose_overrides(["method=dpldm", "++method.trainable=transformer"]).method.trainable == "transformer"
+    assert compose_overrides(["++method.train={steps:5}"]).method.train.steps == 5  # a node that exists
+    with pytest.raises(ConfigError, match=r"privacy\.epss.*did you mean privacy\.eps="):
+        compose_overrides(["privacy.eps=1", "++privacy.epss=1"])
+    with pytest.raises(ConfigError, match=r"method\.trainable"):  # dpdm has no trainable set
+        compose_overrides(["++method.trainable=attention"])
