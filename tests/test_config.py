@@ -290,3 +290,13 @@ def test_force_added_keys_are_checked_against_the_config_without_them():
         compose_overrides(["privacy.eps=1", "++privacy.epss=1"])
     with pytest.raises(ConfigError, match=r"method\.trainable"):  # dpdm has no trainable set
         compose_overrides(["++method.trainable=attention"])
+
+
+def test_a_mistyped_resume_path_is_refused_before_hydra_creates_it(tmp_path):
+    """hydra.run.dir follows +resume: Hydra would create the mistyped directory before the run's check."""
+    typo = tmp_path / "outputs" / "10-00-0"
+    env = {**os.environ, "DPGEN_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "dpgen", f"+resume={typo}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("dpgen: resume="), out.stderr[-2000:]
+    assert not typo.exists() and not (tmp_path / "outputs").exists()
