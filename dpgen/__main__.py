@@ -11,9 +11,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch import seed_everything
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dpgen.config import check_resume_dir, check_run_start
+from dpgen.config import check_run_start, refuse_missing_resume
 from dpgen.distributed import export_submitit_local_ranks
 from dpgen.errors import BudgetError, ConfigError
 
@@ -64,29 +64,11 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(f"dpgen: {err}")
 
 
-# Hydra's options that print or explain instead of running: nothing is created, nothing to refuse.
-_NO_RUN_OPTIONS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
-
-
-def refuse_missing_resume(argv: list[str]) -> None:
-    """``+resume=`` of a path that holds no run, refused before Hydra starts: ``hydra.run.dir``
-    follows ``resume``, so Hydra would first create the mistyped directory (its log, ``.hydra/``).
-    The run's own check (:func:`dpgen.config.check_resume_dir`) would refuse it all the same."""
-    if any(arg.split("=", 1)[0] in _NO_RUN_OPTIONS for arg in argv):
-        return
-    for arg in argv:
-        if arg.startswith("+") and arg.lstrip("+").startswith("resume="):
-            try:
-                check_resume_dir(OmegaConf.create({"resume": arg.split("=", 1)[1]}))
-            except ConfigError as err:
-                sys.exit(f"dpgen: {err}")
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     return main(cfg)
 
 
 if __name__ == "__main__":
-    refuse_missing_resume(sys.argv[1:])
+    refuse_missing_resume(sys.argv[1:], "dpgen")
     _hydra_main()

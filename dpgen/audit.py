@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dpgen.config import check_run_start
+from dpgen.config import check_run_start, refuse_missing_resume
 from dpgen.data import build_dataset, build_public_dataset, has_public_data
 from dpgen.errors import BudgetError, ConfigError
 from dpgen.eval.audit import LossScoreSettings, loss_scores, roc_summary
@@ -149,5 +149,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_missing_resume(sys.argv[1:], "dpgen.audit")
     _hydra_main()
 

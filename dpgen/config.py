@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -136,6 +135,31 @@ def check_resume_dir(cfg: DictConfig) -> None:
                           "pass the directory of the interrupted run, e.g. outputs/<date>/<time>")
 
 
+def refuse_missing_resume(argv: list[str], program: str) -> None:
+    """``+resume=`` of a path that holds no run, refused before Hydra starts: ``hydra.run.dir``
+    follows ``resume``, so Hydra would first create the mistyped directory (its log, ``.hydra/``)
+    and only then run :func:`check_resume_dir`. The value is parsed as Hydra parses it; whatever
+    this cannot judge (an option beside the overrides, a sweep, an interpolation, a parse error)
+    is left to the run's own check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
+        return  # --cfg, --help, -cn ...: Hydra may print instead of run, or read other configs
+    for arg in argv:
+        if not (arg.startswith("+") and arg.lstrip("+").startswith("resume=")):
+            continue
+        try:
+            override = OverridesParser.create().parse_overrides([arg])[0]
+        except Exception:  # noqa: BLE001 - Hydra reports its own parse errors, in its words
+            return
+        value = None if override.is_sweep_override() else override.value()
+        if isinstance(value, str) and "${" not in value:
+            try:
+                check_resume_dir(OmegaConf.create({"resume": value}))
+            except ConfigError as err:
+                sys.exit(f"{program}: {err}")
+
+
 def _check_launch(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
     """Launch mistakes that would otherwise train in the wrong place: a cluster launcher without
     ``-m`` (Hydra uses launchers for sweeps only, so the run trains here, e.g. on a login node),
@@ -162,11 +186,7 @@ def check_run_start(cfg: DictConfig) -> None:
     any work: the overrides Hydra applied, the run to resume, the config, and this machine's GPUs."""
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        # Inside the Hydra app, its own config search path composes the run without its ++ overrides.
-        in_app = GlobalHydra.instance().is_initialized()
-        check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices,
-                            compose_base=(lambda overrides: hydra.compose(hydra_cfg.job.config_name, overrides))
-                            if in_app else None)
+        check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
     check_resume_dir(cfg)
     if HydraConfig.initialized():
         _check_launch(cfg, HydraConfig.get())

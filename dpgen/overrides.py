@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -32,30 +32,15 @@ def dotted_keys(node: object, prefix: str = "") -> list[str]:
     return [k for key in node for k in dotted_keys(node._get_node(key), f"{prefix}{key}.")]
 
 
-def check_appended_keys(cfg: DictConfig, overrides: Sequence[str], groups: Collection[str],
-                        compose_base: Callable[[list[str]], DictConfig] | None = None) -> None:
+def check_appended_keys(cfg: DictConfig, overrides: Sequence[str], groups: Collection[str]) -> None:
     """Refuse ``+key=value`` for a key no config defines and dpgen never reads. Hydra suggests
     the ``+`` when a key is mistyped, and the run then ignores it: ``+privacy.epss=1`` ran at the
-    default ε=10. ``++key=value`` (add, or override if present) is refused alike when the key is
-    absent from the config composed without the ``++`` overrides (by ``compose_base``, the
-    caller's composer; a run's is its Hydra app's). ``groups`` are the config groups, which
-    ``+group=option`` selects."""
-    appended, forced = [], []
+    default ε=10. ``groups`` are the config groups, which ``+group=option`` selects."""
     for override in overrides:
         key = override_key(override)
-        if override.startswith("+") and key not in APPENDABLE_KEYS and key.split("@")[0] not in groups:
-            (forced if override.startswith("++") else appended).append(override)
-    if forced:
-        try:
-            base = (compose_base or _compose)([o for o in overrides if o not in forced])
-        except _COMPOSE_ERRORS:  # another override needs a forced one: nothing to compare with
-            base = None
-        if base is not None:
-            known = dotted_keys(base)
-            appended += [o for o in forced
-                         if not any(k == override_key(o) or k.startswith(override_key(o) + ".") for k in known)]
-    for override in appended:
-        key = override_key(override)
+        if not override.startswith("+") or override.startswith("++") or key in APPENDABLE_KEYS \
+                or key.split("@")[0] in groups:
+            continue
         close = difflib.get_close_matches(key, [k for k in dotted_keys(cfg) if k != key], n=1)
         raise ConfigError(key, override.split("=", 1)[-1], "no dpgen config defines this key, so the run would "
                           "ignore it", f"did you mean {close[0]}=...?" if close else "drop it")

@@ -34,26 +34,29 @@ def _zero_sum(self: PerExampleGradients, factors: torch.Tensor) -> list[torch.Te
     return [torch.zeros_like(p) for p in self.params]
 
 
-# name -> (object, attribute, replacement)
-ABLATIONS: dict[str, tuple[object, str, Callable]] = {
-    "no per-example work": (PerExampleGradients, "_accumulate", _skip_per_example_work),
-    "no per-example norms": (per_example, "_norms_of", lambda grads: []),
-    "no clipped sum": (PerExampleGradients, "_weighted_sum", _zero_sum),
+# name -> what it replaces: (object, attribute, replacement). "no per-example norms" drops the norm
+# kernels of formed gradients and the ghost norms; formed gradients are still formed (the clipped
+# sum reads them). "no clipped sum" is the sum of kept gradients and kept inputs (not ghost mode's
+# second backward, hence --clipping materialize or mixed).
+ABLATIONS: dict[str, list[tuple[object, str, Callable]]] = {
+    "no per-example work": [(PerExampleGradients, "_accumulate", _skip_per_example_work)],
+    "no per-example norms": [(per_example, "_norms_of", lambda grads: []),
+                             (per_example, "_ghost_sq_norms", lambda layer, acts, backprops, batch: torch.zeros(batch))],
+    "no clipped sum": [(PerExampleGradients, "_weighted_sum", _zero_sum)],
 }
 
 
 @contextmanager
 def ablated(name: str | None) -> Iterator[None]:
-    if name is None:
-        yield
-        return
-    owner, attribute, replacement = ABLATIONS[name]
-    saved = getattr(owner, attribute)
-    setattr(owner, attribute, replacement)
+    patches = ABLATIONS[name] if name is not None else []
+    saved = [getattr(owner, attribute) for owner, attribute, _ in patches]
     try:
+        for owner, attribute, replacement in patches:
+            setattr(owner, attribute, replacement)
         yield
     finally:
-        setattr(owner, attribute, saved)
+        for (owner, attribute, _), original in zip(patches, saved):
+            setattr(owner, attribute, original)
 
 
 def main() -> None:
@@ -61,7 +64,7 @@ def main() -> None:
     parser.add_argument("--model", default="ldm_small")
     parser.add_argument("--trainable", default="attention_only", choices=("full", "attention_only"))
     parser.add_argument("--multiplicity", type=int, default=1)
-    parser.add_argument("--clipping", default="mixed")
+    parser.add_argument("--clipping", default="mixed", choices=("materialize", "mixed"))
     parser.add_argument("--repeats", type=int, default=40)
     args = parser.parse_args()
     cfg = OmegaConf.load(CONF_DIR / "bench.yaml").bench

@@ -159,7 +159,6 @@ def test_cli_cfg_job_and_help(tmp_path):
     ("method.train.steps=-1", "method.train.steps"),
     ("data.image_size=18", "data.image_size"),
     ("+privacy.epss=1", "privacy.epss"),  # Hydra suggests the '+' for a mistyped key; the run would ignore it
-    ("++privacy.epss=1", "privacy.epss"),  # force-add: a key absent without it is as mistyped
     ("+resume=/nonexistent/dpgen-run", "resume"),  # a mistyped path would start a new run there
     ("trainer.accelerator=gpuu", "trainer.accelerator"),  # trained on the CPU without a word
     ("public=none", "public"),  # dpdm pretrains on public data: refused only at that stage, after planning
@@ -279,19 +278,6 @@ def test_cli_multirun_over_epsilon(tmp_path):
         assert (tmp_path / "sweep" / name).stat().st_size > 0, name
 
 
-def test_force_added_keys_are_checked_against_the_config_without_them():
-    """``++key=value`` overrides a key that exists and adds one that does not: only the latter is refused."""
-    from dpgen.overrides import compose_overrides
-
-    assert compose_overrides(["++privacy.eps=1"]).privacy.eps == 1
-    assert compose_overrides(["method=dpldm", "++method.trainable=transformer"]).method.trainable == "transformer"
-    assert compose_overrides(["++method.train={steps:5}"]).method.train.steps == 5  # a node that exists
-    with pytest.raises(ConfigError, match=r"privacy\.epss.*did you mean privacy\.eps="):
-        compose_overrides(["privacy.eps=1", "++privacy.epss=1"])
-    with pytest.raises(ConfigError, match=r"method\.trainable"):  # dpdm has no trainable set
-        compose_overrides(["++method.trainable=attention"])
-
-
 def test_a_mistyped_resume_path_is_refused_before_hydra_creates_it(tmp_path):
     """hydra.run.dir follows +resume: Hydra would create the mistyped directory before the run's check."""
     typo = tmp_path / "outputs" / "10-00-0"
@@ -300,3 +286,22 @@ def test_a_mistyped_resume_path_is_refused_before_hydra_creates_it(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("dpgen: resume="), out.stderr[-2000:]
     assert not typo.exists() and not (tmp_path / "outputs").exists()
+    out = subprocess.run([sys.executable, "-m", "dpgen.audit", f"+resume={typo}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("dpgen.audit: resume="), \
+        out.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_the_resume_pre_check_reads_the_path_as_hydra_does(tmp_path):
+    """Quoting, escapes and interpolations are Hydra's to read: the pre-check must not refuse a path Hydra accepts."""
+    from dpgen.config import refuse_missing_resume
+
+    run = tmp_path / "a b,c"
+    run.mkdir()
+    (run / "run_config.yaml").write_text("seed: 0\n")
+    for argv in ([f"+resume='{run}'"], [f"+resume={tmp_path}/a\\ b\\,c"], ["+resume=${oc.env:HOME}/x"],
+                 [f"+resume={tmp_path}/typo", "--cfg", "job"]):
+        refuse_missing_resume(argv, "dpgen")
+    with pytest.raises(SystemExit, match="dpgen: resume=.*no run_config.yaml"):
+        refuse_missing_resume([f"+resume='{tmp_path}/a b'"], "dpgen")
