@@ -142,6 +142,7 @@ def refuse_missing_resume(argv: list[str], program: str) -> None:
     this cannot judge (an option beside the overrides, a sweep, an interpolation, a parse error)
     is left to the run's own check."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
     if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
         return  # --cfg, --help, -cn ...: Hydra may print instead of run, or read other configs
@@ -150,7 +151,7 @@ def refuse_missing_resume(argv: list[str], program: str) -> None:
             continue
         try:
             override = OverridesParser.create().parse_overrides([arg])[0]
-        except Exception:  # noqa: BLE001 - Hydra reports its own parse errors, in its words
+        except OverrideParseException:  # Hydra reports its own parse errors, in its words
             return
         value = None if override.is_sweep_override() else override.value()
         if isinstance(value, str) and "${" not in value:
