@@ -21,7 +21,7 @@ from dpgen.methods import METHODS
 from dpgen.methods.privimage import check_selection_config
 from dpgen.models.ldm import is_latent_model, validate_ldm_config
 from dpgen.models.unet import validate_model_config
-from dpgen.overrides import check_appended_keys, dotted_keys
+from dpgen.overrides import check_appended_keys, dotted_keys, override_key
 from dpgen.privacy.accounting import check_accountant
 from dpgen.privacy.guarantee import NON_PRIVATE_STAGES, training_is_private
 from dpgen.privacy.strategy import CLIPPING_MODES, check_dp_precision
@@ -126,10 +126,9 @@ def _check_pretraining(cfg: DictConfig) -> None:
                           f"put {', '.join(needed)} before {stages[first]}{alternative}")
 
 
-def check_resume_dir(cfg: DictConfig) -> None:
+def check_resume_dir(resume: object) -> None:
     """``+resume=`` names a run: a mistyped path would start a new run there. Checked where a run
     starts (not in :func:`validate_config`: a resumed run's saved config keeps its ``resume``)."""
-    resume = cfg.get("resume")
     if resume is not None and not (Path(str(resume)) / "run_config.yaml").is_file():
         raise ConfigError("resume", resume, "is not a dpgen run directory (no run_config.yaml): nothing to resume",
                           "pass the directory of the interrupted run, e.g. outputs/<date>/<time>")
@@ -147,7 +146,7 @@ def refuse_missing_resume(argv: list[str], program: str) -> None:
     if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
         return  # --cfg, --help, -cn ...: Hydra may print instead of run, or read other configs
     for arg in argv:
-        if not (arg.startswith("+") and arg.lstrip("+").startswith("resume=")):
+        if not arg.startswith("+") or override_key(arg) != "resume":
             continue
         try:
             override = OverridesParser.create().parse_overrides([arg])[0]
@@ -156,7 +155,7 @@ def refuse_missing_resume(argv: list[str], program: str) -> None:
         value = None if override.is_sweep_override() else override.value()
         if isinstance(value, str) and "${" not in value:
             try:
-                check_resume_dir(OmegaConf.create({"resume": value}))
+                check_resume_dir(value)
             except ConfigError as err:
                 sys.exit(f"{program}: {err}")
 
@@ -188,7 +187,7 @@ def check_run_start(cfg: DictConfig) -> None:
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         check_appended_keys(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices)
-    check_resume_dir(cfg)
+    check_resume_dir(cfg.get("resume"))
     if HydraConfig.initialized():
         _check_launch(cfg, HydraConfig.get())
     validate_config(cfg)
