@@ -108,7 +108,10 @@ def test_report_files(sweep):
     md = (sweep / MD_NAME).read_text()
     assert md.count("| dpdm |") == 3 and "| nonprivate |" in md and "glyphnet-v1" in md
     assert f"({ACCURACY_PNG})" in md and f"({FID_PNG})" in md
-    assert "at most the sum of their ε" in md  # a sweep's points are not one release of one ε
+    # A sweep's points are not one release of one ε: the four private runs together, by basic
+    # composition only (the fixture's ledgers list no events).
+    assert "covered only by their combined budget" in md
+    assert f"| 4 | – | – | {0.99 + 9.96 + 9.94 + 0.98:.4g} | 4e-05 |" in md
     for name in (ACCURACY_PNG, FID_PNG):
         with Image.open(sweep / name) as img:
             assert img.format == "PNG" and img.width > 600 and img.height > 400

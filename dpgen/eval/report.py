@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure, setting_order
 from dpgen.io import atomic_write
+from dpgen.privacy.composition import CombinedGuarantee, combine_by_data, spent_ledger
 from dpgen.privacy.guarantee import RETIRED_FLAGS, ledger_kept_guarantee
 
 log = logging.getLogger("dpgen")
@@ -233,7 +234,39 @@ def method_label(row: dict[str, Any]) -> str:
     return f"{row['method']} (no formal DP)" if voided else str(row["method"])
 
 
-def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]]) -> bytes:
+def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str, CombinedGuarantee]:
+    """The guarantee of releasing every private run of the report together, per sensitive dataset."""
+    runs = []
+    for row in rows:
+        if row["private"]:
+            run_dir = Path(root) / row["run"]
+            config = run_dir / "run_config.yaml"
+            # A run whose ledger is gone cannot be vouched for: composed, it leaves no guarantee.
+            runs.append((row["run"], spent_ledger(run_dir),
+                         OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None))
+    return combine_by_data(runs) if runs else {}
+
+
+def _release_markdown(releases: dict[str, CombinedGuarantee]) -> list[str]:
+    if not releases:
+        return []
+    lines = ["", "Releasing runs together: every private run of this report on one sensitive dataset, "
+             "composed (`python -m dpgen.compose` for any other choice of runs). Each run's own ε covers "
+             "its outputs alone.", "",
+             "| sensitive data | runs | ε composed (PLD) | at δ | ε summed | at δ summed |", "|" + "---|" * 6]
+    for data, c in releases.items():
+        if c.without_guarantee:
+            none = f"none ({', '.join(c.without_guarantee)}: no ledger)"
+            lines.append(f"| {data} | {len(c.runs)} | {none} | – | {none} | – |")
+        else:
+            composed = c.delta if c.epsilon is not None else None  # no δ to state without an ε
+            lines.append(f"| {data} | {len(c.runs)} | {_fmt(c.epsilon)} | {_fmt(composed)} | "
+                         f"{_fmt(c.epsilon_sum)} | {_fmt(c.delta_sum)} |")
+    return lines
+
+
+def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]],
+              releases: dict[str, CombinedGuarantee]) -> bytes:
     classifiers = [k for k in _columns(rows) if k.startswith("accuracy_") and k not in ("accuracy_mean", "accuracy_real_mean")]
     settings = any(r["setting"] for r in rows)
     header = (["method"] + (["setting"] if settings else []) + ["ε target", "ε spent", "accuracy % (mean)"]
@@ -247,7 +280,7 @@ def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]]) -> bytes
                  + [_fmt(r.get(c), True) for c in classifiers]
                  + [_fmt(r["accuracy_real_mean"], True)] + [_fmt(r[k]) for k in _FIDELITY] + [f"`{r['run']}`"])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _utility_markdown(rows) + _audit_markdown(audits)
+    lines += _release_markdown(releases) + _utility_markdown(rows) + _audit_markdown(audits)
     extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
     references = sorted({r["fid_reference"] for r in rows if r["fid_reference"] is not None})
     delta = sorted({r["delta"] for r in rows if r["delta"] is not None})
@@ -264,8 +297,8 @@ def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]]) -> bytes
         "The real-data ceiling and fidelity reference are computed on the sensitive data without privacy; "
         "they are reference points, not released outputs.",
         "Each ε is one run's. Runs on the same sensitive data compose: releasing the outputs of several "
-        "(say every point of this sweep) is covered only by their combined budget, at most the sum of "
-        "their ε (and of their δ), and a run repeated in a new directory spends its budget again.",
+        "(say every point of this sweep) is covered only by their combined budget (the table above), "
+        "and a run repeated in a new directory spends its budget again.",
         "",
         f"![accuracy vs ε]({ACCURACY_PNG})",
         f"![FID vs ε]({FID_PNG})",
@@ -321,7 +354,8 @@ def write_report(root: str | Path) -> list[Path]:
     rows, audits = collect(root)
     paths = [root / CSV_NAME, root / MD_NAME, root / ACCURACY_PNG, root / FID_PNG]
     atomic_write(paths[0], lambda f: f.write(_csv(rows)))
-    atomic_write(paths[1], lambda f: f.write(_markdown(rows, audits)))
+    releases = combined_releases(root, rows)
+    atomic_write(paths[1], lambda f: f.write(_markdown(rows, audits, releases)))
     save_figure(accuracy_figure(rows), paths[2])
     save_figure(fid_figure(rows), paths[3])
     if audits:

@@ -1,0 +1,83 @@
+"""``python -m dpgen.compose <run or sweep dir>...``: the guarantee of releasing runs together.
+
+Every run directory given, or found below a directory given (any directory holding a
+``privacy.json``, finished or not: a crashed run's checkpoints are outputs too), is composed
+with the others trained on the same sensitive data (:mod:`dpgen.privacy.composition`). Canary
+audits (``python -m dpgen.audit``) are left out: they are never released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from dpgen.privacy.accounting import check_delta
+from dpgen.privacy.composition import combine_by_data, spent_ledger
+from dpgen.privacy.guarantee import ledger_kept_guarantee
+
+
+def _is_canary_audit(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.json"
+    return metrics.is_file() and "canary_audit" in json.loads(metrics.read_text())
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories at or below ``paths``, each once, canary audits left out."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        if not path.is_dir():
+            raise SystemExit(f"dpgen.compose: {path} is not a directory. Fix: pass run or sweep directories")
+        ledgers = [path / "privacy.json"] if (path / "privacy.json").is_file() else sorted(path.rglob("privacy.json"))
+        found.update((f.parent.resolve(), None) for f in ledgers if not _is_canary_audit(f.parent))
+    if not found:
+        raise SystemExit(f"dpgen.compose: no privacy.json at or below {', '.join(map(str, paths))}. "
+                         "Fix: pass the directories of dpgen runs")
+    return list(found)
+
+
+def _load(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    config = run_dir / "run_config.yaml"
+    return (str(run_dir), spent_ledger(run_dir),
+            OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None)
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpgen.compose", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", type=Path, nargs="+", help="run directories, or directories to search below")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="δ of the composed guarantee (default: the smallest δ among the runs)")
+    args = parser.parse_args(argv)
+    if args.delta is not None:
+        try:
+            check_delta(args.delta)
+        except ValueError:
+            sys.exit(f"dpgen.compose: --delta {args.delta}: must be in (0, 1)")
+    runs = [_load(run_dir) for run_dir in find_runs(args.paths)]
+    for data, combined in combine_by_data(runs, args.delta).items():
+        print(f"sensitive data: {data}")
+        for name, privacy, _ in runs:
+            if name in combined.runs:
+                kept = ledger_kept_guarantee(privacy) and privacy.get("epsilon_spent") is not None
+                own = (f"ε = {_fmt(privacy['epsilon_spent'])} at δ = {_fmt(privacy['delta'])}" if kept
+                       else "no formal guarantee")
+                print(f"  {name}: {own}")
+        if combined.without_guarantee:
+            print(f"  together: no formal guarantee ({len(combined.without_guarantee)} of the runs have none)")
+            continue
+        composed = ("– (a ledger lists no events)" if combined.epsilon is None
+                    else f"ε = {_fmt(combined.epsilon)} at δ = {_fmt(combined.delta)}")
+        print(f"  together, composed (PLD): {composed}")
+        print(f"  together, summed: ε = {_fmt(combined.epsilon_sum)} at δ = {_fmt(combined.delta_sum)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""What releasing several runs' outputs together costs: their ledgers, composed.
+
+A run's ε covers that run's outputs alone. Outputs of several runs on the same sensitive data
+(every point of an ε sweep, a run repeated in a new directory) are covered only by the
+composition of all their mechanisms. Basic composition bounds that by the sum of the runs' ε
+at the sum of their δ; composing every recorded event with the PLD accountant, as one run
+composes its own steps, gives a tighter ε at a single δ.
+
+Runs on different sensitive data do not compose (each dataset's people appear in its own runs
+only), so runs are grouped by the data they trained on (:func:`sensitive_data`); grouping by
+name errs towards composing too much, never too little.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpgen.privacy.accounting import compute_epsilon
+from dpgen.privacy.events import NEIGHBOURING, MechanismEvent
+from dpgen.privacy.guarantee import ledger_kept_guarantee
+from dpgen.privacy.journal import JOURNAL, read_spend
+from dpgen.privacy.ledger import PrivacyLedger
+
+# Sensitive sets drawn from another one share its people: the embedded 5000 digits are MNIST's.
+_DRAWN_FROM = {"mnist5k": "mnist"}
+
+
+def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``privacy.json``, brought up to its spend journal: privacy.json is rewritten only
+    every ``privacy.log_every_n_steps``, so a crashed run's journal may hold steps it lacks
+    (a resume keeps whichever spent most; so does this). ``{}`` when the run has no ledger."""
+    path = Path(run_dir) / "privacy.json"
+    if not path.is_file():
+        return {}
+    privacy = json.loads(path.read_text())
+    journaled = read_spend(Path(run_dir) / JOURNAL)
+    if journaled is None or "epsilon_target" not in privacy:  # nothing newer, or a non-private run
+        return privacy
+    ledger = PrivacyLedger.from_json(privacy)
+    ledger.load_state_dict(journaled)
+    return ledger.to_json()
+
+
+def sensitive_data(config: Mapping[str, Any] | None) -> str:
+    """Which sensitive data a run trained on, from its saved config (``run_config.yaml``): the
+    dataset's name, or an image folder's root (the folder is the dataset)."""
+    data = (config or {}).get("data") or {}
+    name = data.get("name")
+    if name is None:
+        return "unknown (no data.name in run_config.yaml)"
+    if name == "imagefolder":
+        return f"imagefolder:{data.get('root')}"
+    return _DRAWN_FROM.get(name, name)
+
+
+@dataclass(frozen=True)
+class CombinedGuarantee:
+    """The guarantee of releasing the outputs of ``runs`` together.
+
+    ``epsilon`` (at ``delta``) composes every recorded event with the PLD accountant; it is None
+    when a ledger lacks its events. ``epsilon_sum`` (at ``delta_sum``) is basic composition of the
+    runs' own ε. Both are None when a run has no formal guarantee: releasing its outputs voids
+    any guarantee of the release (``without_guarantee`` names those runs)."""
+
+    runs: tuple[str, ...]
+    delta: float | None
+    epsilon: float | None
+    delta_sum: float | None
+    epsilon_sum: float | None
+    without_guarantee: tuple[str, ...] = ()
+
+
+def combine(ledgers: Mapping[str, Mapping[str, Any]], delta: float | None = None) -> CombinedGuarantee:
+    """Compose the ``privacy.json`` of each run (by name) into one guarantee, at ``delta``
+    (default: the smallest δ among the runs, so no run's own guarantee is stated more loosely)."""
+    if not ledgers:
+        raise ValueError("no runs to combine")
+    runs = tuple(ledgers)
+    voided = tuple(run for run, p in ledgers.items() if not ledger_kept_guarantee(p) or p.get("epsilon_spent") is None)
+    if voided:
+        return CombinedGuarantee(runs, None, None, None, None, voided)
+    relations = {p.get("neighbouring", NEIGHBOURING) for p in ledgers.values()}
+    if relations != {NEIGHBOURING}:
+        # The accountant composes add/remove guarantees; another relation's ε is not one of them.
+        raise ValueError(f"runs with neighbouring relations {sorted(map(str, relations))}: only "
+                         f"{NEIGHBOURING!r} ledgers compose here")
+    deltas = [float(p["delta"]) for p in ledgers.values()]
+    delta = min(deltas) if delta is None else delta
+    events: list[MechanismEvent] = []
+    complete = True
+    for p in ledgers.values():
+        recorded = [MechanismEvent.from_json(e) for e in p.get("events") or []]
+        # A ledger that spent ε but lists no events (hand-made, or truncated) cannot be composed
+        # event by event; basic composition still holds.
+        complete &= bool(recorded) or float(p["epsilon_spent"]) == 0.0
+        events += recorded
+    composed = compute_epsilon(events, delta, "pld") if complete else None
+    return CombinedGuarantee(runs, delta, composed, min(sum(deltas), 1.0),
+                             math.fsum(float(p["epsilon_spent"]) for p in ledgers.values()))
+
+
+def combine_by_data(runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any] | None]],
+                    delta: float | None = None) -> dict[str, CombinedGuarantee]:
+    """``runs``: (name, ``privacy.json``, saved config or None). One combined guarantee per
+    sensitive dataset, for the runs trained on it."""
+    groups: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for name, privacy, config in runs:
+        groups.setdefault(sensitive_data(config), {})[name] = privacy
+    return {data: combine(ledgers, delta) for data, ledgers in sorted(groups.items())}
