@@ -54,7 +54,7 @@ class SweepCheck(Callback):
             return  # (values from hydra.sweeper.params: the jobs are not the command line's alone)
         from dpgen.config import validate_config
         from dpgen.errors import ConfigError
-        from dpgen.overrides import override_key
+        from dpgen.overrides import check_appended_keys, override_key
 
         jobs, swept = sweep_jobs(list(h.overrides.task))
         saved = HydraConfig.instance().cfg  # the sweep's own, put back for the jobs' launch
@@ -63,6 +63,7 @@ class SweepCheck(Callback):
                 cfg = compose(config_name=h.job.config_name, overrides=job, return_hydra_config=True)
                 HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.cwd} in paths resolves as in the job
                 try:
+                    check_appended_keys(cfg, job, cfg.hydra.runtime.choices)
                     validate_config(cfg)
                 except ConfigError as err:
                     values = " ".join(o for o in job if override_key(o) in swept)

@@ -234,16 +234,21 @@ def test_a_run_asking_for_more_gpus_than_the_machine_has_is_refused_before_work(
     check_devices_present(OmegaConf.create({"accelerator": "cpu", "devices": 2}))
 
 
-def test_a_local_sweep_with_one_bad_value_starts_no_job(tmp_path):
+@pytest.mark.parametrize(("sweep", "refusal"), [
+    ("privacy.eps=1,abc", "dpgen: sweep job 1 (privacy.eps=abc): privacy.eps='abc'"),
+    # A mistyped added key is ignored by every job, which a single run refuses; so must the sweep.
+    ("+privacy.epss=1,2", "dpgen: sweep job 0 (+privacy.epss=1): privacy.epss='1': no dpgen config defines"),
+])
+def test_a_local_sweep_with_one_bad_value_starts_no_job(tmp_path, sweep, refusal):
     """Each job validates itself as it starts, so job 1's bad value would surface only after
     job 0's whole run; the sweep checks every job's config first (dpgen/sweep.py)."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.")]
     env = {**os.environ, "DPGEN_CACHE_DIR": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-m", "dpgen", "-m", "privacy.eps=1,abc", *overrides,
+    out = subprocess.run([sys.executable, "-m", "dpgen", "-m", sweep, *overrides,
                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("dpgen: sweep job 1 (privacy.eps=abc): privacy.eps='abc'")
+    assert out.stderr.strip().splitlines()[-1].startswith(refusal)
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
 
 
