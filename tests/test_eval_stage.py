@@ -177,7 +177,12 @@ def test_real_data_references_key_on_the_content_of_the_splits(tiny_cfg, tmp_pat
     evaluate_stage._real_classifiers(ctx, held_out)
     assert keys[0]["content"] != keys[1]["content"] and keys[0] == keys[2]
     assert keys[0]["data"] == keys[1]["data"]
-    assert keys[0]["device"] == "cpu"  # CUDA trains the same seed to other weights: its own entry
+    # CUDA trains the same seed to other weights, and so may another GPU model or torch: their own entries.
+    assert keys[0]["device"] == "cpu" and keys[0]["torch"] == torch.__version__
+    monkeypatch.setattr(evaluate_stage, "sampling_device", lambda trainer: "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    evaluate_stage._real_classifiers(ctx, held_out)
+    assert keys[3]["device"].startswith("cuda:NVIDIA H100 80GB HBM3 (CUDA ")
 
 
 @pytest.mark.parametrize(("sampling", "ledger", "formal", "scope"), [

@@ -69,6 +69,14 @@ def _content(ctx: RunContext, held_out: Dataset) -> list[str]:
     return [content_fingerprint(ctx.train_set), content_fingerprint(held_out)]
 
 
+def _computed_on(device: str) -> dict[str, str]:
+    """What a cached reference was computed with, for its key: the same seed trains to other
+    weights (and extracts other features) on another GPU model, CUDA or torch release, or on the CPU."""
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return {"device": device, "torch": torch.__version__}
+
+
 def _real_classifiers(ctx: RunContext, held_out: Dataset) -> dict[str, float]:
     """The ceiling: the same classifiers trained on the real training split."""
     cfg = ctx.cfg
@@ -78,9 +86,8 @@ def _real_classifiers(ctx: RunContext, held_out: Dataset) -> dict[str, float]:
         images, labels = stack_items(ctx.train_set)
         return final_accuracy(_downstream(ctx, images, labels), held_out)
 
-    # The device too: the same seed trains to other weights on CUDA than on the CPU.
     key = {"data": _plain(cfg.data), "downstream": _plain(cfg.eval.downstream), "seed": cfg.seed,
-           "content": _content(ctx, held_out), "device": sampling_device(cfg.trainer)}
+           "content": _content(ctx, held_out), **_computed_on(sampling_device(cfg.trainer))}
     return cached_reference(cfg.eval.cache_dir, "downstream", key, compute)
 
 
@@ -110,7 +117,7 @@ def _fidelity(ctx: RunContext, samples: torch.Tensor, held_out: Dataset) -> dict
             fid.add("samples_n", FidelityImages(samples[torch.randperm(len(samples), generator=g)[:n]]))
             fid.add("heldout_n", Subset(FidelityImages(held_out), torch.randperm(len(held_out), generator=g)[:n].tolist()))
             key = {"data": _plain(cfg.data), "content": _content(ctx, held_out), "n": n,
-                   "extractor": extractor.weights_sha256, "seed": cfg.seed, "device": "cuda" if cuda else "cpu",
+                   "extractor": extractor.weights_sha256, "seed": cfg.seed, **_computed_on("cuda" if cuda else "cpu"),
                    "settings": {k: v for k, v in fid_cfg.items() if k not in ("glyphs", "glyphnet", "weights_path")}}
             out["fidelity_reference"] = cached_reference(e.cache_dir, "fidelity", key, lambda: {
                 "compares": f"{n} real held-out images vs the real training split",
