@@ -78,6 +78,11 @@ def test_slurm_launcher_matches_trainer_geometry(tmp_path):
                  "partition: gpu", "tasks_per_node: 4", "nodes: 2", "gpus_per_node: 4",
                  "name: dpgen", "max_num_timeout: 3"):  # a job at its time limit is requeued
         assert line in launcher, line
+    # CPU jobs ask SLURM for no GPU (a GPU request would queue them on GPU nodes, or be refused).
+    out = _dpgen("--cfg", "all", "--resolve", "hydra/launcher=slurm", "trainer=ddp_cpu", "trainer.devices=3",
+                 tmp=tmp_path)
+    launcher = out.stdout.split("  launcher:\n", 1)[1]
+    assert "tasks_per_node: 3" in launcher and "gpus_per_node: 0" in launcher
 
 
 @pytest.mark.slow
