@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
             check_delta(args.delta)
         except ValueError:
             sys.exit(f"dpgen.compose: --delta {args.delta}: must be in (0, 1)")
-    runs = [_load(run_dir) for run_dir in find_runs(args.paths)]
+    try:
+        runs = [_load(run_dir) for run_dir in find_runs(args.paths)]
+    except ValueError as err:
+        sys.exit(f"dpgen.compose: {err}")
     for data, combined in combine_by_data(runs, args.delta).items():
         print(f"sensitive data: {data}")
         for name, privacy, _ in runs:

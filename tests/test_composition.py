@@ -164,3 +164,19 @@ def test_the_report_states_what_releasing_its_private_runs_together_costs(tmp_pa
     assert float(rows["mnist"][2]) == pytest.approx(_reference_epsilon(800), rel=5e-3)
     assert float(rows["cifar10"][2]) == pytest.approx(_reference_epsilon(400), rel=5e-3)
     assert json.loads((tmp_path / "0" / "privacy.json").read_text())["formal_guarantee"] is True
+
+
+def test_a_journal_of_other_privacy_settings_is_not_silently_mixed_in(tmp_path, caplog):
+    run = _run(tmp_path / "0", 300)
+    other = PrivacyLedger(50.0, DELTA, 5000)  # another ε target: not this ledger's history
+    other.plan([PlannedStage("dp_train", POISSON_GAUSSIAN, Q, count=900, noise_multiplier=SIGMA)])
+    other.record("dp_train", POISSON_GAUSSIAN, SIGMA, Q, count=900)
+    append_spend(run / JOURNAL, other)
+    with pytest.raises(ValueError, match="does not belong"):
+        spent_ledger(run)
+    with pytest.raises(SystemExit, match="does not belong"):
+        main([str(run)])
+    write_json(run / "metrics.json", {"method": "dpdm", "formal_guarantee": True, "downstream_accuracy": {"mean": 0.5}})
+    write_report(tmp_path)
+    assert "| mnist | 1 | none (0: no usable ledger) |" in (tmp_path / MD_NAME).read_text()
+    assert "does not belong" in caplog.text

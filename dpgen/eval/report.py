@@ -241,8 +241,14 @@ def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str,
         if row["private"]:
             run_dir = Path(root) / row["run"]
             config = run_dir / "run_config.yaml"
-            # A run whose ledger is gone cannot be vouched for: composed, it leaves no guarantee.
-            runs.append((row["run"], spent_ledger(run_dir),
+            # A run whose ledger is gone, or contradicts its journal, cannot be vouched for:
+            # composed, it leaves no guarantee.
+            try:
+                ledger = spent_ledger(run_dir)
+            except ValueError as err:
+                log.warning("report: %s", err)
+                ledger = {}
+            runs.append((row["run"], ledger,
                          OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None))
     return combine_by_data(runs) if runs else {}
 
@@ -256,7 +262,7 @@ def _release_markdown(releases: dict[str, CombinedGuarantee]) -> list[str]:
              "| sensitive data | runs | ε composed (PLD) | at δ | ε summed | at δ summed |", "|" + "---|" * 6]
     for data, c in releases.items():
         if c.without_guarantee:
-            none = f"none ({', '.join(c.without_guarantee)}: no ledger)"
+            none = f"none ({', '.join(c.without_guarantee)}: no usable ledger)"
             lines.append(f"| {data} | {len(c.runs)} | {none} | – | {none} | – |")
         else:
             composed = c.delta if c.epsilon is not None else None  # no δ to state without an ε

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpgen.errors import ConfigError
 from dpgen.privacy.accounting import compute_epsilon
 from dpgen.privacy.events import NEIGHBOURING, MechanismEvent
 from dpgen.privacy.guarantee import ledger_kept_guarantee
@@ -33,7 +34,8 @@ _DRAWN_FROM = {"mnist5k": "mnist"}
 def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
     """A run's ``privacy.json``, brought up to its spend journal: privacy.json is rewritten only
     every ``privacy.log_every_n_steps``, so a crashed run's journal may hold steps it lacks
-    (a resume keeps whichever spent most; so does this). ``{}`` when the run has no ledger."""
+    (a resume keeps whichever spent most; so does this). ``{}`` when the run has no ledger;
+    ValueError when the journal was written under other privacy settings than privacy.json."""
     path = Path(run_dir) / "privacy.json"
     if not path.is_file():
         return {}
@@ -42,7 +44,10 @@ def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
     if journaled is None or "epsilon_target" not in privacy:  # nothing newer, or a non-private run
         return privacy
     ledger = PrivacyLedger.from_json(privacy)
-    ledger.load_state_dict(journaled)
+    try:
+        ledger.load_state_dict(journaled)
+    except ConfigError as err:  # a journal of other privacy settings: which one holds is unknown
+        raise ValueError(f"{Path(run_dir) / JOURNAL} does not belong to {path} ({err})") from err
     return ledger.to_json()
 
 
