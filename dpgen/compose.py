@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dpgen.privacy.accounting import check_delta
-from dpgen.privacy.composition import combine_by_data, spent_ledger
+from dpgen.privacy.composition import combine, combine_by_data, spent_ledger
 from dpgen.privacy.guarantee import ledger_kept_guarantee
 
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", type=Path, nargs="+", help="run directories, or directories to search below")
     parser.add_argument("--delta", type=float, default=None,
                         help="δ of the composed guarantee (default: the smallest δ among the runs)")
+    parser.add_argument("--same-data", action="store_true",
+                        help="compose every run as one group, whatever data.name says (datasets that share people)")
     args = parser.parse_args(argv)
     if args.delta is not None:
         try:
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = [_load(run_dir) for run_dir in find_runs(args.paths)]
     except ValueError as err:
         sys.exit(f"dpgen.compose: {err}")
-    for data, combined in combine_by_data(runs, args.delta).items():
+    groups = ({"every run given (--same-data)": combine({name: p for name, p, _ in runs}, args.delta)}
+              if args.same_data else combine_by_data(runs, args.delta))
+    for data, combined in groups.items():
         print(f"sensitive data: {data}")
         for name, privacy, _ in runs:
             if name in combined.runs:

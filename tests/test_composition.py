@@ -133,6 +133,18 @@ def test_command_line_composes_runs_found_below_a_sweep_and_leaves_canary_audits
         _reference_epsilon(300), rel=5e-3)
 
 
+def test_command_line_composes_datasets_that_share_people_as_one_when_told(tmp_path, capsys):
+    _run(tmp_path / "a", 300, data="celeba")
+    _run(tmp_path / "b", 500, data="imagefolder")
+    main([str(tmp_path)])
+    assert capsys.readouterr().out.count("together, composed") == 2
+    main([str(tmp_path), "--same-data"])
+    out = capsys.readouterr().out
+    assert out.count("together, composed") == 1
+    assert float(out.split("together, composed (PLD): ε = ")[1].split()[0]) == pytest.approx(
+        _reference_epsilon(800), rel=5e-3)
+
+
 def test_command_line_refuses_what_it_cannot_compose(tmp_path):
     with pytest.raises(SystemExit, match="no privacy.json"):
         main([str(tmp_path)])

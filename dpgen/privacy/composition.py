@@ -6,9 +6,10 @@ composition of all their mechanisms. Basic composition bounds that by the sum of
 at the sum of their δ; composing every recorded event with the PLD accountant, as one run
 composes its own steps, gives a tighter ε at a single δ.
 
-Runs on different sensitive data do not compose (each dataset's people appear in its own runs
-only), so runs are grouped by the data they trained on (:func:`sensitive_data`); grouping by
-name errs towards composing too much, never too little.
+Runs on disjoint sensitive data do not compose (each dataset's people appear in its own runs
+only), so runs are grouped by the data they trained on (:func:`sensitive_data`). Grouping by
+name composes runs on overlapping subsets of one dataset; datasets under different names that
+share people must be composed as one (``python -m dpgen.compose --same-data``).
 """
 
 from __future__ import annotations
