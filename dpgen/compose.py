@@ -1,15 +1,17 @@
 """``python -m dpgen.compose <run or sweep dir>...``: the guarantee of releasing runs together.
 
-Every run directory given, or found below a directory given (any directory holding a
-``privacy.json``, finished or not: a crashed run's checkpoints are outputs too), is composed
-with the others trained on the same sensitive data (:mod:`dpgen.privacy.composition`). Canary
-audits (``python -m dpgen.audit``) are left out: they are never released.
+A directory given that holds a ``privacy.json`` is that run; any other is searched, symbolic
+links followed, for every directory holding one, finished or not (a crashed run's checkpoints
+are outputs too). Each run is composed with the others trained on the same sensitive data
+(:mod:`dpgen.privacy.composition`). Canary audits (``python -m dpgen.audit``) count too: their
+published results are computed from a model trained on the sensitive data.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,31 @@ def _is_canary_audit(run_dir: Path) -> bool:
     return metrics.is_file() and "canary_audit" in json.loads(metrics.read_text())
 
 
+def _run_dirs_below(root: Path) -> list[Path]:
+    """Every directory at or below ``root`` holding a privacy.json, symbolic links followed (a
+    sweep assembled from links to runs is still every run), each real directory once."""
+    seen: set[str] = set()
+    found = []
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a link back up the tree, or a second link to one run
+            subdirs.clear()
+            continue
+        seen.add(real)
+        subdirs.sort()
+        if "privacy.json" in files:
+            found.append(Path(directory))
+    return found
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories at or below ``paths``, each once, canary audits left out."""
+    """Run directories at or below ``paths``, each once."""
     found: dict[Path, None] = {}
     for path in paths:
         if not path.is_dir():
             raise SystemExit(f"dpgen.compose: {path} is not a directory. Fix: pass run or sweep directories")
-        ledgers = [path / "privacy.json"] if (path / "privacy.json").is_file() else sorted(path.rglob("privacy.json"))
-        found.update((f.parent.resolve(), None) for f in ledgers if not _is_canary_audit(f.parent))
+        runs = [path] if (path / "privacy.json").is_file() else _run_dirs_below(path)
+        found.update((run.resolve(), None) for run in runs)
     if not found:
         raise SystemExit(f"dpgen.compose: no privacy.json at or below {', '.join(map(str, paths))}. "
                          "Fix: pass the directories of dpgen runs")
@@ -42,7 +61,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 def _load(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     config = run_dir / "run_config.yaml"
-    return (str(run_dir), spent_ledger(run_dir),
+    name = f"{run_dir} (canary audit)" if _is_canary_audit(run_dir) else str(run_dir)
+    return (name, spent_ledger(run_dir),
             OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None)
 
 

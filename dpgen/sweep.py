@@ -34,9 +34,10 @@ def sweep_jobs(task_overrides: list[str]) -> tuple[list[list[str]], set[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], swept
 
 
-# What sets a job's process geometry; a cluster launcher resolves its tasks_per_node and nodes
-# (${trainer.devices}, ${trainer.num_nodes}) once, from the sweep's own config.
-_GEOMETRY = ("trainer", "trainer.devices", "trainer.num_nodes")
+# What sets a job's process geometry; a cluster launcher resolves its tasks_per_node, nodes and
+# gpus_per_node (${trainer.devices}, ${trainer.num_nodes}, ${trainer.accelerator}) once, from the
+# sweep's own config.
+_GEOMETRY = ("trainer", "trainer.devices", "trainer.num_nodes", "trainer.accelerator")
 
 
 class SweepCheck(Callback):

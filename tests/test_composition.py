@@ -71,12 +71,15 @@ def test_a_run_without_a_guarantee_leaves_the_release_without_one():
     assert combined.epsilon is None and combined.epsilon_sum is None
 
 
-def test_a_ledger_without_its_events_is_summed_but_not_composed():
-    listed = _ledger(300).to_json()
-    bare = {**listed, "events": []}
-    combined = combine({"a": listed, "b": bare})
+@pytest.mark.parametrize("kept_events", [[], slice(0, 1)])
+def test_a_ledger_missing_events_is_summed_but_not_composed(kept_events):
+    """A hand-made or truncated ledger whose events do not account for the ε it claims."""
+    listed = _ledger(300, query_sigma=2.0).to_json()
+    partial = {**listed, "events": listed["events"][kept_events] if kept_events else []}
+    combined = combine({"a": listed, "b": partial})
     assert combined.epsilon is None
     assert combined.epsilon_sum == pytest.approx(2 * listed["epsilon_spent"])
+    assert combine({"a": listed, "b": listed}).epsilon is not None
 
 
 def test_ledgers_of_another_neighbouring_relation_are_refused():
@@ -87,8 +90,9 @@ def test_ledgers_of_another_neighbouring_relation_are_refused():
 
 def test_runs_are_grouped_by_their_sensitive_data():
     assert sensitive_data({"data": {"name": "mnist5k"}}) == sensitive_data({"data": {"name": "mnist"}}) == "mnist"
-    assert sensitive_data({"data": {"name": "imagefolder", "root": "/a"}}) != sensitive_data(
-        {"data": {"name": "imagefolder", "root": "/b"}})
+    # One folder is written many ways (a trailing slash, a link, a relative path): roots never split a group.
+    assert sensitive_data({"data": {"name": "imagefolder", "root": "/a"}}) == sensitive_data(
+        {"data": {"name": "imagefolder", "root": "/a/"}})
     assert sensitive_data(None).startswith("unknown")
     runs = [("m1", _ledger(300).to_json(), {"data": {"name": "mnist5k"}}),
             ("m2", _ledger(500).to_json(), {"data": {"name": "mnist"}}),
@@ -97,6 +101,11 @@ def test_runs_are_grouped_by_their_sensitive_data():
     assert {data: c.runs for data, c in groups.items()} == {"cifar10": ("c",), "mnist": ("m1", "m2")}
     assert groups["mnist"].epsilon == pytest.approx(_reference_epsilon(800), rel=5e-3)
     assert groups["cifar10"].epsilon == pytest.approx(_reference_epsilon(300), rel=5e-3)
+    # A run whose data is unknown may share people with any of them: it counts in every group.
+    groups = combine_by_data([*runs, ("?", _ledger(100).to_json(), None)])
+    assert {data: c.runs for data, c in groups.items()} == {"cifar10": ("c", "?"), "mnist": ("m1", "m2", "?")}
+    assert groups["cifar10"].epsilon == pytest.approx(_reference_epsilon(400), rel=5e-3)
+    assert set(combine_by_data([("?", _ledger(100).to_json(), None)])) == {sensitive_data(None)}
 
 
 def _run(directory, steps, data="mnist5k", journal_steps=None):
@@ -116,21 +125,27 @@ def test_a_crashed_runs_journal_counts_the_steps_privacy_json_lacks(tmp_path):
     assert spent_ledger(tmp_path / "nothing-here") == {}
 
 
-def test_command_line_composes_runs_found_below_a_sweep_and_leaves_canary_audits_out(tmp_path, capsys):
+def _composed(out: str) -> float:
+    return float(out.split("together, composed (PLD): ε = ")[1].split()[0])
+
+
+def test_command_line_composes_every_run_found_below_a_sweep(tmp_path, capsys):
     _run(tmp_path / "sweep" / "0", 300)
     _run(tmp_path / "sweep" / "1", 200, journal_steps=500)
-    audit = _run(tmp_path / "sweep" / "audit", 900)
+    # A canary audit's published results come from a model trained on the sensitive data.
+    audit = _run(tmp_path / "sweep" / "audit", 100)
     write_json(audit / "metrics.json", {"canary_audit": {"epsilon_claimed": 1.0}})
+    # A sweep assembled from links to runs elsewhere (os.walk and rglob do not follow them by default).
+    (tmp_path / "sweep" / "linked").symlink_to(_run(tmp_path / "elsewhere" / "2", 100))
+    (tmp_path / "sweep" / "loop").symlink_to(tmp_path / "sweep")  # a link back up is walked once
     main([str(tmp_path / "sweep")])
     out = capsys.readouterr().out
-    assert "sensitive data: mnist" in out and "audit" not in out
-    composed = float(out.split("together, composed (PLD): ε = ")[1].split()[0])
-    assert composed == pytest.approx(_reference_epsilon(800), rel=5e-3)
+    assert "sensitive data: mnist" in out and "audit (canary audit): ε" in out and "elsewhere" in out
+    assert _composed(out) == pytest.approx(_reference_epsilon(1000), rel=5e-3)
     # A run given directly is that run alone.
     main([str(tmp_path / "sweep" / "0")])
     alone = capsys.readouterr().out
-    assert float(alone.split("together, composed (PLD): ε = ")[1].split()[0]) == pytest.approx(
-        _reference_epsilon(300), rel=5e-3)
+    assert _composed(alone) == pytest.approx(_reference_epsilon(300), rel=5e-3)
 
 
 def test_command_line_composes_datasets_that_share_people_as_one_when_told(tmp_path, capsys):
@@ -141,8 +156,7 @@ def test_command_line_composes_datasets_that_share_people_as_one_when_told(tmp_p
     main([str(tmp_path), "--same-data"])
     out = capsys.readouterr().out
     assert out.count("together, composed") == 1
-    assert float(out.split("together, composed (PLD): ε = ")[1].split()[0]) == pytest.approx(
-        _reference_epsilon(800), rel=5e-3)
+    assert _composed(out) == pytest.approx(_reference_epsilon(800), rel=5e-3)
 
 
 def test_command_line_refuses_what_it_cannot_compose(tmp_path):
@@ -186,6 +200,12 @@ def test_a_journal_of_other_privacy_settings_is_not_silently_mixed_in(tmp_path, 
     append_spend(run / JOURNAL, other)
     with pytest.raises(ValueError, match="does not belong"):
         spent_ledger(run)
+    old_format = tmp_path / "old"
+    old_format.mkdir()
+    write_json(old_format / "privacy.json", {"epsilon_target": 1.0, "delta": DELTA, "epsilon_spent": 0.5})
+    append_spend(old_format / JOURNAL, _ledger(10))
+    with pytest.raises(ValueError, match="does not belong"):
+        spent_ledger(old_format)
     with pytest.raises(SystemExit, match="does not belong"):
         main([str(run)])
     write_json(run / "metrics.json", {"method": "dpdm", "formal_guarantee": True, "downstream_accuracy": {"mean": 0.5}})

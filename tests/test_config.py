@@ -201,12 +201,15 @@ def test_launch_mistakes_that_would_train_in_the_wrong_place_are_refused(tmp_pat
     assert not (tmp_path / "sweep" / "0" / "run_config.yaml").exists()
 
 
-def test_a_cluster_sweep_over_the_job_geometry_is_refused_before_any_job(tmp_path):
+@pytest.mark.parametrize("varied", ["trainer.devices=1,2", "trainer.accelerator=cpu,gpu"])
+def test_a_cluster_sweep_over_the_job_geometry_is_refused_before_any_job(tmp_path, varied):
     """submitit resolves tasks_per_node=${trainer.devices} once: every job would get the first
-    job's processes and all but that one be refused after their start (found by the ops review)."""
-    out = _cli("-m", "hydra/launcher=slurm_local", "trainer=ddp_cpu", "trainer.devices=1,2",
+    job's processes and all but that one be refused after their start (found by the ops review).
+    Likewise gpus_per_node, from trainer.accelerator: a GPU job would get a CPU job's request."""
+    out = _cli("-m", "hydra/launcher=slurm_local", "trainer=ddp_cpu", varied,
                f"hydra.sweep.dir={tmp_path / 'sweep'}", tmp=tmp_path)
-    assert out.returncode != 0 and "dpgen: trainer.devices varies across the sweep" in out.stderr, out.stderr[-2000:]
+    key = varied.split("=")[0]
+    assert out.returncode != 0 and f"dpgen: {key} varies across the sweep" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
 
 

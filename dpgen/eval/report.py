@@ -235,7 +235,8 @@ def method_label(row: dict[str, Any]) -> str:
 
 
 def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str, CombinedGuarantee]:
-    """The guarantee of releasing every private run of the report together, per sensitive dataset."""
+    """The guarantee of releasing the samples of every private generator run of the report
+    together, per sensitive dataset."""
     runs = []
     for row in rows:
         if row["private"]:
@@ -256,9 +257,9 @@ def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str,
 def _release_markdown(releases: dict[str, CombinedGuarantee]) -> list[str]:
     if not releases:
         return []
-    lines = ["", "Releasing runs together: every private run of this report on one sensitive dataset, "
-             "composed (`python -m dpgen.compose` for any other choice of runs). Each run's own ε covers "
-             "its outputs alone.", "",
+    lines = ["", "Releasing runs together: every finished private generator run of this report on one "
+             "sensitive dataset, composed (`python -m dpgen.compose` for any other choice of runs, "
+             "unfinished runs and canary audits included). Each run's own ε covers its outputs alone.", "",
              "| sensitive data | runs | ε composed (PLD) | at δ | ε summed | at δ summed |", "|" + "---|" * 6]
     for data, c in releases.items():
         if c.without_guarantee:

@@ -7,9 +7,11 @@ at the sum of their δ; composing every recorded event with the PLD accountant, 
 composes its own steps, gives a tighter ε at a single δ.
 
 Runs on disjoint sensitive data do not compose (each dataset's people appear in its own runs
-only), so runs are grouped by the data they trained on (:func:`sensitive_data`). Grouping by
-name composes runs on overlapping subsets of one dataset; datasets under different names that
-share people must be composed as one (``python -m dpgen.compose --same-data``).
+only), so runs are grouped by the data they trained on (:func:`sensitive_data`). Every doubt
+errs towards composing more: runs on subsets of one dataset share a group, image folders share
+one whatever their roots (one folder is written many ways), and a run whose data is unknown
+joins every group. Datasets under different names that share people must be composed as one
+(``python -m dpgen.compose --same-data``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dpgen.privacy.ledger import PrivacyLedger
 
 # Sensitive sets drawn from another one share its people: the embedded 5000 digits are MNIST's.
 _DRAWN_FROM = {"mnist5k": "mnist"}
+UNKNOWN_DATA = "unknown (no data.name in run_config.yaml)"
 
 
 def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
@@ -44,11 +47,11 @@ def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
     journaled = read_spend(Path(run_dir) / JOURNAL)
     if journaled is None or "epsilon_target" not in privacy:  # nothing newer, or a non-private run
         return privacy
-    ledger = PrivacyLedger.from_json(privacy)
     try:
+        ledger = PrivacyLedger.from_json(privacy)
         ledger.load_state_dict(journaled)
-    except ConfigError as err:  # a journal of other privacy settings: which one holds is unknown
-        raise ValueError(f"{Path(run_dir) / JOURNAL} does not belong to {path} ({err})") from err
+    except (ConfigError, KeyError) as err:  # other privacy settings, or no ledger: which one holds is unknown
+        raise ValueError(f"{Path(run_dir) / JOURNAL} does not belong to {path} ({err!r})") from err
     return ledger.to_json()
 
 
@@ -58,9 +61,9 @@ def sensitive_data(config: Mapping[str, Any] | None) -> str:
     data = (config or {}).get("data") or {}
     name = data.get("name")
     if name is None:
-        return "unknown (no data.name in run_config.yaml)"
+        return UNKNOWN_DATA
     if name == "imagefolder":
-        return f"imagefolder:{data.get('root')}"
+        return "imagefolder (every root)"
     return _DRAWN_FROM.get(name, name)
 
 
@@ -101,20 +104,37 @@ def combine(ledgers: Mapping[str, Mapping[str, Any]], delta: float | None = None
     complete = True
     for p in ledgers.values():
         recorded = [MechanismEvent.from_json(e) for e in p.get("events") or []]
-        # A ledger that spent ε but lists no events (hand-made, or truncated) cannot be composed
-        # event by event; basic composition still holds.
-        complete &= bool(recorded) or float(p["epsilon_spent"]) == 0.0
+        # A ledger whose events do not account for the ε it claims (hand-made, or truncated)
+        # cannot be composed event by event; basic composition still holds.
+        complete &= _accounts_for_its_epsilon(p, recorded)
         events += recorded
     composed = compute_epsilon(events, delta, "pld") if complete else None
     return CombinedGuarantee(runs, delta, composed, min(sum(deltas), 1.0),
                              math.fsum(float(p["epsilon_spent"]) for p in ledgers.values()))
 
 
+def _accounts_for_its_epsilon(privacy: Mapping[str, Any], recorded: list[MechanismEvent]) -> bool:
+    claimed = float(privacy["epsilon_spent"])
+    if claimed == 0.0:
+        return True
+    try:
+        own = compute_epsilon(recorded, float(privacy["delta"]), privacy.get("accountant", "pld"))
+    except ValueError:  # an accountant or δ this version does not know
+        return False
+    return own >= claimed * (1 - 1e-6)
+
+
 def combine_by_data(runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any] | None]],
                     delta: float | None = None) -> dict[str, CombinedGuarantee]:
     """``runs``: (name, ``privacy.json``, saved config or None). One combined guarantee per
-    sensitive dataset, for the runs trained on it."""
+    sensitive dataset, for the runs trained on it; a run of unknown data counts in every group."""
     groups: dict[str, dict[str, Mapping[str, Any]]] = {}
+    unknown: dict[str, Mapping[str, Any]] = {}
     for name, privacy, config in runs:
-        groups.setdefault(sensitive_data(config), {})[name] = privacy
+        data = sensitive_data(config)
+        (unknown if data == UNKNOWN_DATA else groups.setdefault(data, {}))[name] = privacy
+    if unknown and not groups:
+        groups[UNKNOWN_DATA] = {}
+    for ledgers in groups.values():
+        ledgers.update(unknown)
     return {data: combine(ledgers, delta) for data, ledgers in sorted(groups.items())}
