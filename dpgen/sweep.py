@@ -68,7 +68,8 @@ class SweepCheck(Callback):
                     validate_config(cfg)
                 except ConfigError as err:
                     values = " ".join(o for o in job if override_key(o) in swept)
-                    sys.exit(f"dpgen: sweep job {num} ({values}): {err}. No job was started.")
+                    ended = str(err).endswith((".", "?"))  # "Fix: did you mean privacy.eps=...?"
+                    sys.exit(f"dpgen: sweep job {num} ({values}): {err}{'' if ended else '.'} No job was started.")
         finally:
             HydraConfig.instance().cfg = saved
         log.info("sweep: the configs of all %d jobs are valid", len(jobs))
