@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dpgen.privacy.accounting import check_delta
-from dpgen.privacy.composition import combine, combine_by_data, spent_ledger
+from dpgen.privacy.composition import combine, combine_by_data, post_processing_only, spent_ledger
 from dpgen.privacy.guarantee import ledger_kept_guarantee
 
 
@@ -84,9 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             sys.exit(f"dpgen.compose: --delta {args.delta}: must be in (0, 1)")
     try:
-        runs = [_load(run_dir) for run_dir in find_runs(args.paths)]
+        loaded = {run_dir: _load(run_dir) for run_dir in find_runs(args.paths)}
     except ValueError as err:
         sys.exit(f"dpgen.compose: {err}")
+    resampled = post_processing_only({run_dir: privacy for run_dir, (_, privacy, _) in loaded.items()})
+    for run_dir, source in resampled.items():
+        print(f"{run_dir}: re-samples {source}, which is composed; no further cost")
+    runs = [run for run_dir, run in loaded.items() if run_dir not in resampled]
     groups = ({"every run given (--same-data)": combine({name: p for name, p, _ in runs}, args.delta)}
               if args.same_data else combine_by_data(runs, args.delta))
     for data, combined in groups.items():

@@ -203,3 +203,5 @@ def test_metrics_state_the_guarantee_as_the_report_and_release_do(tiny_cfg, tmp_
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epsilon"] == ledger.get("epsilon_spent")
     assert metrics["formal_guarantee"] is formal and metrics["epsilon_scope"] == scope
+    # Whatever the guarantee, the file says which of its numbers ε does not cover (found by the DP audit).
+    assert "outside the guarantee" in metrics["outside_dp_guarantee"]

@@ -25,7 +25,12 @@ from omegaconf import OmegaConf
 
 from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure, setting_order
 from dpgen.io import atomic_write
-from dpgen.privacy.composition import CombinedGuarantee, combine_by_data, spent_ledger
+from dpgen.privacy.composition import (
+    CombinedGuarantee,
+    combine_by_data,
+    post_processing_only,
+    spent_ledger,
+)
 from dpgen.privacy.guarantee import RETIRED_FLAGS, ledger_kept_guarantee
 
 log = logging.getLogger("dpgen")
@@ -237,10 +242,10 @@ def method_label(row: dict[str, Any]) -> str:
 def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str, CombinedGuarantee]:
     """The guarantee of releasing the samples of every private generator run of the report
     together, per sensitive dataset."""
-    runs = []
+    runs = {}
     for row in rows:
         if row["private"]:
-            run_dir = Path(root) / row["run"]
+            run_dir = (Path(root) / row["run"]).resolve()
             config = run_dir / "run_config.yaml"
             # A run whose ledger is gone, or contradicts its journal, cannot be vouched for:
             # composed, it leaves no guarantee.
@@ -249,9 +254,12 @@ def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str,
             except ValueError as err:
                 log.warning("report: %s", err)
                 ledger = {}
-            runs.append((row["run"], ledger,
-                         OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None))
-    return combine_by_data(runs) if runs else {}
+            runs[run_dir] = (row["run"], ledger,
+                             OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None)
+    # A resampling of a run in the report releases nothing its source does not.
+    resampled = post_processing_only({run_dir: ledger for run_dir, (_, ledger, _) in runs.items()})
+    kept = [run for run_dir, run in runs.items() if run_dir not in resampled]
+    return combine_by_data(kept) if kept else {}
 
 
 def _release_markdown(releases: dict[str, CombinedGuarantee]) -> list[str]:

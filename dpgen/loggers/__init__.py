@@ -37,7 +37,12 @@ from dpgen.distributed import is_rank_zero
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.loggers.grids import SampleGridCallback
-from dpgen.privacy.guarantee import guarantee_notes, has_formal_guarantee, training_is_private
+from dpgen.privacy.guarantee import (
+    OUTSIDE_GUARANTEE,
+    guarantee_notes,
+    has_formal_guarantee,
+    training_is_private,
+)
 
 LOGGERS = ("csv", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -67,12 +72,6 @@ def _sweep_group() -> str | None:
     return None
 
 
-# What a W&B run shows beside ε that ε does not cover (its notes, and a summary key).
-OUTSIDE_GUARANTEE = (
-    "The privacy guarantee (privacy.epsilon_spent) covers the generator's samples and weights only. Metrics "
-    "computed against the sensitive training split (FID/KID/precision/recall against it, the audits' MIA AUC "
-    "and replication rate, the real-data ceiling), any DP stage's train/loss curve and the console log are "
-    "computed from sensitive data without noise: they are outside the guarantee. Do not publish this run as is.")
 RUN_RECORD = "wandb-run.json"
 
 

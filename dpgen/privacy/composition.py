@@ -33,6 +33,7 @@ from dpgen.privacy.ledger import PrivacyLedger
 # Sensitive sets drawn from another one share its people: the embedded 5000 digits are MNIST's.
 _DRAWN_FROM = {"mnist5k": "mnist"}
 UNKNOWN_DATA = "unknown (no data.name in run_config.yaml)"
+SOURCE_RUN = "source_run.json"  # written by python -m dpgen.sampling beside the copied ledger
 
 
 def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
@@ -53,6 +54,25 @@ def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
     except (ConfigError, KeyError) as err:  # other privacy settings, or no ledger: which one holds is unknown
         raise ValueError(f"{Path(run_dir) / JOURNAL} does not belong to {path} ({err!r})") from err
     return ledger.to_json()
+
+
+def post_processing_only(runs: Mapping[Path, Mapping[str, Any]]) -> dict[Path, Path]:
+    """Runs, of ``runs`` (resolved run directory -> its ledger), whose release adds nothing to
+    their source's: a ``python -m dpgen.sampling`` directory re-samples a run's generator, and
+    while its ledger still holds exactly the source's events and guarantee, its samples are
+    post-processing of that generator. Only where the source is in ``runs`` too: alone, the
+    resampling stands for it. Returns each such run with its source."""
+    skipped = {}
+    for run_dir, privacy in runs.items():
+        record = run_dir / SOURCE_RUN
+        if not record.is_file():
+            continue
+        source = Path(json.loads(record.read_text())["source_run"]).resolve()
+        same = (source in runs and ledger_kept_guarantee(privacy)
+                and privacy.get("events") == runs[source].get("events"))
+        if same:
+            skipped[run_dir] = source
+    return skipped
 
 
 def sensitive_data(config: Mapping[str, Any] | None) -> str:

@@ -18,6 +18,13 @@ CPSAMPLE_NO_GUARANTEE = ("This run's samples carry no formal differential-privac
                          "clipping or noise. Any epsilon reported covers the generator's training only; "
                          "CPSample's protection is empirical (see the audit metrics).")
 
+# What ε does not cover, beside ε in metrics.json and a W&B run (its notes, and a summary key).
+OUTSIDE_GUARANTEE = (
+    "The privacy guarantee (privacy.epsilon_spent) covers the generator's samples and weights only. Metrics "
+    "computed against the sensitive training split (FID/KID/precision/recall against it, the audits' MIA AUC "
+    "and replication rate, the real-data ceiling), any DP stage's train/loss curve and the console log are "
+    "computed from sensitive data without noise: they are outside the guarantee. Do not publish this run as is.")
+
 # The flags that claimed a guarantee in older dpgen versions; saved configs of older runs still hold them.
 # They never changed what a run did, so resume checks and reports ignore them.
 RETIRED_FLAGS = ("method.formal_guarantee", "sampling.formal_guarantee")

@@ -31,6 +31,7 @@ from dpgen.overrides import (
     override_key,
     run_config_with_todays_groups,
 )
+from dpgen.privacy.composition import SOURCE_RUN
 from dpgen.release.source import ReleaseError, open_run
 from dpgen.stages import training_stages
 from dpgen.stages.training import FINAL_WEIGHTS
@@ -76,7 +77,7 @@ def _unfinished_resampling(run_dir: Path, out: Path, cfg: DictConfig) -> bool:
     from dpgen.stages import run_stages
 
     try:
-        source = json.loads((out / "source_run.json").read_text())["source_run"]
+        source = json.loads((out / SOURCE_RUN).read_text())["source_run"]
         completed = json.loads((out / "stages.json").read_text())["completed"]
     except (OSError, ValueError, KeyError):
         return False
@@ -100,7 +101,7 @@ def prepare(run_dir: Path, out: Path, cfg: DictConfig) -> None:
     write_json(out / "stages.json", {"completed": trained,
                                      "wall_s": {k: v for k, v in source.get("wall_s", {}).items() if k in trained}})
     OmegaConf.save(cfg, out / "run_config.yaml", resolve=True)
-    write_json(out / "source_run.json", {"source_run": str(run_dir.resolve())})
+    write_json(out / SOURCE_RUN, {"source_run": str(run_dir.resolve())})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,12 @@ from dpgen.eval.reference import NOTE, cached_reference
 from dpgen.eval.threads import cpu_threads
 from dpgen.eval.utility import size_series, utility_study
 from dpgen.io import write_json
-from dpgen.privacy.guarantee import epsilon_scope, has_formal_guarantee, ledger_kept_guarantee
+from dpgen.privacy.guarantee import (
+    OUTSIDE_GUARANTEE,
+    epsilon_scope,
+    has_formal_guarantee,
+    ledger_kept_guarantee,
+)
 from dpgen.stages.protection import load_protection_guidance
 from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
 from dpgen.stages.training import FINAL_WEIGHTS, build_module, load_final_module
@@ -229,6 +234,8 @@ def _evaluate(ctx: RunContext, synthetic: tuple[np.ndarray, np.ndarray] | None) 
         "delta": privacy.get("delta"),
         "formal_guarantee": formal,
         "epsilon_scope": epsilon_scope(cfg, privacy, formal),
+        # Beside ε, always: the metrics below are computed from the sensitive splits without noise.
+        "outside_dp_guarantee": OUTSIDE_GUARANTEE,
         "num_samples": len(labels),
     }
     if trained:
