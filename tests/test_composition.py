@@ -13,7 +13,13 @@ from omegaconf import OmegaConf
 from dpgen.compose import main
 from dpgen.eval.report import MD_NAME, write_report
 from dpgen.io import write_json
-from dpgen.privacy.composition import combine, combine_by_data, sensitive_data, spent_ledger
+from dpgen.privacy.composition import (
+    SOURCE_RUN,
+    combine,
+    combine_by_data,
+    sensitive_data,
+    spent_ledger,
+)
 from dpgen.privacy.events import GAUSSIAN, POISSON_GAUSSIAN
 from dpgen.privacy.journal import JOURNAL, append_spend
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
@@ -212,3 +218,40 @@ def test_a_journal_of_other_privacy_settings_is_not_silently_mixed_in(tmp_path, 
     write_report(tmp_path)
     assert "| mnist | 1 | none (0: no usable ledger) |" in (tmp_path / MD_NAME).read_text()
     assert "does not belong" in caplog.text
+
+
+def _resampling(source, directory, void=False):
+    """What python -m dpgen.sampling makes of ``source``: its ledger copied, its source recorded."""
+    directory.mkdir(parents=True)
+    ledger = PrivacyLedger.from_json(json.loads((source / "privacy.json").read_text()))
+    if void:  # CPSample: the protection classifier read the training images
+        ledger.void_guarantee("CPSample")
+    ledger.write(directory / "privacy.json")
+    write_json(directory / SOURCE_RUN, {"source_run": str(source.resolve())})
+    OmegaConf.save({"data": {"name": "mnist5k"}}, directory / "run_config.yaml")
+    return directory
+
+
+def test_a_resampling_adds_nothing_to_its_composed_source(tmp_path, capsys):
+    source = _run(tmp_path / "sweep" / "0", 300)
+    _run(tmp_path / "sweep" / "1", 500)
+    resampled = _resampling(source, tmp_path / "sweep" / "0-ddim")
+    main([str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    assert f"{resampled}: re-samples {source}" in out
+    assert _composed(out) == pytest.approx(_reference_epsilon(800), rel=5e-3)
+    # Alone, a resampling stands for its source's training.
+    main([str(resampled)])
+    assert _composed(capsys.readouterr().out) == pytest.approx(_reference_epsilon(300), rel=5e-3)
+    # A resampling that voided the guarantee (CPSample) voids a release that includes it.
+    _resampling(source, tmp_path / "sweep" / "0-cpsample", void=True)
+    main([str(tmp_path / "sweep")])
+    assert "together: no formal guarantee" in capsys.readouterr().out
+    # In the report too, a resampling of a reported run is not composed again.
+    for run in ("0", "1", "0-ddim"):
+        write_json(tmp_path / "sweep" / run / "metrics.json", {"method": "dpdm", "formal_guarantee": True,
+                                                               "downstream_accuracy": {"mean": 0.5}})
+    write_report(tmp_path / "sweep")
+    md = (tmp_path / "sweep" / MD_NAME).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| mnist "))
+    assert row.split(" | ")[1] == "2" and float(row.split(" | ")[2]) == pytest.approx(_reference_epsilon(800), rel=5e-3)
