@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         if combined.without_guarantee:
             print(f"  together: no formal guarantee ({len(combined.without_guarantee)} of the runs have none)")
             continue
-        composed = ("– (a ledger lists no events)" if combined.epsilon is None
+        composed = ("– (a ledger's events do not account for its ε)" if combined.epsilon is None
                     else f"ε = {_fmt(combined.epsilon)} at δ = {_fmt(combined.delta)}")
         print(f"  together, composed (PLD): {composed}")
         print(f"  together, summed: ε = {_fmt(combined.epsilon_sum)} at δ = {_fmt(combined.delta_sum)}")

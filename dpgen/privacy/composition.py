@@ -77,7 +77,7 @@ def post_processing_only(runs: Mapping[Path, Mapping[str, Any]]) -> dict[Path, P
 
 def sensitive_data(config: Mapping[str, Any] | None) -> str:
     """Which sensitive data a run trained on, from its saved config (``run_config.yaml``): the
-    dataset's name, or an image folder's root (the folder is the dataset)."""
+    dataset's name (every image folder one name: roots are written many ways for one folder)."""
     data = (config or {}).get("data") or {}
     name = data.get("name")
     if name is None:
@@ -92,7 +92,7 @@ class CombinedGuarantee:
     """The guarantee of releasing the outputs of ``runs`` together.
 
     ``epsilon`` (at ``delta``) composes every recorded event with the PLD accountant; it is None
-    when a ledger lacks its events. ``epsilon_sum`` (at ``delta_sum``) is basic composition of the
+    when a ledger's events do not account for the ε it states. ``epsilon_sum`` (at ``delta_sum``) is basic composition of the
     runs' own ε. Both are None when a run has no formal guarantee: releasing its outputs voids
     any guarantee of the release (``without_guarantee`` names those runs)."""
 
