@@ -16,11 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from dpgen.privacy.accounting import check_delta
-from dpgen.privacy.composition import combine, combine_by_data, post_processing_only, spent_ledger
-from dpgen.privacy.guarantee import ledger_kept_guarantee
+from dpgen.privacy.accounting import check_delta, format_epsilon
+from dpgen.privacy.composition import (
+    combine,
+    combine_by_data,
+    has_guarantee,
+    post_processing_only,
+    saved_config,
+    spent_ledger,
+)
 
 
 def _is_canary_audit(run_dir: Path) -> bool:
@@ -60,14 +64,12 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def _load(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-    config = run_dir / "run_config.yaml"
     name = f"{run_dir} (canary audit)" if _is_canary_audit(run_dir) else str(run_dir)
-    return (name, spent_ledger(run_dir),
-            OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None)
+    return name, spent_ledger(run_dir), saved_config(run_dir)
 
 
 def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.4g}"
+    return "–" if x is None else format_epsilon(x)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,9 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sensitive data: {data}")
         for name, privacy, _ in runs:
             if name in combined.runs:
-                kept = ledger_kept_guarantee(privacy) and privacy.get("epsilon_spent") is not None
-                own = (f"ε = {_fmt(privacy['epsilon_spent'])} at δ = {_fmt(privacy['delta'])}" if kept
-                       else "no formal guarantee")
+                own = (f"ε = {_fmt(privacy['epsilon_spent'])} at δ = {_fmt(privacy['delta'])}"
+                       if has_guarantee(privacy) else "no formal guarantee")
                 print(f"  {name}: {own}")
         if combined.without_guarantee:
             print(f"  together: no formal guarantee ({len(combined.without_guarantee)} of the runs have none)")

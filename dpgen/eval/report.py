@@ -29,6 +29,7 @@ from dpgen.privacy.composition import (
     CombinedGuarantee,
     combine_by_data,
     post_processing_only,
+    saved_config,
     spent_ledger,
 )
 from dpgen.privacy.guarantee import RETIRED_FLAGS, ledger_kept_guarantee
@@ -246,7 +247,6 @@ def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str,
     for row in rows:
         if row["private"]:
             run_dir = (Path(root) / row["run"]).resolve()
-            config = run_dir / "run_config.yaml"
             # A run whose ledger is gone, or contradicts its journal, cannot be vouched for:
             # composed, it leaves no guarantee.
             try:
@@ -254,8 +254,7 @@ def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str,
             except ValueError as err:
                 log.warning("report: %s", err)
                 ledger = {}
-            runs[run_dir] = (row["run"], ledger,
-                             OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None)
+            runs[run_dir] = (row["run"], ledger, saved_config(run_dir))
     # A resampling of a run in the report releases nothing its source does not.
     resampled = post_processing_only({run_dir: ledger for run_dir, (_, ledger, _) in runs.items()})
     kept = [run for run_dir, run in runs.items() if run_dir not in resampled]

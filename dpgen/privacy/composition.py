@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from dpgen.errors import ConfigError
 from dpgen.privacy.accounting import compute_epsilon
 from dpgen.privacy.events import NEIGHBOURING, MechanismEvent
@@ -53,7 +55,21 @@ def spent_ledger(run_dir: str | Path) -> dict[str, Any]:
         ledger.load_state_dict(journaled)
     except (ConfigError, KeyError) as err:  # other privacy settings, or no ledger: which one holds is unknown
         raise ValueError(f"{Path(run_dir) / JOURNAL} does not belong to {path} ({err!r})") from err
+    state = ledger.state_dict()
+    if state["events"] == privacy.get("events") and state["formal_guarantee"] == privacy.get("formal_guarantee"):
+        return privacy  # a finished run: the journal adds nothing, and ε need not be computed again
     return ledger.to_json()
+
+
+def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ``run_config.yaml`` as plain containers (what :func:`sensitive_data` reads), or None."""
+    config = Path(run_dir) / "run_config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else None
+
+
+def has_guarantee(privacy: Mapping[str, Any]) -> bool:
+    """Whether a ledger states a formal guarantee with an ε: what a release of its run can compose."""
+    return ledger_kept_guarantee(privacy) and privacy.get("epsilon_spent") is not None
 
 
 def post_processing_only(runs: Mapping[Path, Mapping[str, Any]]) -> dict[Path, Path]:
@@ -110,7 +126,7 @@ def combine(ledgers: Mapping[str, Mapping[str, Any]], delta: float | None = None
     if not ledgers:
         raise ValueError("no runs to combine")
     runs = tuple(ledgers)
-    voided = tuple(run for run, p in ledgers.items() if not ledger_kept_guarantee(p) or p.get("epsilon_spent") is None)
+    voided = tuple(run for run, p in ledgers.items() if not has_guarantee(p))
     if voided:
         return CombinedGuarantee(runs, None, None, None, None, voided)
     relations = {p.get("neighbouring", NEIGHBOURING) for p in ledgers.values()}
