@@ -205,3 +205,60 @@ def test_metrics_state_the_guarantee_as_the_report_and_release_do(tiny_cfg, tmp_
     assert metrics["formal_guarantee"] is formal and metrics["epsilon_scope"] == scope
     # Whatever the guarantee, the file says which of its numbers ε does not cover (found by the DP audit).
     assert "outside the guarantee" in metrics["outside_dp_guarantee"]
+
+
+class _StubFidelity:
+    """Fidelity's interface without feature extraction: the key is what is under test."""
+
+    def __init__(self, extractor, fid_cfg, seed, cuda):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add(self, name, images):
+        pass
+
+    def compare(self, a, b, metrics):
+        return {}
+
+
+def test_fidelity_reference_key_follows_the_splits_extractor_size_and_device(tiny_cfg, tmp_path, monkeypatch):
+    """The cached fidelity reference is reused only by runs that would compute the same numbers:
+    the same splits' contents, feature weights, image count n and GPU model / CUDA / torch."""
+    from types import SimpleNamespace
+
+    keys = []
+    sha = ["a" * 64]
+    monkeypatch.setattr(evaluate_stage, "cached_reference", lambda _dir, _kind, key, _compute: keys.append(key) or {})
+    monkeypatch.setattr(evaluate_stage, "Fidelity", _StubFidelity)
+    monkeypatch.setattr(evaluate_stage, "resolve_extractor", lambda fid_cfg, cache_dir: SimpleNamespace(
+        name="stub", weights_sha256=sha[0], to_json=lambda: {}))
+    ctx = _context(tiny_cfg("method=nonprivate", "eval.reference=true"), tmp_path / "run")
+    held_out = ctx.held_out_test_set()
+    samples = torch.zeros(N_SAMPLES, *ctx.train_set.images.shape[1:], dtype=torch.uint8)
+    evaluate_stage._fidelity(ctx, samples, held_out)                       # 0: as is
+    evaluate_stage._fidelity(ctx, samples, held_out)                       # 1: the same again
+    evaluate_stage._fidelity(ctx, samples[:100], held_out)                 # 2: n = 100
+    train = ctx.train_set
+    images = train.images.clone()
+    images[0, 0, 0, 0] += 0.5
+    ctx.train_set = TensorImageDataset(images, train.labels, train.info)
+    evaluate_stage._fidelity(ctx, samples, held_out)                       # 3: one training pixel
+    ctx.train_set = train
+    sha[0] = "b" * 64
+    evaluate_stage._fidelity(ctx, samples, held_out)                       # 4: other feature weights
+    sha[0] = "a" * 64
+    monkeypatch.setattr(evaluate_stage, "sampling_device", lambda trainer: "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    evaluate_stage._fidelity(ctx, samples, held_out)                       # 5: on a GPU
+    assert keys[0] == keys[1] and keys[0]["device"] == "cpu" and keys[0]["torch"] == torch.__version__
+    assert keys[2]["n"] == 100 and keys[0]["n"] == N_SAMPLES
+    assert keys[3]["content"] != keys[0]["content"]
+    assert keys[4]["extractor"] != keys[0]["extractor"]
+    assert keys[5]["device"].startswith("cuda:NVIDIA H100 80GB HBM3 (CUDA ")
+    for i, changed in ((2, "n"), (3, "content"), (4, "extractor"), (5, "device")):
+        assert {k for k in keys[0] if keys[0][k] != keys[i][k]} == {changed}, i
