@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -229,8 +230,6 @@ class _StubFidelity:
 def test_fidelity_reference_key_follows_the_splits_extractor_size_and_device(tiny_cfg, tmp_path, monkeypatch):
     """The cached fidelity reference is reused only by runs that would compute the same numbers:
     the same splits' contents, feature weights, image count n and GPU model / CUDA / torch."""
-    from types import SimpleNamespace
-
     keys = []
     sha = ["a" * 64]
     monkeypatch.setattr(evaluate_stage, "cached_reference", lambda _dir, _kind, key, _compute: keys.append(key) or {})
