@@ -21,9 +21,9 @@ from dpgen.privacy.composition import (
     combine,
     combine_by_data,
     has_guarantee,
-    post_processing_only,
     saved_config,
     spent_ledger,
+    without_resamplings,
 )
 
 
@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         loaded = {run_dir: _load(run_dir) for run_dir in find_runs(args.paths)}
     except ValueError as err:
         sys.exit(f"dpgen.compose: {err}")
-    resampled = post_processing_only({run_dir: privacy for run_dir, (_, privacy, _) in loaded.items()})
+    runs, resampled = without_resamplings(loaded)
     for run_dir, source in resampled.items():
         print(f"{run_dir}: re-samples {source}, which is composed; no further cost")
-    runs = [run for run_dir, run in loaded.items() if run_dir not in resampled]
     groups = ({"every run given (--same-data)": combine({name: p for name, p, _ in runs}, args.delta)}
               if args.same_data else combine_by_data(runs, args.delta))
     for data, combined in groups.items():

@@ -28,9 +28,9 @@ from dpgen.io import atomic_write
 from dpgen.privacy.composition import (
     CombinedGuarantee,
     combine_by_data,
-    post_processing_only,
     saved_config,
     spent_ledger,
+    without_resamplings,
 )
 from dpgen.privacy.guarantee import RETIRED_FLAGS, ledger_kept_guarantee
 
@@ -256,8 +256,7 @@ def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str,
                 ledger = {}
             runs[run_dir] = (row["run"], ledger, saved_config(run_dir))
     # A resampling of a run in the report releases nothing its source does not.
-    resampled = post_processing_only({run_dir: ledger for run_dir, (_, ledger, _) in runs.items()})
-    kept = [run for run_dir, run in runs.items() if run_dir not in resampled]
+    kept, _ = without_resamplings(runs)
     return combine_by_data(kept) if kept else {}
 
 

@@ -72,23 +72,26 @@ def has_guarantee(privacy: Mapping[str, Any]) -> bool:
     return ledger_kept_guarantee(privacy) and privacy.get("epsilon_spent") is not None
 
 
-def post_processing_only(runs: Mapping[Path, Mapping[str, Any]]) -> dict[Path, Path]:
-    """Runs, of ``runs`` (resolved run directory -> its ledger), whose release adds nothing to
-    their source's: a ``python -m dpgen.sampling`` directory re-samples a run's generator, and
-    while its ledger still holds exactly the source's events and guarantee, its samples are
-    post-processing of that generator. Only where the source is in ``runs`` too: alone, the
-    resampling stands for it. Returns each such run with its source."""
+Run = tuple[str, Mapping[str, Any], Mapping[str, Any] | None]  # (name, privacy.json, saved config or None)
+
+
+def without_resamplings(runs: Mapping[Path, Run]) -> tuple[list[Run], dict[Path, Path]]:
+    """``runs`` (resolved run directory -> its run) less those whose release adds nothing to their
+    source's: a ``python -m dpgen.sampling`` directory re-samples a run's generator, and while its
+    ledger still holds exactly the source's events and guarantee, its samples are post-processing
+    of that generator. Only where the source is in ``runs`` too: alone, the resampling stands for
+    it. Returns the runs to compose, and each resampling left out with its source."""
     skipped = {}
-    for run_dir, privacy in runs.items():
+    for run_dir, (_, privacy, _) in runs.items():
         record = run_dir / SOURCE_RUN
         if not record.is_file():
             continue
         source = Path(json.loads(record.read_text())["source_run"]).resolve()
         same = (source in runs and ledger_kept_guarantee(privacy)
-                and privacy.get("events") == runs[source].get("events"))
+                and privacy.get("events") == runs[source][1].get("events"))
         if same:
             skipped[run_dir] = source
-    return skipped
+    return [run for run_dir, run in runs.items() if run_dir not in skipped], skipped
 
 
 def sensitive_data(config: Mapping[str, Any] | None) -> str:
@@ -160,7 +163,7 @@ def _accounts_for_its_epsilon(privacy: Mapping[str, Any], recorded: list[Mechani
     return own >= claimed * (1 - 1e-6)
 
 
-def combine_by_data(runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any] | None]],
+def combine_by_data(runs: Sequence[Run],
                     delta: float | None = None) -> dict[str, CombinedGuarantee]:
     """``runs``: (name, ``privacy.json``, saved config or None). One combined guarantee per
     sensitive dataset, for the runs trained on it; a run of unknown data counts in every group."""
