@@ -10,7 +10,6 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
 from dpgen.config import check_run_start, refuse_missing_resume
@@ -49,6 +48,10 @@ def main(cfg: DictConfig) -> float | None:
                               f"a hyperparameter search selects on data={cfg.data.name}'s held-out split, which "
                               "no ledger charges", "tune on public or proxy data and say so with "
                               "tune_data_is_proxy=true; then run the chosen setting once on the sensitive data")
+        # Imported once the config is accepted: Lightning and diffusers take seconds to import,
+        # which a refusal (above) or --help should not wait for.
+        from lightning.pytorch import seed_everything
+
         from dpgen.pipeline import run_pipeline
 
         if cfg.get("objective"):

@@ -39,27 +39,17 @@ from dpgen.errors import ConfigError
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule
 from dpgen.methods.dpldm import DPLDMModule
-from dpgen.models.ldm import (
-    build_autoencoder,
-    build_latent_denoiser,
-    is_latent_model,
-    latent_shape,
-    validate_ldm_config,
-)
+from dpgen.models.config import is_latent_model, latent_shape, validate_ldm_config
+from dpgen.models.ldm import build_autoencoder, build_latent_denoiser
 from dpgen.models.unet import build_unet
 from dpgen.overrides import CONF_DIR
+from dpgen.privacy.config import CLIPPING_MODES, check_dp_precision
 from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients
-from dpgen.privacy.strategy import (
-    CLIPPING_MODES,
-    DPSGDConfig,
-    assert_dp_compatible,
-    check_dp_precision,
-    dp_gradient,
-)
+from dpgen.privacy.strategy import DPSGDConfig, assert_dp_compatible, dp_gradient
 
 log = logging.getLogger("dpgen.bench")
 TRAINABLE_SETS = ("full", "attention_only")

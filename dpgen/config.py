@@ -1,32 +1,33 @@
-"""Validation of a composed config, before any data is loaded or any work starts."""
+"""Validation of a composed config, before any data is loaded or any work starts.
+
+Every check that needs no model comes first and imports only light modules (each room's
+``config.py``): a mistyped value is refused in seconds, not after importing Lightning and
+diffusers. The checks that need the method's module, or build the model, come last.
+"""
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from dpgen.checks import is_number_in, require_int, require_number
+from dpgen.checks import require_int, require_number
 from dpgen.data import describe_data, has_public_data, validate_data_config, validate_public_config
-from dpgen.diffusion.sampling import SOLVERS, make_train_scheduler, run_solver
-from dpgen.diffusion.timesteps import TIMESTEP_SAMPLERS
+from dpgen.diffusion.config import validate_diffusion_config
 from dpgen.distributed import check_devices_present, validate_trainer_config
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.loggers import validate_logger_config
-from dpgen.methods import METHODS
-from dpgen.methods.privimage import check_selection_config
-from dpgen.models.ldm import is_latent_model, validate_ldm_config
-from dpgen.models.unet import validate_model_config
+from dpgen.methods import METHOD_NAMES
+from dpgen.methods.selection import check_selection_config
+from dpgen.models.config import is_latent_model, validate_ldm_config, validate_model_config
 from dpgen.overrides import check_appended_keys, dotted_keys, override_key
-from dpgen.privacy.accounting import check_accountant
+from dpgen.privacy.config import validate_privacy_config
 from dpgen.privacy.guarantee import NON_PRIVATE_STAGES, training_is_private
-from dpgen.privacy.strategy import CLIPPING_MODES, check_dp_precision
 from dpgen.sampling.config import validate_sampling_config
-from dpgen.stages import STAGES, run_stages
+from dpgen.stages import STAGE_NAMES, run_stages
 from dpgen.stages.planning import STAGE_PLANS
 
 
@@ -61,22 +62,14 @@ def _check_method_settings(cfg: DictConfig) -> None:
                           "set sample.guidance_scale=1.0, or train with method.label_dropout=0.1")
 
 
-def _check_diffusion(cfg: DictConfig) -> None:
-    """Checked before anything is built from them: a bad value would otherwise surface as an
-    error about the model or the audit, or as diffusers' traceback."""
-    require_int(cfg.diffusion, "diffusion", "num_train_timesteps", minimum=2)
-    try:  # diffusers' own list; its "cosine" is not implemented (squaredcos_cap_v2 is the cosine schedule)
-        make_train_scheduler(OmegaConf.to_container(cfg.diffusion, resolve=True))
-    except (NotImplementedError, ValueError) as err:
-        raise ConfigError("diffusion.beta_schedule", cfg.diffusion.beta_schedule, f"not a schedule diffusers has "
-                          f"({err})", "use linear, scaled_linear or squaredcos_cap_v2 (cosine)") from err
-    kind = OmegaConf.select(cfg, "method.timesteps.kind", default="uniform")
-    if kind not in TIMESTEP_SAMPLERS:
-        raise ConfigError("method.timesteps.kind", kind, "unknown timestep sampler",
-                          f"use one of {', '.join(TIMESTEP_SAMPLERS)}")
+def _check_method_and_model(cfg: DictConfig) -> None:
+    """The method's own checks, then, for DP training, the model it builds: the only checks that
+    import the method's module (Lightning, diffusers) and build a network."""
+    from dpgen.methods.registry import METHODS
 
-
-def _check_dp_model(cfg: DictConfig) -> None:
+    METHODS[cfg.method.name].check_config(cfg)
+    if not {"dp_train", "dp_finetune"} & set(cfg.method.stages):
+        return
     from dpgen.privacy.strategy import assert_dp_compatible
     from dpgen.stages.training import build_module
 
@@ -208,13 +201,12 @@ def validate_config(cfg: DictConfig) -> None:
         validate_model_config(model, cfg.data.image_size)
 
     m = cfg.method
-    if m.name not in METHODS:
-        raise ConfigError("method.name", m.name, "unknown method", f"use one of {sorted(METHODS)}")
-    METHODS[m.name].check_config(cfg)
-    unknown = [s for s in m.stages if s not in STAGES]
+    if m.name not in METHOD_NAMES:
+        raise ConfigError("method.name", m.name, "unknown method", f"use one of {sorted(METHOD_NAMES)}")
+    unknown = [s for s in m.stages if s not in STAGE_NAMES]
     if unknown:
         raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
-                          f"use stages from {sorted(STAGES)}")
+                          f"use stages from {sorted(STAGE_NAMES)}")
     private = [s for s in m.stages if s in STAGE_PLANS]
     nonprivate = [s for s in m.stages if s in NON_PRIVATE_STAGES]
     if private and nonprivate:
@@ -224,10 +216,10 @@ def validate_config(cfg: DictConfig) -> None:
                           "drop the non-private stage, or use method=nonprivate for a non-private run")
     _check_pretraining(cfg)
     validate_sampling_config(cfg.sampling, is_latent_model(model))
-    unknown = [s for s in run_stages(cfg) if s not in STAGES]
+    unknown = [s for s in run_stages(cfg) if s not in STAGE_NAMES]
     if unknown:
         raise ConfigError("sampling.stages", list(cfg.sampling.stages), f"unknown stage {unknown[0]!r}",
-                          f"use stages from {sorted(STAGES)}")
+                          f"use stages from {sorted(STAGE_NAMES)}")
     for key in ("method.train.steps", "method.train.batch_size", "method.pretrain_public.steps",
                 "method.pretrain_public.batch_size", "method.pretrain_autoencoder.steps",
                 "method.pretrain_autoencoder.batch_size", "method.pretrain_ldm.steps",
@@ -235,34 +227,11 @@ def validate_config(cfg: DictConfig) -> None:
                 "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
     _check_method_settings(cfg)
-    _check_diffusion(cfg)
-    solver = run_solver(cfg.sample)
-    if solver not in SOLVERS:
-        raise ConfigError("sample.solver", solver, "unknown solver", f"use one of {', '.join(SOLVERS)}")
+    validate_diffusion_config(cfg)
     validate_eval_config(cfg.eval, cfg.sample.num_samples)
     validate_audit_config(cfg.audit, cfg.diffusion.num_train_timesteps)
     validate_logger_config(cfg.logger)
     validate_trainer_config(cfg.trainer)
-
-    if {"dp_train", "dp_finetune"} & set(m.stages):
-        _check_dp_model(cfg)
     if training_is_private(cfg):
-        p = cfg.privacy
-        # Numbers, not merely values that compare: true is 1 to Python, and an infinite or NaN
-        # clip makes the noise σ·C infinite or NaN beside a privacy.json that states an ε.
-        if not is_number_in(p.eps, 0, math.inf, low_open=True, high_open=True):
-            raise ConfigError("privacy.eps", p.eps, "must be a number > 0", "set privacy.eps to e.g. 1 or 10")
-        if not is_number_in(p.delta, 0, 1, low_open=True, high_open=True):
-            raise ConfigError("privacy.delta", p.delta, "must be a number in (0, 1) and below 1/N",
-                              "set privacy.delta=1e-5")
-        if not is_number_in(p.clip, 0, math.inf, low_open=True, high_open=True):
-            raise ConfigError("privacy.clip", p.clip, "must be a number > 0", "set privacy.clip=1.0")
-        check_accountant(p.accountant)
-        if p.clipping not in CLIPPING_MODES:
-            raise ConfigError("privacy.clipping", p.clipping, "unknown clipping mode",
-                              f"use one of {', '.join(CLIPPING_MODES)}")
-        check_dp_precision(cfg.trainer.precision, p.clipping)
-        require_int(p, "privacy", "log_every_n_steps", minimum=1)
-        if not isinstance(p.log_train_loss, bool):
-            raise ConfigError("privacy.log_train_loss", p.log_train_loss, "must be true or false",
-                              "set privacy.log_train_loss=false (the default) or true")
+        validate_privacy_config(cfg.privacy, cfg.trainer.precision)
+    _check_method_and_model(cfg)

@@ -28,7 +28,6 @@ import os
 import re
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from dpgen.checks import require_int
@@ -44,11 +43,13 @@ def is_ddp(trainer_cfg: DictConfig) -> bool:
 
 def _slurm_tasks() -> int:
     """The tasks of this srun step, when SLURM started this process as one of several; else 0."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     # srun sets the step's own task count; a batch script's single process sees only the job's.
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1"))
-    return tasks if SLURMEnvironment.detect() and tasks > 1 else 0
+    if tasks <= 1:
+        return 0  # decided without importing Lightning (seconds), as on every machine outside SLURM
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return tasks if SLURMEnvironment.detect() else 0
 
 
 def external_world() -> tuple[int, int] | None:
@@ -84,6 +85,7 @@ def export_submitit_local_ranks() -> None:
     (Under SLURM, Lightning reads SLURM's own variables.)"""
     if os.environ.get("SUBMITIT_EXECUTOR") != "local" or int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) < 2:
         return
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
     from submitit.helpers import TorchDistributedEnvironment
 
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

@@ -16,7 +16,6 @@ from typing import IO, Any
 
 import torch
 from filelock import FileLock, Timeout
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger("dpgen")
 
@@ -78,13 +77,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written by rename, so ``last.ckpt`` is always loadable."""
-
-    def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
-        save_torch(path, checkpoint)
 
 
 @contextmanager

@@ -28,12 +28,13 @@ from dpgen.data import build_dataset
 from dpgen.distributed import external_world, launch_id, process_rank
 from dpgen.errors import ConfigError
 from dpgen.io import atomic_write, write_json
-from dpgen.loggers import experiment, log_results
+from dpgen.loggers.run import experiment, log_results
 from dpgen.privacy.guarantee import RETIRED_FLAGS
 from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.stages import DDP_STAGES, STAGES, run_stages
+from dpgen.stages import DDP_STAGES, run_stages
 from dpgen.stages.evaluate import check_utility_sizes
 from dpgen.stages.planning import plan_privacy
+from dpgen.stages.registry import STAGES
 
 log = logging.getLogger("dpgen")
 

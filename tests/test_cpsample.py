@@ -9,21 +9,17 @@ import torch
 from conftest import compose_config, tiny_dpldm_overrides
 from omegaconf import OmegaConf
 
-from dpgen import stages
 from dpgen.config import validate_config
 from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.errors import ConfigError
 from dpgen.pipeline import run_pipeline
 from dpgen.privacy.guarantee import CPSAMPLE_NO_GUARANTEE
 from dpgen.release import ReleaseSpec, make_release
-from dpgen.sampling import (
-    ProtectionGuidance,
-    ProtectionSettings,
-    random_labels,
-    train_protection_classifier,
-)
 from dpgen.sampling.__main__ import main as resample
 from dpgen.sampling.__main__ import resampling_config
+from dpgen.sampling.guidance import ProtectionGuidance
+from dpgen.sampling.protection import ProtectionSettings, random_labels, train_protection_classifier
+from dpgen.stages import registry as stages
 from dpgen.stages import run_stages
 
 ALPHAS = make_train_scheduler({"num_train_timesteps": 1000, "beta_schedule": "linear"}).alphas_cumprod

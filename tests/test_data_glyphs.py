@@ -9,7 +9,6 @@ from data_fixtures import check_contract
 from omegaconf import OmegaConf
 
 from dpgen.data import build_public_dataset, validate_public_config
-from dpgen.data.glyphs import glyph_cache_path
 from dpgen.data.glyphs import public as glyph_public
 from dpgen.data.glyphs.augment import Augment
 from dpgen.data.glyphs.fonts import CHARSETS, drawable_chars, font_dir, usable_fonts
@@ -104,7 +103,7 @@ def test_public_dataset_contract_and_determinism(tmp_path):
 def test_cache_hit_skips_rendering(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     first = build_public_dataset(cfg)
-    path = glyph_cache_path(cfg)
+    path = glyph_public.glyph_cache_path(cfg)
     assert path is not None and path.is_file()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
 
@@ -116,14 +115,14 @@ def test_cache_hit_skips_rendering(tmp_path, monkeypatch):
     check_contract(again, 3, 28)
     assert torch.equal(build_public_dataset(cfg).images, first.images)
     # Anything that changes the pixels changes the key.
-    assert glyph_cache_path({**cfg, "seed": 5}) != path
-    assert glyph_cache_path({**cfg, "augment": {"rotation": 3.0}}) != path
-    assert glyph_cache_path({**cfg, "image_size": 28}) == path
+    assert glyph_public.glyph_cache_path({**cfg, "seed": 5}) != path
+    assert glyph_public.glyph_cache_path({**cfg, "augment": {"rotation": 3.0}}) != path
+    assert glyph_public.glyph_cache_path({**cfg, "image_size": 28}) == path
 
 
 def test_corrupt_cache_is_regenerated(tmp_path):
     cfg = _cfg(tmp_path, samples_per_class=2)
-    path = glyph_cache_path(cfg)
+    path = glyph_public.glyph_cache_path(cfg)
     path.write_bytes(b"not a torch file")
     ds = build_public_dataset(cfg)
     assert len(ds) == 20 and path.stat().st_size > 1000
@@ -157,5 +156,5 @@ def test_shipped_yaml_matches_code_defaults(tmp_path):
         == Augment()
     )
     assert set(root.public.augment) == {f.name for f in dataclasses.fields(Augment)}
-    path = glyph_cache_path(OmegaConf.to_container(root.public, resolve=True))
+    path = glyph_public.glyph_cache_path(OmegaConf.to_container(root.public, resolve=True))
     assert path.parent == tmp_path / "public"

@@ -12,9 +12,10 @@ from dp_helpers import TinyDPModule, make_batch, one_dp_step, reference_update
 from omegaconf import OmegaConf
 
 from dpgen.errors import ConfigError
+from dpgen.privacy.config import CLIPPING_MODES
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.per_example import PerExampleGradients, UnsupportedLayerError
-from dpgen.privacy.strategy import CLIPPING_MODES, DPSGDConfig, clipped_gradient_sum
+from dpgen.privacy.strategy import DPSGDConfig, clipped_gradient_sum
 
 
 def _config(n: int = 40, q: float = 0.2, clip: float = 0.5, physical: int = 64, sigma: float = 1.0,

@@ -136,7 +136,7 @@ def test_a_crash_after_the_central_images_keeps_their_charge_on_resume(tiny_cfg,
     """The rounds were released and charged before the crash: the resumed run reuses the images
     and its privacy.json still lists their rounds (a resume that did not read privacy.json, and
     so lost them, passed every other test)."""
-    from dpgen import stages
+    from dpgen.stages import registry as stages
 
     warmup = stages.STAGES["warmup"]
 

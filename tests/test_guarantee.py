@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from dpgen.config import validate_config
 from dpgen.errors import ConfigError
-from dpgen.loggers import _run_name
+from dpgen.loggers.run import _run_name
 from dpgen.pipeline import RunContext
 from dpgen.privacy.guarantee import (
     CPSAMPLE_NO_GUARANTEE,
@@ -74,11 +74,13 @@ def test_the_flag_is_gone_so_a_config_cannot_claim_a_guarantee(tiny_cfg):
 def test_every_stage_is_classified_as_dp_non_private_or_public():
     """The guarantee is a denylist of non-private stages: a new stage must be placed on purpose."""
     from dpgen.privacy.guarantee import NON_PRIVATE_STAGES
-    from dpgen.stages import STAGES
+    from dpgen.stages import STAGE_NAMES
     from dpgen.stages.planning import STAGE_PLANS
+    from dpgen.stages.registry import STAGES
 
     public_or_evaluation = {"pretrain_public", "pretrain_autoencoder", "pretrain_ldm", "train_query_classifier",
                             "pretrain_selected", "warmup", "sample", "evaluate"}
     groups = [set(STAGE_PLANS), set(NON_PRIVATE_STAGES), public_or_evaluation]
     assert set().union(*groups) == set(STAGES)
     assert sum(len(g) for g in groups) == len(STAGES)  # each in exactly one group
+    assert sorted(STAGE_NAMES) == sorted(STAGES)  # the names a config is validated against, and no more

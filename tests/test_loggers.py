@@ -152,7 +152,7 @@ def test_the_sensitive_training_loss_is_logged_only_when_asked_for(tiny_cfg, tmp
 
 
 def test_multirun_groups_by_sweep_directory(tiny_cfg, monkeypatch, tmp_path):
-    from dpgen import loggers
+    from dpgen.loggers import run as loggers
 
     class _Hydra:
         mode = RunMode.MULTIRUN

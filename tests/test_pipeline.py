@@ -283,7 +283,7 @@ def test_a_sampling_setting_that_failed_after_dp_training_can_be_corrected_on_re
                                                                                      monkeypatch):
     """The trained model and the ε it cost are kept: sample settings shape no output until
     sample runs. The privacy plan still cannot change."""
-    from dpgen import stages
+    from dpgen.stages import registry as stages
 
     original = stages.STAGES["sample"]
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from dpgen.checks import require_choice, require_int, to_plain
 from dpgen.data.dataset import DatasetInfo, FileImageDataset, TensorImageDataset
-from dpgen.data.registry import DataSpec, registry
+from dpgen.data.registry import DATA_NAMES, DataSpec, data_spec
 from dpgen.errors import ConfigError
 
 __all__ = [
@@ -38,8 +38,7 @@ PUBLIC_NAMES = ("glyphs", "none")
 
 def _checked_data(cfg: Any) -> tuple[dict[str, Any], DataSpec]:
     plain = to_plain(cfg, "data")
-    specs = registry()
-    spec = specs[require_choice(plain, "data", "name", specs)]
+    spec = data_spec(require_choice(plain, "data", "name", DATA_NAMES))
     require_int(plain, "data", "image_size", minimum=1)
     require_choice(plain, "data", "channels", (1, 3))
     spec.check(plain)
@@ -113,7 +112,7 @@ def validate_public_config(cfg: Any) -> None:
     """Check the ``public`` node without rendering anything."""
     plain = to_plain(cfg, "public")
     if require_choice(plain, "public", "name", PUBLIC_NAMES) == "glyphs":
-        from dpgen.data.glyphs import validate_glyphs_config
+        from dpgen.data.glyphs.config import validate_glyphs_config
 
         validate_glyphs_config(plain)
 
@@ -129,6 +128,6 @@ def build_public_dataset(cfg: Any) -> TensorImageDataset:
             "this stage needs public data",
             "select a public set, e.g. public=glyphs",
         )
-    from dpgen.data.glyphs import build_glyphs
+    from dpgen.data.glyphs.public import build_glyphs
 
     return build_glyphs(plain)

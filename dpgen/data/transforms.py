@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
+# torchvision's functional transforms are imported where they are used: importing torchvision
+# takes seconds, and the dataset modules that import this one are also imported to validate a
+# config, which should be refused without that wait.
 # Resizing a whole dataset in one call would allocate N×C×H×W float32 twice; chunks keep the
 # peak near the size of the result.
 _CHUNK = 4096
@@ -23,6 +25,8 @@ def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if have == 1 and channels == 3:
         return images.expand(*images.shape[:-3], 3, *images.shape[-2:])
     if have == 3 and channels == 1:
+        from torchvision.transforms.v2 import functional as TF
+
         return TF.rgb_to_grayscale(images, num_output_channels=1)
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
@@ -31,6 +35,8 @@ def resize_square(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """Resize float images ``[..., C, H, W]`` to ``S×S`` with antialiasing (bilinear)."""
     if images.shape[-2:] == (image_size, image_size):
         return images
+    from torchvision.transforms.v2 import functional as TF
+
     return TF.resize(images, [image_size, image_size], antialias=True)
 
 
@@ -60,6 +66,8 @@ def pil_to_model(
     Takes a centred square of side ``crop_size`` (default: the shorter side) before resizing,
     so faces and non-square photos are not distorted.
     """
+    from torchvision.transforms.v2 import functional as TF
+
     img = img.convert("L" if channels == 1 else "RGB")
     x = TF.pil_to_tensor(img)
     side = min(x.shape[-2:]) if crop_size is None else crop_size

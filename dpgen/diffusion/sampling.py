@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from dpgen.diffusion.config import SOLVERS
 
 # (x_t, t, eps) -> eps: a per-step change of the noise prediction, applied after any CFG.
 EpsCorrection = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -16,14 +17,6 @@ EpsCorrection = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 def make_train_scheduler(cfg: dict) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg["num_train_timesteps"], beta_schedule=cfg["beta_schedule"])
-
-
-SOLVERS = ("ddim", "dpm++")
-
-
-def run_solver(sample_cfg: Any) -> str:
-    """A run's ``sample.solver``; runs from before the choice sampled with DDIM."""
-    return sample_cfg.get("solver", "ddim")
 
 
 class ClippedDPMSolver(DPMSolverMultistepScheduler):

@@ -9,8 +9,9 @@ from typing import Any
 from dpgen.checks import is_number_in, require_choice, require_int, require_number, to_plain
 from dpgen.errors import ConfigError
 from dpgen.eval.downstream import validation_size
-from dpgen.eval.fidelity import METRICS
 from dpgen.models.classifiers import CLASSIFIERS
+
+METRICS = ("fid", "kid", "isc", "prc")  # what dpgen.eval.fidelity computes, by torch-fidelity's names
 
 
 def _subset(cfg: dict[str, Any], prefix: str, key: str, allowed: tuple[str, ...]) -> list[str]:

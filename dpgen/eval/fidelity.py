@@ -20,12 +20,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dpgen.data.transforms import model_to_uint8
+from dpgen.eval.config import METRICS
 from dpgen.eval.glyphnet import NAME as GLYPHNET
 from dpgen.eval.glyphnet import glyphnet_weights
 from dpgen.io import sha256_file
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's registered name
-METRICS = ("fid", "kid", "isc", "prc")
 # torch-fidelity's result keys -> metrics.json keys
 _KEYS = {
     torch_fidelity.KEY_METRIC_FID: "fid",

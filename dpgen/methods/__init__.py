@@ -1,15 +1,8 @@
-"""One LightningModule per method: only what differs between papers."""
+"""One LightningModule per method: only what differs between papers.
 
-from dpgen.methods.base import DiffusionModule
-from dpgen.methods.dpdm import DPDMModule
-from dpgen.methods.dpldm import DPLDMModule
-from dpgen.methods.feta import FETAModule
-from dpgen.methods.nonprivate import NonPrivateDiffusion
-from dpgen.methods.privimage import PrivImageModule
+``dpgen.methods.registry.METHODS`` maps each name to its module's class. The names alone are
+here: validating a config should not import the modules (Lightning, diffusers: seconds before a
+refusal).
+"""
 
-METHODS = {"nonprivate": NonPrivateDiffusion, "dpdm": DPDMModule, "dpldm": DPLDMModule,
-           "privimage": PrivImageModule, "feta": FETAModule,
-           "feta_privimage": FETAModule}  # a composition of stages: DP-FETA's module
-
-__all__ = ["METHODS", "DiffusionModule", "DPDMModule", "DPLDMModule", "FETAModule", "NonPrivateDiffusion",
-           "PrivImageModule"]
+METHOD_NAMES = ("nonprivate", "dpdm", "dpldm", "privimage", "feta", "feta_privimage")

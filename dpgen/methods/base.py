@@ -24,7 +24,7 @@ from dpgen.diffusion.sampling import (
 )
 from dpgen.diffusion.timesteps import build_timestep_sampler
 from dpgen.errors import ConfigError
-from dpgen.models.ldm import is_latent_model
+from dpgen.models.config import is_latent_model
 from dpgen.models.unet import build_unet
 
 

@@ -41,12 +41,12 @@ from dpgen.data import has_public_data, validate_public_config
 from dpgen.diffusion.sampling import EpsCorrection, make_sample_scheduler, sample_images
 from dpgen.errors import ConfigError
 from dpgen.methods.base import DiffusionModule
+from dpgen.models.config import is_latent_model
 from dpgen.models.ldm import (
     LatentDenoiser,
     build_autoencoder,
     build_latent_denoiser,
     encode_latents,
-    is_latent_model,
 )
 
 TRAINABLE = ("attention", "attention_only", "transformer", "all")

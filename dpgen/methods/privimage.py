@@ -3,23 +3,16 @@ query finds closest to the sensitive data, then fine-tune the whole model with D
 
 The generator is DPDM's (whole-model DP-SGD, multiplicity K, biased timesteps); what differs
 is where its pretraining comes from, which is the job of the stages in
-:mod:`dpgen.stages.semantic`. This module only refuses configurations that cannot work.
+:mod:`dpgen.stages.semantic`. This module only refuses configurations that cannot work
+(the selection's own settings: :mod:`dpgen.methods.selection`).
 """
 
 from __future__ import annotations
 
-import math
-
 from omegaconf import DictConfig
 
-from dpgen.checks import is_number_in, require_int
-from dpgen.data import has_public_data, validate_public_config
-from dpgen.data.glyphs.fonts import CHARSETS
 from dpgen.errors import ConfigError
 from dpgen.methods.dpdm import DPDMModule
-from dpgen.models.classifiers import CLASSIFIERS
-
-SELECTIONS = ("semantic", "all")
 
 
 class PrivImageModule(DPDMModule):
@@ -32,49 +25,3 @@ class PrivImageModule(DPDMModule):
         if cfg.method.pretrain != "selection":
             raise ConfigError("method.pretrain", cfg.method.pretrain, "privimage pretrains on the public selection",
                               "set method.pretrain=selection (or use method=dpdm)")
-
-
-def check_selection_config(cfg: DictConfig) -> None:
-    """The semantic query and selection of any method that pretrains on PrivImage's selection
-    (``method.pretrain=selection``: privimage, or feta_privimage)."""
-    m = cfg.method
-    if not has_public_data(cfg.public):
-        raise ConfigError("public", cfg.public.name, "method.pretrain=selection selects public classes to pretrain on",
-                          "select a public set, e.g. public=glyphs")
-    validate_public_config(cfg.public)
-    for key in ("selection", "query_classifier"):
-        if key not in m:
-            raise ConfigError(f"method.{key}", None, "method.pretrain=selection needs PrivImage's query settings",
-                              "use method=privimage or method=feta_privimage")
-    if m.selection not in SELECTIONS:
-        raise ConfigError("method.selection", m.selection, "unknown selection", f"use one of {', '.join(SELECTIONS)}")
-    q = m.query_classifier
-    if q.name not in CLASSIFIERS:
-        raise ConfigError("method.query_classifier.name", q.name, "unknown classifier",
-                          f"use one of {', '.join(CLASSIFIERS)}")
-    require_int(q, "method.query_classifier", "epochs", minimum=1)
-    require_int(q, "method.query_classifier", "batch_size", minimum=1)
-    if m.selection == "all":
-        return
-    public_classes = len(CHARSETS[cfg.public.charset])
-    top_k = require_int(m, "method", "query_top_k", minimum=1)
-    if top_k > public_classes:
-        raise ConfigError("method.query_top_k", top_k, f"exceeds the {public_classes} public classes",
-                          f"use at most {public_classes}")
-    per_class = require_int(m, "method", "classes_per_label", minimum=1)
-    if per_class * cfg.data.num_classes > public_classes:
-        raise ConfigError("method.classes_per_label", per_class,
-                          f"{cfg.data.num_classes} sensitive classes x {per_class} exceeds the {public_classes} "
-                          "public classes (the selection is disjoint)",
-                          f"use at most {public_classes // cfg.data.num_classes}, or a larger public.charset")
-    sigma = m.get("query_sigma")
-    if sigma is not None:
-        if not is_number_in(sigma, 0, math.inf, low_open=True, high_open=True):
-            raise ConfigError("method.query_sigma", sigma, "must be a noise multiplier > 0 or null",
-                              "set e.g. method.query_sigma=20, or null to use method.query_budget_fraction")
-    else:
-        f = m.query_budget_fraction
-        if not is_number_in(f, 0, 1, low_open=True, high_open=True):
-            raise ConfigError("method.query_budget_fraction", f,
-                              "must be in (0, 1): the query's share of privacy.eps, training gets the rest",
-                              "set e.g. method.query_budget_fraction=0.1")

@@ -2,56 +2,17 @@
 class-conditional ``UNet2DConditionModel`` that cross-attends to a learned class embedding.
 
 Both use GroupNorm/LayerNorm only (no BatchNorm), so any part of them can be DP-trained.
-A latent model config (``conf/model/ldm_*.yaml``) has ``kind: latent`` and two sections,
-``autoencoder`` and ``unet``; pixel-space UNets (``models/unet.py``) have no ``kind``.
+Their configs are validated, and their shapes computed, in ``models/config.py``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import Tensor, nn
 
-from dpgen.errors import ConfigError
-
-LATENT = "latent"
-
-
-def is_latent_model(model_cfg: Any) -> bool:
-    return model_cfg.get("kind") == LATENT
-
-
-def autoencoder_factor(model_cfg: dict) -> int:
-    """Image size / latent size: every encoder block but the last halves the resolution."""
-    return 2 ** (len(model_cfg["autoencoder"]["block_out_channels"]) - 1)
-
-
-def latent_shape(model_cfg: dict, image_size: int) -> tuple[int, int, int]:
-    size = image_size // autoencoder_factor(model_cfg)
-    return model_cfg["autoencoder"]["latent_channels"], size, size
-
-
-def validate_ldm_config(model_cfg: dict, image_size: int) -> None:
-    ae, unet, name = model_cfg["autoencoder"], model_cfg["unet"], model_cfg["name"]
-    total = autoencoder_factor(model_cfg) * 2 ** (len(unet["block_out_channels"]) - 1)
-    if image_size % total:
-        raise ConfigError("data.image_size", image_size,
-                          f"model {name} (autoencoder and latent UNet together) downsamples {total}x "
-                          f"and needs a multiple of {total}",
-                          f"use data.image_size={max(total, image_size // total * total)} or fewer blocks")
-    n = len(unet["block_out_channels"])
-    for key in ("down_block_types", "up_block_types"):
-        if len(unet[key]) != n:
-            raise ConfigError(f"model.unet.{key}", list(unet[key]), f"needs one entry per block ({n})",
-                              "match model.unet.block_out_channels")
-    for part, cfg in (("autoencoder", ae), ("unet", unet)):
-        groups = cfg["norm_num_groups"]
-        if any(c % groups for c in cfg["block_out_channels"]):
-            raise ConfigError(f"model.{part}.norm_num_groups", groups, "must divide every block width",
-                              f"pick a divisor of model.{part}.block_out_channels")
+from dpgen.models.config import latent_shape
 
 
 def build_autoencoder(model_cfg: dict, channels: int, image_size: int) -> AutoencoderKL:

@@ -4,29 +4,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DModel
 
-from dpgen.errors import ConfigError
-
-
-def downsampling_factor(model_cfg: dict) -> int:
-    return 2 ** (len(model_cfg["block_out_channels"]) - 1)
-
-
-def validate_model_config(model_cfg: dict, image_size: int) -> None:
-    factor = downsampling_factor(model_cfg)
-    if image_size % factor:
-        raise ConfigError("data.image_size", image_size,
-                          f"model {model_cfg['name']} downsamples {factor}x and needs a multiple of {factor}",
-                          f"use data.image_size={max(factor, image_size // factor * factor)} or a model with "
-                          "fewer blocks")
-    n = len(model_cfg["block_out_channels"])
-    for key in ("down_block_types", "up_block_types"):
-        if len(model_cfg[key]) != n:
-            raise ConfigError(f"model.{key}", list(model_cfg[key]),
-                              f"needs one entry per block ({n})", "match model.block_out_channels")
-    groups = model_cfg["norm_num_groups"]
-    if any(c % groups for c in model_cfg["block_out_channels"]):
-        raise ConfigError("model.norm_num_groups", groups, "must divide every block width",
-                          "pick a divisor of model.block_out_channels")
+from dpgen.models.config import validate_model_config
 
 
 def build_unet(model_cfg: dict, image_size: int, channels: int, num_classes: int) -> UNet2DModel:

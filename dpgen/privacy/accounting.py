@@ -15,10 +15,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-from dp_accounting.privacy_accountant import NeighboringRelation
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 from dpgen.errors import ConfigError
 from dpgen.privacy.events import GAUSSIAN, MechanismEvent
@@ -39,9 +35,7 @@ _PLD_MIN_INTERVAL = 1e-5
 # Opacus's default RDP orders stop at 63. Large-sigma queries (histograms, class means) have their
 # optimal order beyond that, so RDP would report a needlessly loose bound; more orders can only
 # tighten an RDP bound, never loosen it.
-_RDP_ORDERS = tuple(
-    sorted(set(RDPAccountant.DEFAULT_ALPHAS) | {72, 80, 96, 112, 128, 160, 192, 256, 384, 512})
-)
+_EXTRA_RDP_ORDERS = (72, 80, 96, 112, 128, 160, 192, 256, 384, 512)
 
 # Canonical, hashable form of an event list for the accountants: ((q, sigma, count), ...).
 # Stage names do not change epsilon, a plain Gaussian is a Poisson-subsampled one at q=1, and
@@ -58,8 +52,14 @@ def canonical(events: Sequence[MechanismEvent]) -> _Key:
     return tuple(sorted((q, s, n) for (q, s), n in counts.items()))
 
 
+# dp-accounting and Opacus are imported where their accountants are used: together they take
+# about two seconds to import, which a refused config should not wait for.
 @functools.lru_cache(maxsize=4096)
 def pld_epsilon_at(key: _Key, delta: float, interval: float) -> float:
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
     acc = PLDAccountant(
         NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=interval
     )
@@ -98,13 +98,17 @@ def _quiet_opacus() -> Iterator[None]:
 
 
 def _rdp_epsilon(key: _Key, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
     acc = RDPAccountant()
     acc.history = _opacus_history(key)
     with _quiet_opacus():
-        return float(acc.get_epsilon(delta, alphas=list(_RDP_ORDERS)))
+        return float(acc.get_epsilon(delta, alphas=sorted(set(RDPAccountant.DEFAULT_ALPHAS) | set(_EXTRA_RDP_ORDERS))))
 
 
 def _prv_epsilon(key: _Key, delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
     acc = PRVAccountant()
     acc.history = _opacus_history(key)
     with _quiet_opacus():

@@ -27,14 +27,13 @@ from lightning.pytorch.strategies.ddp import _sync_module_states
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
 
-from dpgen.errors import ConfigError
+from dpgen.privacy.config import CLIPPING_MODES, check_dp_precision
 from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.journal import append_spend
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import fresh_generator
 from dpgen.privacy.per_example import PerExampleGradients, exact_fp32
 
-CLIPPING_MODES = ("materialize", "ghost", "mixed")
 _CAPTURE_MODE = {"materialize": "materialize", "ghost": "norms", "mixed": "mixed"}
 
 
@@ -66,26 +65,6 @@ class DPSGDConfig:
     @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.dataset_size
-
-
-# Precisions the DP step accepts (Lightning's names). "bf16"/"bf16-mixed" autocast the forward
-# only; "-true" half precisions would hold the parameters, the clipped sum and the noise in 16 bits.
-DP_PRECISIONS = ("32", "32-true", "64", "64-true", "bf16", "bf16-mixed")
-
-
-def check_dp_precision(precision: str | int, clipping: str) -> None:
-    """Refuse a precision under which the DP step would not clip or noise in full precision."""
-    precision = str(precision)
-    if precision not in DP_PRECISIONS:
-        why = ("GradScaler would rescale the clipped gradients" if precision in ("16", "16-mixed")
-               else "the parameters, the clipped sum and the noise would be 16-bit")
-        raise ConfigError("trainer.precision", precision, f"not supported under DP: {why}",
-                          "use trainer.precision=32-true or bf16-mixed")
-    if clipping == "ghost" and precision.startswith("bf16"):
-        raise ConfigError("privacy.clipping", clipping, "cannot run under bf16 autocast: its clipped sum "
-                          "comes from a second backward through the bf16 graph, not from the gradients "
-                          "whose norms were clipped, so an example could exceed the clip bound",
-                          "use privacy.clipping=mixed (or materialize), or trainer.precision=32-true")
 
 
 def _batch_len(batch: Any) -> int:

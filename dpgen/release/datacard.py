@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import dpgen
-from dpgen.diffusion.sampling import run_solver
+from dpgen.diffusion.config import run_solver
 from dpgen.io import atomic_write
 from dpgen.privacy.guarantee import epsilon_scope, guarantee_notes
 from dpgen.release.shards import ReleaseSpec

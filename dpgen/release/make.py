@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dpgen.data import build_dataset, describe_data
-from dpgen.diffusion.sampling import EpsCorrection, run_solver
+from dpgen.diffusion.config import run_solver
+from dpgen.diffusion.sampling import EpsCorrection
 from dpgen.io import sha256_file, write_json
-from dpgen.methods import DiffusionModule
+from dpgen.methods.base import DiffusionModule
 from dpgen.release.datacard import build_datacard, write_datacard
 from dpgen.release.shards import (
     MANIFEST,

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import describe_data
-from dpgen.methods import DiffusionModule
+from dpgen.methods.base import DiffusionModule
 from dpgen.privacy.events import EPS_RTOL
 from dpgen.privacy.guarantee import has_formal_guarantee, ledger_kept_guarantee, training_is_private
 from dpgen.stages.training import FINAL_WEIGHTS, build_module

@@ -4,8 +4,3 @@
 training images, and guided sampling pushes trajectories away from where it is confident.
 It reads the sensitive images without DP: a run that uses it carries no formal guarantee.
 """
-
-from dpgen.sampling.guidance import ProtectionGuidance
-from dpgen.sampling.protection import ProtectionSettings, random_labels, train_protection_classifier
-
-__all__ = ["ProtectionGuidance", "ProtectionSettings", "random_labels", "train_protection_classifier"]

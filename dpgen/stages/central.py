@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from dpgen.data.curriculum import CurriculumBatches, Phase, random_affine
-from dpgen.diffusion.sampling import run_solver
+from dpgen.diffusion.config import run_solver
 from dpgen.io import save_torch
 from dpgen.loggers.grids import save_grid
 from dpgen.privacy.class_means import CentralImageQuery, nominal_class_counts

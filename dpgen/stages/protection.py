@@ -20,7 +20,8 @@ from dpgen.diffusion.sampling import make_train_scheduler
 from dpgen.io import save_torch
 from dpgen.models.protection import ProtectionClassifier
 from dpgen.privacy.guarantee import CPSAMPLE_NO_GUARANTEE
-from dpgen.sampling import ProtectionGuidance, ProtectionSettings, train_protection_classifier
+from dpgen.sampling.guidance import ProtectionGuidance
+from dpgen.sampling.protection import ProtectionSettings, train_protection_classifier
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dpgen.data.transforms import model_to_uint8
-from dpgen.diffusion.sampling import run_solver
+from dpgen.diffusion.config import run_solver
 from dpgen.distributed import sampling_device
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers.grids import save_grid

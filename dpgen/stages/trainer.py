@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -9,15 +10,23 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from dpgen.io import AtomicCheckpointIO
-from dpgen.loggers import stage_callbacks, stage_loggers
+from dpgen.io import save_torch
+from dpgen.loggers.run import stage_callbacks, stage_loggers
 from dpgen.privacy.strategy import DDPDPSGDStrategy
 
 if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written by rename, so ``last.ckpt`` is always loadable."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
+        save_torch(path, checkpoint)
 
 
 class _CheckpointEveryNAndLast(ModelCheckpoint):

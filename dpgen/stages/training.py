@@ -16,7 +16,8 @@ from torch.utils.data import Dataset, TensorDataset
 from dpgen.data import build_public_dataset, describe_data
 from dpgen.distributed import ddp_strategy_kwargs, is_ddp, is_rank_zero
 from dpgen.io import build_once, save_torch
-from dpgen.methods import METHODS, DiffusionModule
+from dpgen.methods.base import DiffusionModule
+from dpgen.methods.registry import METHODS
 from dpgen.privacy.callback import PrivacyAccountantCallback
 from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.poisson import PoissonDataModule

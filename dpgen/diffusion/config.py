@@ -1,0 +1,44 @@
+"""Validation of the ``diffusion`` settings and the sampler choice, before any work starts.
+
+Kept apart from :mod:`dpgen.diffusion.sampling`, which imports diffusers: a refused config
+should not wait seconds for the library that would only have been needed to train.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpgen.checks import require_int
+from dpgen.diffusion.timesteps import TIMESTEP_SAMPLERS
+from dpgen.errors import ConfigError
+
+# The beta schedules that all three of our diffusers schedulers implement: DDPM (training), DDIM
+# and DPM-Solver++ (sampling). DDPM alone also has "sigmoid" and "laplace"; a run on those would
+# train, spend its budget, then fail at its first sample. Its "cosine" is squaredcos_cap_v2.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SOLVERS = ("ddim", "dpm++")
+
+
+def run_solver(sample_cfg: Any) -> str:
+    """A run's ``sample.solver``; runs from before the choice sampled with DDIM."""
+    return sample_cfg.get("solver", "ddim")
+
+
+def validate_diffusion_config(cfg: DictConfig) -> None:
+    """``diffusion.*``, ``method.timesteps.kind`` and ``sample.solver``: checked before anything
+    is built from them, where a bad value would surface as diffusers' traceback."""
+    require_int(cfg.diffusion, "diffusion", "num_train_timesteps", minimum=2)
+    schedule = OmegaConf.select(cfg, "diffusion.beta_schedule")
+    if schedule not in BETA_SCHEDULES:
+        raise ConfigError("diffusion.beta_schedule", schedule, "not a schedule that diffusers' DDPM, DDIM and "
+                          "DPM-Solver++ schedulers all have", f"use one of {', '.join(BETA_SCHEDULES)} "
+                          "(squaredcos_cap_v2 is the cosine schedule)")
+    kind = OmegaConf.select(cfg, "method.timesteps.kind", default="uniform")
+    if kind not in TIMESTEP_SAMPLERS:
+        raise ConfigError("method.timesteps.kind", kind, "unknown timestep sampler",
+                          f"use one of {', '.join(TIMESTEP_SAMPLERS)}")
+    solver = run_solver(cfg.sample)
+    if solver not in SOLVERS:
+        raise ConfigError("sample.solver", solver, "unknown solver", f"use one of {', '.join(SOLVERS)}")
