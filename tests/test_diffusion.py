@@ -110,6 +110,24 @@ def test_dpm_solver_reaches_the_data_distribution_in_ten_steps_where_ddim_does_n
     assert abs(ddim_std - 0.2) > 0.05
 
 
+def test_every_accepted_beta_schedule_trains_and_samples_with_every_solver():
+    """``diffusion.beta_schedule`` is checked against a list, without importing diffusers: each
+    listed schedule must build the training scheduler and both samplers, and a schedule that
+    only the training scheduler has must be off the list."""
+    from dpgen.diffusion.config import BETA_SCHEDULES, SOLVERS
+    from dpgen.diffusion.sampling import make_sample_scheduler
+
+    for schedule in BETA_SCHEDULES:
+        cfg = {"num_train_timesteps": 1000, "beta_schedule": schedule}
+        make_train_scheduler(cfg)
+        for solver in SOLVERS:
+            make_sample_scheduler(cfg, solver)
+    make_train_scheduler({"num_train_timesteps": 1000, "beta_schedule": "sigmoid"})
+    with pytest.raises(NotImplementedError):
+        make_sample_scheduler({"num_train_timesteps": 1000, "beta_schedule": "sigmoid"}, "ddim")
+    assert "sigmoid" not in BETA_SCHEDULES
+
+
 def test_dpm_solver_clips_its_data_predictions_like_ddim():
     from dpgen.diffusion.sampling import make_sample_scheduler
 
