@@ -40,7 +40,6 @@ def main(cfg: DictConfig) -> float | None:
     # (the privacy plan, which needs N, is the pipeline's first step and touches no stage).
     export_submitit_local_ranks()
     try:
-        check_run_start(cfg)
         if cfg.get("objective") and cfg.get("tune_data_is_proxy") is not True:
             # Every trial is evaluated on data's held-out split, and picking the best trial is an
             # uncharged decision about that data: on the sensitive set, a leak privacy.json hides.
@@ -48,6 +47,7 @@ def main(cfg: DictConfig) -> float | None:
                               f"a hyperparameter search selects on data={cfg.data.name}'s held-out split, which "
                               "no ledger charges", "tune on public or proxy data and say so with "
                               "tune_data_is_proxy=true; then run the chosen setting once on the sensitive data")
+        check_run_start(cfg)
         # Imported once the config is accepted: Lightning and diffusers take seconds to import,
         # which a refusal (above) or --help should not wait for.
         from lightning.pytorch import seed_everything

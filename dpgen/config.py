@@ -1,8 +1,8 @@
 """Validation of a composed config, before any data is loaded or any work starts.
 
-Every check that needs no model comes first and imports only light modules (each room's
-``config.py``): a mistyped value is refused in seconds, not after importing Lightning and
-diffusers. The checks that need the method's module, or build the model, come last.
+Every check imports only light modules (each room's ``config.py``): a mistyped value is refused
+in seconds, not after importing Lightning and diffusers. The one check that builds the model
+(for BatchNorm, under DP) comes last.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.loggers import validate_logger_config
 from dpgen.methods import METHOD_NAMES
+from dpgen.methods.config import check_method_config
 from dpgen.methods.selection import check_selection_config
 from dpgen.models.config import is_latent_model, validate_ldm_config, validate_model_config
 from dpgen.overrides import check_appended_keys, dotted_keys, override_key
@@ -62,14 +63,9 @@ def _check_method_settings(cfg: DictConfig) -> None:
                           "set sample.guidance_scale=1.0, or train with method.label_dropout=0.1")
 
 
-def _check_method_and_model(cfg: DictConfig) -> None:
-    """The method's own checks, then, for DP training, the model it builds: the only checks that
-    import the method's module (Lightning, diffusers) and build a network."""
-    from dpgen.methods.registry import METHODS
-
-    METHODS[cfg.method.name].check_config(cfg)
-    if not {"dp_train", "dp_finetune"} & set(cfg.method.stages):
-        return
+def _check_dp_model(cfg: DictConfig) -> None:
+    """The model DP training would build: the one check that imports the method's module
+    (Lightning, diffusers) and builds a network, so it comes last."""
     from dpgen.privacy.strategy import assert_dp_compatible
     from dpgen.stages.training import build_module
 
@@ -203,6 +199,7 @@ def validate_config(cfg: DictConfig) -> None:
     m = cfg.method
     if m.name not in METHOD_NAMES:
         raise ConfigError("method.name", m.name, "unknown method", f"use one of {sorted(METHOD_NAMES)}")
+    check_method_config(cfg)
     unknown = [s for s in m.stages if s not in STAGE_NAMES]
     if unknown:
         raise ConfigError("method.stages", list(m.stages), f"unknown stage {unknown[0]!r}",
@@ -234,4 +231,5 @@ def validate_config(cfg: DictConfig) -> None:
     validate_trainer_config(cfg.trainer)
     if training_is_private(cfg):
         validate_privacy_config(cfg.privacy, cfg.trainer.precision)
-    _check_method_and_model(cfg)
+    if {"dp_train", "dp_finetune"} & set(m.stages):
+        _check_dp_model(cfg)

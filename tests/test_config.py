@@ -107,6 +107,17 @@ def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     assert message.startswith(key) and "Fix:" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("overrides,reason", [
+    (("method=privimage", "public=glyphs", "method.pretrain=public"), "privimage pretrains on the public selection"),
+    (("model=ldm_tiny", "privacy.eps=-1"), "method dpdm denoises pixels, not latents"),
+])
+def test_a_method_setting_is_refused_with_the_methods_own_reason_first(tiny_cfg, overrides, reason):
+    """The method's checks run before the generic ones that its wrong settings also trip (a
+    generic "drop the selection stages" would only lead to the method's refusal next time)."""
+    with pytest.raises(ConfigError, match=reason):
+        validate_config(tiny_cfg(*overrides))
+
+
 def test_delta_at_least_one_over_n_is_refused_before_any_stage(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"privacy\.delta.*1/N"):
         run_pipeline(tiny_cfg("privacy.delta=0.001"), tmp_path / "run")

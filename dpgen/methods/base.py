@@ -23,8 +23,6 @@ from dpgen.diffusion.sampling import (
     sample_images,
 )
 from dpgen.diffusion.timesteps import build_timestep_sampler
-from dpgen.errors import ConfigError
-from dpgen.models.config import is_latent_model
 from dpgen.models.unet import build_unet
 
 
@@ -53,13 +51,6 @@ class DiffusionModule(LightningModule):
         self.multiplicity = multiplicity
         self.label_dropout = label_dropout
         self.hflip = hflip
-
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        """Refuse a model this method cannot train, before any work starts."""
-        if is_latent_model(cfg.model):
-            raise ConfigError("model", cfg.model.name, f"method {cfg.method.name} denoises pixels, not latents",
-                              "use a pixel-space model such as model=unet_small, or method=dpldm")
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> DiffusionModule:

@@ -37,11 +37,9 @@ from diffusers import AutoencoderKL, Transformer2DModel
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from dpgen.data import has_public_data, validate_public_config
 from dpgen.diffusion.sampling import EpsCorrection, make_sample_scheduler, sample_images
-from dpgen.errors import ConfigError
 from dpgen.methods.base import DiffusionModule
-from dpgen.models.config import is_latent_model
+from dpgen.methods.config import TRAINABLE
 from dpgen.models.ldm import (
     LatentDenoiser,
     build_autoencoder,
@@ -49,7 +47,6 @@ from dpgen.models.ldm import (
     encode_latents,
 )
 
-TRAINABLE = ("attention", "attention_only", "transformer", "all")
 _FEED_FORWARD = ("norm3", "ff")  # a transformer block's feed-forward and its pre-norm
 # In a transformer block, what only the cross-attention's scores depend on (see above).
 _ONE_TOKEN_DEAD = re.compile(r"transformer_blocks\.\d+\.(norm2|attn2\.to_q|attn2\.to_k)\.")
@@ -115,29 +112,6 @@ class DPLDMModule(DiffusionModule):
         names = trainable_parameter_names(denoiser, trainable, blocks)
         for name, p in denoiser.named_parameters():
             p.requires_grad_(name in names)
-
-    # -- configuration ----------------------------------------------------------------------
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        m = cfg.method
-        if not is_latent_model(cfg.model):
-            raise ConfigError("model", cfg.model.name, "dpldm diffuses in the latent space of an autoencoder",
-                              "use a latent model such as model=ldm_small")
-        if not has_public_data(cfg.public):
-            raise ConfigError("public", cfg.public.name, "dpldm pretrains its autoencoder and latent model on public data",
-                              "select a public set, e.g. public=glyphs")
-        validate_public_config(cfg.public)
-        if m.trainable not in TRAINABLE:
-            raise ConfigError("method.trainable", m.trainable, "unknown parameter set", f"use one of {', '.join(TRAINABLE)}")
-        if m.get("blocks") is not None:
-            if m.trainable == "all":
-                raise ConfigError("method.blocks", list(m.blocks), "selects attention blocks, but trainable=all trains every block",
-                                  "set method.blocks=null, or method.trainable=attention")
-            available = sorted(attention_blocks(cls._denoiser(cfg, cfg.data.num_classes)))
-            wrong = [b for b in m.blocks if b not in available]
-            if wrong or not m.blocks:
-                problem = f"{wrong[0]} is not a block with attention" if wrong else "names no block"
-                raise ConfigError("method.blocks", list(m.blocks), problem, f"choose from {available}")
 
     @staticmethod
     def _denoiser(cfg: DictConfig, num_classes: int) -> LatentDenoiser:

@@ -1,4 +1,4 @@
-"""The ``public=glyphs`` config group: validation, cache, and the final dataset."""
+"""The ``public=glyphs`` config group: cache and the final dataset (its validation: ``config.py``)."""
 
 from __future__ import annotations
 
