@@ -224,8 +224,13 @@ def validate_config(cfg: DictConfig) -> None:
                 "sample.steps", "sample.batch_size", "privacy.max_physical_batch"):
         _positive_int(cfg, key)
     _check_method_settings(cfg)
+    seed = cfg.get("seed")
+    # Lightning casts a float seed to int and trains; the sample stage's torch.manual_seed then
+    # refuses it, after DP training. 2**32 - 1 is numpy's and Lightning's bound.
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise ConfigError("seed", seed, "must be an integer in [0, 2**32 - 1]", "set e.g. seed=0")
     validate_diffusion_config(cfg)
-    validate_eval_config(cfg.eval, cfg.sample.num_samples)
+    validate_eval_config(cfg.eval, cfg.sample.num_samples, cfg.data.num_classes)
     validate_audit_config(cfg.audit, cfg.diffusion.num_train_timesteps)
     validate_logger_config(cfg.logger)
     validate_trainer_config(cfg.trainer)

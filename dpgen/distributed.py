@@ -109,7 +109,7 @@ def validate_trainer_config(t: DictConfig) -> None:
     strategy = t.get("strategy", "single_device")
     if strategy not in STRATEGIES:
         raise ConfigError("trainer.strategy", strategy, "unknown strategy", f"use one of {', '.join(STRATEGIES)}")
-    for key in ("devices", "num_nodes"):
+    for key in ("devices", "num_nodes", "log_every_n_steps", "checkpoint_every_n_steps"):
         require_int(t, "trainer", key, minimum=1)
     world = external_world()
     if strategy != "ddp":

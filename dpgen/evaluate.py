@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = evaluation_config(args.run_dir, args.overrides)
-        validate_eval_config(cfg.eval, cfg.sample.num_samples)
+        validate_eval_config(cfg.eval, cfg.sample.num_samples, cfg.data.num_classes)
         validate_audit_config(cfg.audit, cfg.diffusion.num_train_timesteps)
         state_file = args.run_dir / "stages.json"
         state = json.loads(state_file.read_text()) if state_file.is_file() else {"completed": [], "wall_s": {}}

@@ -98,6 +98,26 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     (("method=feta", "method.central.sample_rate=true"), "method.central.sample_rate"),
     (("method=feta", "method.central.class_proportions=[1,abc]"), "method.central.class_proportions"),
     (("method=privimage", "public=glyphs", "method.query_sigma=true"), "method.query_sigma"),
+    # Found by a probe at stop 31: each was accepted, then failed (or did something else) after
+    # the DP stages had spent the budget.
+    ("sample.steps=1001", "sample.steps"),  # DDIM refuses more steps than training timesteps
+    (("logger.sample_every_n_steps=2", "logger.grid_steps=1001"), "logger.grid_steps"),  # mid-dp_train
+    ("seed=1.5", "seed"),  # Lightning trained with seed 1; sample's manual_seed refused 1.5
+    ("seed=4294967296", "seed"),
+    ("sampling.stages=[evaluate]", "sampling.stages"),  # evaluate before sample
+    ("sampling.stages=[train]", "sampling.stages"),  # trained without privacy after spending ε
+    (("sampling=cpsample", "sampling.stages=[]"), "sampling.stages"),  # no protection classifier to load
+    ("sample.num_samples=2", "sample.num_samples"),  # precision/recall's k-th neighbour
+    (("sample.num_samples=8", "eval.num_samples=1"), "eval.num_samples"),  # FID of one image
+    ("audit.replication.pairs=0", "audit.replication.pairs"),
+    (("method=feta", "method.warmup.augment.scale=[1.0]"), "method.warmup.augment.scale"),
+    (("method=feta", "method.warmup.augment.degrees=abc"), "method.warmup.augment.degrees"),
+    (("method=feta", "method.warmup.curriculum=[{steps:2,blurr:1.5}]"), "method.warmup.curriculum[0].blurr"),
+    ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps"),  # silently no checkpoints
+    ("trainer.log_every_n_steps=abc", "trainer.log_every_n_steps"),
+    (("method=privimage", "public=glyphs", "method.query_classifier.num_threads=0"),
+     "method.query_classifier.num_threads"),
+    (("logger=wandb", "logger.tags=[[a]]"), "logger.tags"),
 ])
 def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:

@@ -42,3 +42,13 @@ def validate_diffusion_config(cfg: DictConfig) -> None:
     solver = run_solver(cfg.sample)
     if solver not in SOLVERS:
         raise ConfigError("sample.solver", solver, "unknown solver", f"use one of {', '.join(SOLVERS)}")
+    # A sampler takes at most one step per training timestep: DDIM refuses more (after training,
+    # when the run samples), DPM-Solver++ repeats timesteps without a word.
+    t = cfg.diffusion.num_train_timesteps
+    runs = [("sample.steps", OmegaConf.select(cfg, "sample.steps"))]
+    if (OmegaConf.select(cfg, "logger.sample_every_n_steps") or 0) > 0:  # the training curves' sample grids
+        runs.append(("logger.grid_steps", OmegaConf.select(cfg, "logger.grid_steps")))
+    for key, steps in runs:
+        if isinstance(steps, int) and steps > t:
+            raise ConfigError(key, steps, f"exceeds diffusion.num_train_timesteps={t}: a sampler takes at most "
+                              "one step per training timestep", f"use at most {t} steps")

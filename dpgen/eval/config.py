@@ -34,14 +34,17 @@ def _positive_number(cfg: dict[str, Any], prefix: str, key: str, example: str) -
         raise ConfigError(f"{prefix}.{key}", value, "must be a number > 0", f"set e.g. {prefix}.{key}={example}")
 
 
-def validate_eval_config(cfg: Any, num_samples: int) -> None:
-    """``cfg`` is the ``eval`` node; ``num_samples`` is how many samples the sample stage writes."""
+def validate_eval_config(cfg: Any, num_samples: int, num_classes: int) -> None:
+    """``cfg`` is the ``eval`` node; ``num_samples`` is how many samples the sample stage writes,
+    ``num_classes`` the data's."""
     e = to_plain(cfg, "eval")
     _optional_positive(e, "eval", "num_samples")
     _optional_positive(e, "eval", "num_threads")
     if (e.get("num_samples") or 0) > num_samples:
         raise ConfigError("eval.num_samples", e["num_samples"], f"exceeds sample.num_samples={num_samples}",
                           f"use at most {num_samples}, or null for all")
+    evaluated = e.get("num_samples") or num_samples
+    count_key = "eval.num_samples" if e.get("num_samples") else "sample.num_samples"
 
     fid, p = e["fid"], "eval.fid"
     if _subset(fid, p, "metrics", METRICS):
@@ -62,6 +65,10 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
             _positive_number(fid["glyphnet"], f"{p}.glyphnet", "lr", "1e-3")
             if "seed" in fid["glyphnet"]:
                 require_int(fid["glyphnet"], f"{p}.glyphnet", "seed", minimum=0)
+        # Fewer samples fail in evaluate, after training: FID's covariance needs two, precision and
+        # recall each sample's k-th nearest neighbour among the others.
+        least = fid["prc_neighborhood"] + 1 if "prc" in fid["metrics"] else 2
+        _enough(count_key, evaluated, least, "the fidelity metrics")
 
     d, p = e["downstream"], "eval.downstream"
     if _subset(d, p, "classifiers", tuple(CLASSIFIERS)):
@@ -70,6 +77,8 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
         _optional_positive(d, p, "patience")
         _positive_number(d, p, "lr", "1e-3")
         require_number(d, p, "val_fraction", 0.01, 0.9)
+        _enough(count_key, evaluated, _fewest_images(num_classes, d["val_fraction"]),
+                f"the classifiers (one training image per class, {num_classes}, beside the validation split)")
     require_choice(e, "eval", "reference", (True, False))
     require_choice(e, "eval", "audit", (True, False))
     if require_choice(e, "eval", "utility_study", (True, False)):
@@ -77,6 +86,11 @@ def validate_eval_config(cfg: Any, num_samples: int) -> None:
             raise ConfigError("eval.downstream.classifiers", [], "the utility study trains these families",
                               "name at least one, or set eval.utility_study=false")
         _validate_utility(e["utility"])
+
+
+def _enough(key: str, n: int, least: int, who: str) -> None:
+    if n < least:
+        raise ConfigError(key, n, f"evaluates {n} samples; {who} need at least {least}", f"use at least {least}")
 
 
 def _positive_numbers(cfg: dict[str, Any], prefix: str, key: str, integer: bool = False) -> None:
@@ -154,7 +168,7 @@ def validate_audit_config(cfg: Any, num_train_timesteps: int) -> None:
     timesteps index into."""
     a = to_plain(cfg, "audit")
     require_number(a["replication"], "audit.replication", "threshold", -1.0, 1.0)
-    require_int(a["replication"], "audit.replication", "pairs", minimum=0)
+    require_int(a["replication"], "audit.replication", "pairs", minimum=1)
     s, p = a["loss_score"], "audit.loss_score"
     _require_timesteps(s.get("timesteps"), f"{p}.timesteps", num_train_timesteps)
     require_int(s, p, "noise_draws", minimum=1)

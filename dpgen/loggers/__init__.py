@@ -32,8 +32,9 @@ def validate_logger_config(cfg: Any) -> None:
     if require_choice(lg, "logger", "name", LOGGERS) == "wandb":
         require_choice(lg, "logger", "mode", WANDB_MODES)
         require_choice(lg, "logger", "console", WANDB_CONSOLES)
-        if not isinstance(lg.get("tags"), list):
-            raise ConfigError("logger.tags", lg.get("tags"), "must be a list", "e.g. logger.tags=[mnist,dpdm]")
+        tags = lg.get("tags")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):  # W&B refuses others at init
+            raise ConfigError("logger.tags", tags, "must be a list of words", "e.g. logger.tags=[mnist,dpdm]")
     require_int(lg, "logger", "sample_every_n_steps", minimum=0)
     require_int(lg, "logger", "grid_per_class", minimum=1)
     require_int(lg, "logger", "grid_steps", minimum=1)

@@ -8,7 +8,7 @@ against a built denoiser (the blocks it has), importing diffusers when the key i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -102,10 +102,26 @@ def _check_warmup(cfg: DictConfig) -> None:
         raise ConfigError("method.warmup.curriculum", w.curriculum, "needs at least one phase",
                           "e.g. [{steps: 100, blur: 1.0}, {steps: 100, blur: 0.0}]")
     for i, phase in enumerate(w.curriculum):
-        require_int(phase, f"method.warmup.curriculum[{i}]", "steps", minimum=1)
+        prefix = f"method.warmup.curriculum[{i}]"
+        unknown = sorted(set(phase) - {"steps", "blur"})
+        if unknown:  # a mistyped "blurr" would run the phase sharp
+            raise ConfigError(f"{prefix}.{unknown[0]}", phase[unknown[0]], "is not a phase setting",
+                              "give each phase only steps and blur")
+        require_int(phase, prefix, "steps", minimum=1)
         if "blur" in phase:
-            require_number(phase, f"method.warmup.curriculum[{i}]", "blur", 0, math.inf, high_open=True,
-                           fix="use 0 for sharp images")
+            require_number(phase, prefix, "blur", 0, math.inf, high_open=True, fix="use 0 for sharp images")
+    # The warm-up's per-image affine distortion (dpgen.data.curriculum.random_affine): found wrong
+    # only when the warm-up starts, after the central images spent their share of ε.
+    a, prefix = w.augment, "method.warmup.augment"
+    require_number(a, prefix, "degrees", 0, 180, fix="use e.g. 15 (0: no rotation)")
+    require_number(a, prefix, "shear", 0, 80, fix="use e.g. 10 (0: no shear)")
+    require_number(a, prefix, "translate", 0, 1, fix="use e.g. 0.12, a fraction of the image size")
+    scale = a.get("scale")
+    if (not isinstance(scale, Sequence) or isinstance(scale, str) or len(scale) != 2
+            or not all(is_number_in(v, 0, math.inf, low_open=True, high_open=True) for v in scale)
+            or scale[0] > scale[1]):
+        raise ConfigError(f"{prefix}.scale", scale, "must be [low, high] with 0 < low <= high",
+                          f"e.g. {prefix}.scale=[0.85,1.15] (or [1,1] for no zoom)")
 
 
 def _check_feta(cfg: DictConfig) -> None:

@@ -37,6 +37,8 @@ def check_selection_config(cfg: DictConfig) -> None:
                           f"use one of {', '.join(CLASSIFIERS)}")
     require_int(q, "method.query_classifier", "epochs", minimum=1)
     require_int(q, "method.query_classifier", "batch_size", minimum=1)
+    if q.get("num_threads") is not None:
+        require_int(q, "method.query_classifier", "num_threads", minimum=1)
     if m.selection == "all":
         return
     public_classes = len(CHARSETS[cfg.public.charset])

@@ -8,12 +8,22 @@ from dpgen.checks import require_choice, require_int, require_number, to_plain
 from dpgen.errors import ConfigError
 
 SAMPLING = ("default", "cpsample")
+# The stages each scheme runs before ``sample`` (``sampling.stages``, set by its config file).
+STAGES_BEFORE_SAMPLE = {"default": [], "cpsample": ["train_protection_classifier"]}
 
 
 def validate_sampling_config(cfg: Any, latent_model: bool) -> None:
     """``cfg`` is the ``sampling`` node; ``latent_model`` whether the generator diffuses latents."""
     s = to_plain(cfg, "sampling")
-    if require_choice(s, "sampling", "name", SAMPLING) != "cpsample":
+    name = require_choice(s, "sampling", "name", SAMPLING)
+    stages = s.get("stages") or []
+    if stages != STAGES_BEFORE_SAMPLE[name]:
+        # Other stages here would run after DP training and fail there (the classifier without
+        # cpsample's settings, evaluate before sample), or train without privacy on sensitive data.
+        raise ConfigError("sampling.stages", stages, f"sampling={name} runs {STAGES_BEFORE_SAMPLE[name]} before "
+                          "sample, and nothing else", "drop the sampling.stages override (choose the scheme "
+                          "with sampling=default or cpsample)")
+    if name != "cpsample":
         return
     if latent_model:
         raise ConfigError("sampling", "cpsample", "the protection classifier guides pixel-space diffusion, and "
