@@ -118,6 +118,10 @@ def test_defaults_are_the_embedded_private_run(tmp_path):
     (("method=privimage", "public=glyphs", "method.query_classifier.num_threads=0"),
      "method.query_classifier.num_threads"),
     (("logger=wandb", "logger.tags=[[a]]"), "logger.tags"),
+    # Refused before, but as a traceback from building the model inside validation.
+    ("method.timesteps.intervals=[[0,2000,1]]", "method.timesteps.intervals"),
+    ("diffusion.num_train_timesteps=10", "method.timesteps.intervals"),  # the default mixture spans 1000
+    (("method.timesteps.kind=lognormal", "method.timesteps.p_std=-1"), "method.timesteps.p_std"),
 ])
 def test_bad_config_is_refused_with_key_and_fix(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:
