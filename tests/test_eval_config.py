@@ -31,7 +31,7 @@ def _refused(node, key, value, check) -> str:
     ("downstream.classifiers", ["cnnn"], "Fix: e.g. eval.downstream.classifiers=[cnn,resnet,mlp]"),
 ])
 def test_a_list_of_names_suggests_its_full_key(cfg, key, value, fix):
-    message = _refused(cfg.eval, key, value, lambda e: validate_eval_config(e, cfg.sample.num_samples))
+    message = _refused(cfg.eval, key, value, lambda e: validate_eval_config(e, cfg.sample.num_samples, cfg.data.num_classes))
     assert message.startswith(f"eval.{key}=") and fix in message
 
 
@@ -43,14 +43,16 @@ def test_loss_score_timesteps_must_lie_below_the_runs_diffusion_steps(cfg, tmp_p
     assert message.startswith("audit.loss_score.timesteps=[10, 5000]: must lie below "
                               "diffusion.num_train_timesteps=1000. Fix:")
     with pytest.raises(ConfigError, match=r"^audit\.loss_score\.timesteps=.*num_train_timesteps=400"):
-        validate_config(compose_config([*tiny_overrides(tmp_path), "diffusion.num_train_timesteps=400"]))
+        # (The timestep law's intervals must then lie below 400 too, or they are refused first.)
+        validate_config(compose_config([*tiny_overrides(tmp_path), "diffusion.num_train_timesteps=400",
+                                        "method.timesteps.kind=uniform"]))
 
 
 @pytest.mark.parametrize(("key", "value"), [
     ("downstream.lr", -1), ("downstream.lr", 0), ("fid.glyphnet.lr", -5), ("fid.heldout", "maybe"),
     ("fid.glyphnet.seed", None), ("fid.glyphnet.seed", -1)])
 def test_learning_rates_and_the_heldout_switch_are_checked(cfg, key, value):
-    message = _refused(cfg.eval, key, value, lambda e: validate_eval_config(e, cfg.sample.num_samples))
+    message = _refused(cfg.eval, key, value, lambda e: validate_eval_config(e, cfg.sample.num_samples, cfg.data.num_classes))
     assert message.startswith(f"eval.{key}={value!r}: ") and "Fix:" in message
 
 
@@ -59,7 +61,7 @@ def _study(cfg, **utility):
     OmegaConf.update(e, "utility_study", True)
     for key, value in utility.items():
         OmegaConf.update(e, f"utility.{key}", value)
-    validate_eval_config(e, cfg.sample.num_samples)  # N is not known here: every multiple > 0 passes
+    validate_eval_config(e, cfg.sample.num_samples, cfg.data.num_classes)  # N is not known here: every multiple > 0 passes
     return e
 
 

@@ -113,13 +113,13 @@ def test_rank_correlations_and_the_ensemble_average_softmax():
 
 def test_utility_config_is_checked_before_any_work(tmp_path):
     cfg = compose_config(tiny_overrides(tmp_path) + ["eval.utility_study=true"])
-    validate_eval_config(cfg.eval, cfg.sample.num_samples)
+    validate_eval_config(cfg.eval, cfg.sample.num_samples, cfg.data.num_classes)
     for key, value in (("utility.size_multiples", []), ("utility.grid.epochs", [0]),
                        ("utility.grid.augment", ["maybe"]), ("utility.grid_classifier", "vit")):
         bad = cfg.eval.copy()
         OmegaConf.update(bad, key, value)
         with pytest.raises(ConfigError, match=key[len("utility."):].replace(".", r"\.")):
-            validate_eval_config(bad, cfg.sample.num_samples)
+            validate_eval_config(bad, cfg.sample.num_samples, cfg.data.num_classes)
 
 
 def test_evaluate_runs_the_study_on_the_generator(tmp_path):
