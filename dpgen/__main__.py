@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from dpgen.config import check_run_start, refuse_missing_resume
 from dpgen.distributed import export_submitit_local_ranks
 from dpgen.errors import BudgetError, ConfigError
+from dpgen.eval.config import check_objective
 
 log = logging.getLogger("dpgen")
 
@@ -47,6 +48,8 @@ def main(cfg: DictConfig) -> float | None:
                               f"a hyperparameter search selects on data={cfg.data.name}'s held-out split, which "
                               "no ledger charges", "tune on public or proxy data and say so with "
                               "tune_data_is_proxy=true; then run the chosen setting once on the sensitive data")
+        if cfg.get("objective"):
+            check_objective(cfg.objective, cfg.eval)
         check_run_start(cfg)
         # Imported once the config is accepted: Lightning and diffusers take seconds to import,
         # which a refusal (above) or --help should not wait for.

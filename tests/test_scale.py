@@ -158,6 +158,26 @@ def test_a_search_refuses_to_start_until_its_data_is_declared_a_proxy(tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 
+def test_a_search_refuses_an_objective_its_evaluation_does_not_write(tmp_path):
+    """Found by a probe at stop 31: each trial ran in full, then failed reading the objective."""
+    import dpgen.__main__ as entry
+    from dpgen.errors import ConfigError
+    from dpgen.eval import fidelity
+    from dpgen.eval.config import METRIC_KEYS, check_objective
+
+    cfg = compose_config([*tiny_overrides(tmp_path), "+tune=proxy", "tune_data_is_proxy=true",
+                          "eval.downstream.classifiers=[]"])  # the default objective is downstream_accuracy.mean
+    with pytest.raises(SystemExit, match="objective='downstream_accuracy.mean': is not a metric this evaluation"):
+        entry.main(cfg)
+    assert not (tmp_path / "cache").exists()  # refused before any work
+    fid_only = compose_config([*tiny_overrides(tmp_path), "eval.fid.metrics=[fid]"]).eval
+    check_objective("fid", fid_only)
+    check_objective("train_wall_s", fid_only)
+    with pytest.raises(ConfigError, match="objective='precision'"):
+        check_objective("precision", fid_only)
+    assert set().union(*METRIC_KEYS.values()) == set(fidelity._KEYS.values())  # what fidelity writes
+
+
 def test_the_pretraining_cache_is_keyed_by_the_sensitive_class_names(tmp_path):
     """Public glyphs are labelled by matching the sensitive class names, so MNIST and
     FashionMNIST (10 classes each) need different pretrained UNets, and MNIST and its embedded

@@ -12,6 +12,11 @@ from dpgen.eval.downstream import validation_size
 from dpgen.models.classifiers import CLASSIFIERS
 
 METRICS = ("fid", "kid", "isc", "prc")  # what dpgen.eval.fidelity computes, by torch-fidelity's names
+# The metrics.json keys each of them writes, and those every evaluation writes.
+METRIC_KEYS = {"fid": ("fid",), "kid": ("kid_mean", "kid_std"),
+               "isc": ("inception_score_mean", "inception_score_std"), "prc": ("precision", "recall", "f_score")}
+ALWAYS_WRITTEN = ("epsilon", "delta", "num_samples", "trainable_parameters", "total_parameters", "train_wall_s",
+                  "total_wall_s")
 
 
 def _subset(cfg: dict[str, Any], prefix: str, key: str, allowed: tuple[str, ...]) -> list[str]:
@@ -86,6 +91,20 @@ def validate_eval_config(cfg: Any, num_samples: int, num_classes: int) -> None:
             raise ConfigError("eval.downstream.classifiers", [], "the utility study trains these families",
                               "name at least one, or set eval.utility_study=false")
         _validate_utility(e["utility"])
+
+
+def check_objective(objective: str, cfg: Any) -> None:
+    """``objective`` (the metrics.json key a sweeper optimises, dotted) names a number this
+    evaluation (``cfg``, the ``eval`` node) writes: otherwise every trial runs in full and only
+    then fails to read it."""
+    e = to_plain(cfg, "eval")
+    written = {key for metric in e["fid"]["metrics"] for key in METRIC_KEYS[metric]} | set(ALWAYS_WRITTEN)
+    if e["downstream"]["classifiers"]:
+        written.add("downstream_accuracy")
+    if str(objective).split(".")[0] not in written:
+        raise ConfigError("objective", objective, f"is not a metric this evaluation writes ({', '.join(sorted(written))})",
+                          "e.g. objective=downstream_accuracy.mean (with eval.downstream.classifiers set), or fid "
+                          "with hydra.sweeper.direction=minimize")
 
 
 def _enough(key: str, n: int, least: int, who: str) -> None:
