@@ -7,12 +7,11 @@ should not wait seconds for the library that would only have been needed to trai
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.checks import is_number_in, require_int, require_number
+from dpgen.checks import is_number_in, require_int, require_number, to_plain
 from dpgen.diffusion.timesteps import TIMESTEP_SAMPLERS
 from dpgen.errors import ConfigError
 
@@ -32,26 +31,26 @@ def _check_timestep_law(t_cfg: DictConfig, kind: str, num_train_timesteps: int) 
     """The chosen law's own settings, as ``dpgen.diffusion.timesteps`` reads them (its ValueErrors
     would otherwise surface as a traceback when the model is built)."""
     p = "method.timesteps"
+    law = to_plain(t_cfg, p)
     if kind == "lognormal":
-        require_number(t_cfg, p, "p_mean", -math.inf, math.inf, low_open=True, high_open=True, fix="use e.g. -1.2")
-        require_number(t_cfg, p, "p_std", 0, math.inf, low_open=True, high_open=True, fix="use e.g. 1.2")
+        require_number(law, p, "p_mean", -math.inf, math.inf, low_open=True, high_open=True, fix="use e.g. -1.2")
+        require_number(law, p, "p_std", 0, math.inf, low_open=True, high_open=True, fix="use e.g. 1.2")
     elif kind == "mixture":
-        intervals = t_cfg.get("intervals")
+        intervals = law.get("intervals")
         fix = f"give [lo, hi, weight] triples with 0 <= lo < hi <= {num_train_timesteps}, e.g. [[0,{num_train_timesteps},1]]"
-        if not isinstance(intervals, Sequence) or isinstance(intervals, str) or not intervals:
+        if not isinstance(intervals, list) or not intervals:
             raise ConfigError(f"{p}.intervals", intervals, "must be a non-empty list of [lo, hi, weight]", fix)
         for triple in intervals:
-            ok = isinstance(triple, Sequence) and not isinstance(triple, str) and len(triple) == 3
+            ok = isinstance(triple, list) and len(triple) == 3
             if ok:
                 lo, hi, weight = triple
                 ok = (all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
                       and 0 <= lo < hi <= num_train_timesteps and is_number_in(weight, 0, math.inf, high_open=True))
             if not ok:
-                value = list(triple) if isinstance(triple, Sequence) and not isinstance(triple, str) else triple
-                raise ConfigError(f"{p}.intervals", value, f"is not an interval of the {num_train_timesteps} "
+                raise ConfigError(f"{p}.intervals", triple, f"is not an interval of the {num_train_timesteps} "
                                   "training timesteps with a weight >= 0", fix)
         if sum(triple[2] for triple in intervals) <= 0:
-            raise ConfigError(f"{p}.intervals", [list(x) for x in intervals], "has no weight", fix)
+            raise ConfigError(f"{p}.intervals", intervals, "has no weight", fix)
 
 
 def validate_diffusion_config(cfg: DictConfig) -> None:

@@ -8,11 +8,11 @@ against a built denoiser (the blocks it has), importing diffusers when the key i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dpgen.checks import is_number_in, require_int, require_number
+from dpgen.checks import is_number_in, require_int, require_number, to_plain
 from dpgen.data import has_public_data, validate_public_config
 from dpgen.errors import ConfigError
 from dpgen.models.config import is_latent_model
@@ -52,12 +52,9 @@ def _check_dpldm(cfg: DictConfig) -> None:
         if m.trainable == "all":
             raise ConfigError("method.blocks", list(m.blocks), "selects attention blocks, but trainable=all trains every block",
                               "set method.blocks=null, or method.trainable=attention")
-        from dpgen.methods.dpldm import attention_blocks
-        from dpgen.models.ldm import build_latent_denoiser
+        from dpgen.methods.dpldm import attention_blocks, denoiser_from_config
 
-        denoiser = build_latent_denoiser(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.image_size,
-                                         cfg.data.num_classes)
-        available = sorted(attention_blocks(denoiser))
+        available = sorted(attention_blocks(denoiser_from_config(cfg, cfg.data.num_classes)))
         wrong = [b for b in m.blocks if b not in available]
         if wrong or not m.blocks:
             problem = f"{wrong[0]} is not a block with attention" if wrong else "names no block"
@@ -112,12 +109,13 @@ def _check_warmup(cfg: DictConfig) -> None:
             require_number(phase, prefix, "blur", 0, math.inf, high_open=True, fix="use 0 for sharp images")
     # The warm-up's per-image affine distortion (dpgen.data.curriculum.random_affine): found wrong
     # only when the warm-up starts, after the central images spent their share of ε.
-    a, prefix = w.augment, "method.warmup.augment"
+    prefix = "method.warmup.augment"
+    a = to_plain(w.augment, prefix)
     require_number(a, prefix, "degrees", 0, 180, fix="use e.g. 15 (0: no rotation)")
     require_number(a, prefix, "shear", 0, 80, fix="use e.g. 10 (0: no shear)")
     require_number(a, prefix, "translate", 0, 1, fix="use e.g. 0.12, a fraction of the image size")
     scale = a.get("scale")
-    if (not isinstance(scale, Sequence) or isinstance(scale, str) or len(scale) != 2
+    if (not isinstance(scale, list) or len(scale) != 2
             or not all(is_number_in(v, 0, math.inf, low_open=True, high_open=True) for v in scale)
             or scale[0] > scale[1]):
         raise ConfigError(f"{prefix}.scale", scale, "must be [low, high] with 0 < low <= high",

@@ -52,6 +52,11 @@ _FEED_FORWARD = ("norm3", "ff")  # a transformer block's feed-forward and its pr
 _ONE_TOKEN_DEAD = re.compile(r"transformer_blocks\.\d+\.(norm2|attn2\.to_q|attn2\.to_k)\.")
 
 
+def denoiser_from_config(cfg: DictConfig, num_classes: int) -> LatentDenoiser:
+    """The untrained denoiser ``model`` describes, for ``num_classes`` classes."""
+    return build_latent_denoiser(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.image_size, num_classes)
+
+
 def attention_blocks(denoiser: LatentDenoiser) -> dict[str, nn.Module]:
     """The UNet blocks holding cross-attention transformers, by module path (``up_blocks.0``)."""
     unet = denoiser.unet
@@ -113,10 +118,6 @@ class DPLDMModule(DiffusionModule):
         for name, p in denoiser.named_parameters():
             p.requires_grad_(name in names)
 
-    @staticmethod
-    def _denoiser(cfg: DictConfig, num_classes: int) -> LatentDenoiser:
-        return build_latent_denoiser(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.image_size, num_classes)
-
     @classmethod
     def from_config(cls, cfg: DictConfig, num_classes: int | None = None, pretraining: bool = False) -> DPLDMModule:
         """DP fine-tuning's module (sensitive label space, ``method.trainable``), or with
@@ -125,7 +126,7 @@ class DPLDMModule(DiffusionModule):
         num_classes = data.num_classes if num_classes is None else num_classes
         model = OmegaConf.to_container(cfg.model, resolve=True)
         return cls(
-            denoiser=cls._denoiser(cfg, num_classes),
+            denoiser=denoiser_from_config(cfg, num_classes),
             autoencoder=build_autoencoder(model, data.channels, data.image_size),
             num_classes=num_classes, diffusion=OmegaConf.to_container(cfg.diffusion),
             timesteps=OmegaConf.to_container(m.timesteps), lr=m.train.lr, multiplicity=m.multiplicity,
