@@ -24,7 +24,6 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -32,7 +31,6 @@ from torch.utils.data import Dataset
 from dpgen.config import check_run_start, refuse_missing_resume
 from dpgen.data import build_dataset, build_public_dataset, has_public_data
 from dpgen.errors import BudgetError, ConfigError
-from dpgen.eval.audit import LossScoreSettings, loss_scores, roc_summary
 from dpgen.eval.empirical_epsilon import median_split_clopper_pearson, one_run_audit
 from dpgen.io import write_json
 from dpgen.stages import training_stages
@@ -85,6 +83,8 @@ def build_canaries(cfg: DictConfig, count: int, kind: str, seed: int) -> tuple[T
 def canary_audit_result(scores: Tensor, included: Tensor, delta: float, claimed: float | None,
                         guesses: list[int], confidence: float) -> dict[str, Any]:
     """The bounds from canary scores (higher = more likely inserted) and who was inserted."""
+    from dpgen.eval.audit import roc_summary
+
     s, inc = scores.numpy().astype(float), included.numpy().astype(bool)
     one_run = one_run_audit(s, inc, delta, guesses, confidence)
     roc = roc_summary(s[inc], s[~inc])
@@ -104,6 +104,7 @@ def canary_audit_result(scores: Tensor, included: Tensor, delta: float, claimed:
 
 
 def run_canary_audit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    from dpgen.eval.audit import LossScoreSettings, loss_scores
     from dpgen.pipeline import run_pipeline
     from dpgen.stages.training import load_final_module
 
@@ -136,6 +137,8 @@ def run_canary_audit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     try:
         check_run_start(cfg)
+        from lightning.pytorch import seed_everything  # after the checks: a refusal takes seconds
+
         seed_everything(cfg.seed, workers=True, verbose=False)
         run_canary_audit(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, BudgetError) as err:

@@ -16,7 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.errors import ConfigError
@@ -66,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         check_utility_sizes(ctx)
     except ConfigError as err:
         sys.exit(f"dpgen.evaluate: {err}")
+
+    from lightning.pytorch import seed_everything
 
     from dpgen.pipeline import only_process_in
 

@@ -8,7 +8,6 @@ import sys
 
 import torch
 
-from dpgen.release.make import make_release
 from dpgen.release.shards import FORMATS, PRECISIONS, ReleaseSpec
 from dpgen.release.source import ReleaseError, open_run
 
@@ -52,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = ReleaseSpec(num_samples=args.num_samples, format=args.format, seed=args.seed,
                            shard_size=args.shard_size, batch_size=batch, class_prior=args.class_prior,
                            precision=args.precision)
+        from dpgen.release.make import make_release  # the generator's libraries: not for a refusal
+
         out = make_release(args.run_dir, args.out, spec, device=args.device)
     except ReleaseError as err:
         sys.exit(f"dpgen.release: {err}")

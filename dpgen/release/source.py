@@ -9,16 +9,18 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.data import describe_data
-from dpgen.methods.base import DiffusionModule
 from dpgen.privacy.events import EPS_RTOL
 from dpgen.privacy.guarantee import has_formal_guarantee, ledger_kept_guarantee, training_is_private
-from dpgen.stages.training import FINAL_WEIGHTS, build_module
+from dpgen.stages import FINAL_WEIGHTS
+
+if TYPE_CHECKING:
+    from dpgen.methods.base import DiffusionModule
 
 
 class ReleaseError(ValueError):
@@ -50,6 +52,8 @@ class SourceRun:
     def generator(self) -> DiffusionModule:
         """The final generator: ``model.pt`` holds the EMA weights where the run kept an EMA,
         and every weight sampling needs (DP-LDM's public decoder included)."""
+        from dpgen.stages.training import build_module  # Lightning and diffusers: not for a refusal
+
         module = build_module(self.cfg)
         module.load_generator_state_dict(torch.load(self.weights, map_location="cpu"))
         return module.eval()

@@ -20,7 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.config import validate_config
@@ -33,8 +32,7 @@ from dpgen.overrides import (
 )
 from dpgen.privacy.composition import SOURCE_RUN
 from dpgen.release.source import ReleaseError, open_run
-from dpgen.stages import training_stages
-from dpgen.stages.training import FINAL_WEIGHTS
+from dpgen.stages import FINAL_WEIGHTS, training_stages
 
 GROUPS = ("sampling", "eval", "audit")
 _MISSING = object()
@@ -123,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args.run_dir, out, cfg)
     except (ConfigError, ReleaseError) as err:
         sys.exit(f"dpgen.sampling: {err}")
+
+    from lightning.pytorch import seed_everything
 
     from dpgen.pipeline import run_pipeline
 

@@ -24,6 +24,9 @@ STAGE_NAMES = (
     "evaluate",
 )
 
+# The final generator's weights in a run directory (EMA weights where the run kept an EMA).
+FINAL_WEIGHTS = "model.pt"
+
 # Stages that train through ``fit_dp`` (DP-SGD, DDP-capable). When a cluster launcher starts
 # one process per device, every rank runs these; every other stage runs on rank 0 alone.
 DDP_STAGES = frozenset({"dp_train", "dp_finetune"})

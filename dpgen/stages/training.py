@@ -22,6 +22,7 @@ from dpgen.privacy.callback import PrivacyAccountantCallback
 from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.poisson import PoissonDataModule
 from dpgen.privacy.strategy import DDPDPSGDStrategy, DPSGDConfig, DPSGDStrategy
+from dpgen.stages import FINAL_WEIGHTS
 from dpgen.stages.trainer import build_trainer, ema_callbacks, shuffled_loader
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dpgen")
 
-FINAL_WEIGHTS = "model.pt"
 WARMUP_WEIGHTS = "warmup.pt"  # written by the warm-up stage (dpgen/stages/central.py)
 
 
