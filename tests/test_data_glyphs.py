@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from dpgen.data import build_public_dataset, validate_public_config
 from dpgen.data.glyphs import public as glyph_public
 from dpgen.data.glyphs.augment import Augment
-from dpgen.data.glyphs.fonts import CHARSETS, drawable_chars, font_dir, usable_fonts
+from dpgen.data.glyphs.config import CHARSETS
+from dpgen.data.glyphs.fonts import drawable_chars, font_dir, usable_fonts
 from dpgen.data.glyphs.render import render_glyph_set
 
 PER_CLASS = 24

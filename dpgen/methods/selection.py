@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from dpgen.checks import is_number_in, require_int
 from dpgen.data import has_public_data, validate_public_config
-from dpgen.data.glyphs.fonts import CHARSETS
+from dpgen.data.glyphs.config import CHARSETS
 from dpgen.errors import ConfigError
 from dpgen.models.classifiers import CLASSIFIERS
 

@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import string
 from pathlib import Path
 
 import matplotlib
 from fontTools.agl import UV2AGL
 from fontTools.ttLib import TTFont
-
-# Digits first in every charset so that label d is digit d, as in MNIST.
-CHARSETS: dict[str, str] = {
-    "digits": string.digits,
-    "letters": string.ascii_uppercase + string.ascii_lowercase,
-    "alnum": string.digits + string.ascii_uppercase + string.ascii_lowercase,
-}
 
 
 def font_dir() -> Path:

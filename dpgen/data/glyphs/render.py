@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from dpgen.data.glyphs.augment import Augment, augment_and_frame
-from dpgen.data.glyphs.fonts import CHARSETS, usable_fonts
+from dpgen.data.glyphs.config import CHARSETS
+from dpgen.data.glyphs.fonts import usable_fonts
 from dpgen.data.glyphs.raster import render_clean
 from dpgen.data.glyphs.strokes import MIN_RADIUS, radius_towards, stroke_variants, stroke_width
 
