@@ -32,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dpgen.bench import StepPair, time_step
+from dpgen.cli import log_info_to_stderr
 from dpgen.config import validate_config
 from dpgen.eval.report import ACCURACY_PNG, FID_PNG, collect_runs, method_label, write_report
 from dpgen.io import atomic_write, write_json
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--dry-run", action="store_true", help="calibrate and print the commands; run nothing")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_info_to_stderr()
     profile = load_profile(args.profile)
     if profile.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dpgen.benchmark: the profile needs CUDA and none is visible. Fix: --profile cpu")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpgen.cli import log_info_to_stderr
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.io import atomic_write
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory whose sample stage has finished")
     parser.add_argument("overrides", nargs="*", help="eval.* or paths.* overrides, e.g. eval.utility_study=true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_info_to_stderr()
     try:
         cfg = evaluation_config(args.run_dir, args.overrides)
         validate_eval_config(cfg.eval, cfg.sample.num_samples, cfg.data.num_classes)

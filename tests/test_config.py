@@ -235,6 +235,16 @@ def test_a_refusal_does_not_wait_for_the_training_libraries(tmp_path, command, r
                             "matplotlib"}
 
 
+def test_the_tools_progress_lines_survive_opacus_setting_up_logging_first():
+    """Opacus calls logging.basicConfig on import; the tools' INFO lines used to vanish after it."""
+    code = ("import logging, opacus.utils.module_utils\n"
+            "from dpgen.cli import log_info_to_stderr\n"
+            "log_info_to_stderr()\n"
+            "logging.getLogger('dpgen.release').info('release: 2 samples')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "release: 2 samples" in out.stderr, out.stderr[-2000:]
+
+
 def test_method_and_data_names_are_those_of_their_registries():
     """Validation checks names against lists that do not import the modules; a name missing from
     a list would be refused, one missing from a registry would fail after the config was accepted."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import torch
 
+from dpgen.cli import log_info_to_stderr
 from dpgen.release.shards import FORMATS, PRECISIONS, ReleaseSpec
 from dpgen.release.source import ReleaseError, open_run
 
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_info_to_stderr()
     try:
         batch = args.batch_size if args.batch_size is not None else int(open_run(args.run_dir).cfg.sample.batch_size)
         spec = ReleaseSpec(num_samples=args.num_samples, format=args.format, seed=args.seed,

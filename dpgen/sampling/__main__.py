@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpgen.cli import log_info_to_stderr
 from dpgen.config import validate_config
 from dpgen.errors import ConfigError
 from dpgen.io import write_json
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="the new run directory (default: <run dir>-<sampling name>)")
     parser.add_argument("overrides", nargs="*", help="sampling.*, eval.* or audit.* overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --out
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_info_to_stderr()
     try:
         open_run(args.run_dir)  # finished, with its weights and an intact ledger
         cfg = resampling_config(args.run_dir, args.overrides)
