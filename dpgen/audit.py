@@ -24,7 +24,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -33,11 +33,9 @@ from dpgen.data import build_dataset, build_public_dataset, has_public_data
 from dpgen.errors import BudgetError, ConfigError
 from dpgen.eval.empirical_epsilon import median_split_clopper_pearson, one_run_audit
 from dpgen.io import write_json
-from dpgen.stages import training_stages
+from dpgen.stages import CANARY_JSON, CANARY_RUN_KEY, training_stages
 
 log = logging.getLogger("dpgen")
-
-CANARY_JSON = "canary_audit.json"
 
 
 class WithCanaries(Dataset):
@@ -108,6 +106,8 @@ def run_canary_audit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from dpgen.pipeline import run_pipeline
     from dpgen.stages.training import load_final_module
 
+    with open_dict(cfg):  # from the start: resumes and the other tools tell this run from an ordinary one
+        cfg[CANARY_RUN_KEY] = True
     c = cfg.audit.canary
     images, labels = build_canaries(cfg, c.count, c.kind, cfg.seed)
     # Which canaries go in: fixed by the seed, so the audit is reproducible; independent of

@@ -23,6 +23,7 @@ from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.io import atomic_write
 from dpgen.overrides import override_key, run_config_with_todays_groups
+from dpgen.stages import trained_on_canaries
 
 log = logging.getLogger("dpgen")
 
@@ -40,6 +41,10 @@ def evaluation_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         raise ConfigError("run_dir", str(run_dir), "is not a dpgen run (no run_config.yaml)",
                           "pass a run directory such as outputs/<date>/<time>")
     cfg = run_config_with_todays_groups(run_dir, ("eval", "audit"), overrides)
+    if trained_on_canaries(run_dir, cfg):
+        raise ConfigError("run_dir", str(run_dir), "is a canary audit's run (python -m dpgen.audit): its model was "
+                          "trained on canaries and has no samples to evaluate; its result is canary_audit.json",
+                          "pass an ordinary run's directory")
     paths = [o for o in overrides if override_key(o).startswith("paths.")]
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(paths)) if paths else cfg
 

@@ -31,7 +31,7 @@ from dpgen.io import atomic_write, write_json
 from dpgen.loggers.run import experiment, log_results
 from dpgen.privacy.guarantee import RETIRED_FLAGS
 from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.stages import DDP_STAGES, run_stages
+from dpgen.stages import CANARY_RUN_KEY, DDP_STAGES, run_stages
 from dpgen.stages.evaluate import check_utility_sizes
 from dpgen.stages.planning import plan_privacy
 from dpgen.stages.registry import STAGES
@@ -124,6 +124,16 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
     now = OmegaConf.to_container(cfg, resolve=True)
     before.pop("resume", None)
     now.pop("resume", None)
+    if bool(before.get(CANARY_RUN_KEY)) != bool(now.get(CANARY_RUN_KEY)):
+        # Finishing an audit's training as an ordinary run would sample and evaluate a model
+        # trained on canaries; "resuming" an ordinary run as an audit would score canaries that
+        # were never trained on, and overwrite the run's metrics.json with that audit.
+        if before.get(CANARY_RUN_KEY):
+            raise ConfigError("resume", str(run_dir), "is a canary audit's run: its model was trained on canaries "
+                              "and is never sampled, evaluated or released",
+                              f"resume it with python -m dpgen.audit +resume={run_dir} and its original overrides")
+        raise ConfigError("resume", str(run_dir), "is an ordinary run, not a canary audit's: an audit trains a "
+                          "model of its own, with canaries", "start the audit without +resume")
     for group, key in (flag.split(".") for flag in RETIRED_FLAGS):
         if isinstance(before.get(group), dict):
             before[group].pop(key, None)

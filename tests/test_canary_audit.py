@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from omegaconf import OmegaConf
@@ -19,10 +20,13 @@ from dpgen.audit import (
     run_canary_audit,
 )
 from dpgen.data import build_public_dataset
+from dpgen.errors import ConfigError
+from dpgen.evaluate import evaluation_config
 from dpgen.pipeline import RunContext
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
 from dpgen.privacy.poisson import PoissonDataModule
 from dpgen.privacy.strategy import POISSON_GAUSSIAN, DPSGDConfig, DPSGDStrategy
+from dpgen.release.source import ReleaseError, open_run
 
 DIM, BACKGROUND, CANARIES, STEPS = 10_000, 100, 256, 20
 
@@ -135,6 +139,21 @@ def test_canary_run_trains_on_canaries_in_its_own_directory_only(tiny_cfg, tmp_p
     assert again["canary_auc"] == result["canary_auc"]
     # a model trained on canaries is never sampled or evaluated
     assert not (run / "samples.npz").exists() and "sample" not in json.loads((run / "stages.json").read_text())["completed"]
+    # ... nor finished as an ordinary run, resampled, evaluated or released
+    with pytest.raises(ConfigError, match="canary audit's run"):
+        original(tiny_cfg("audit.canary.count=16", "audit.canary.guesses=[8,16]",
+                          "privacy.eps=5"), run)
+    with pytest.raises(ReleaseError, match="canary audit's run"):
+        open_run(run)
+    with pytest.raises(ConfigError, match="canary audit's run"):
+        evaluation_config(run, [])
+    # and an ordinary run is not "resumed" as an audit, which would score canaries it never saw
+    plain = tmp_path / "plain-run"
+    plain.mkdir()
+    OmegaConf.save(tiny_cfg("privacy.eps=5"), plain / "run_config.yaml")
+    with pytest.raises(ConfigError, match="an ordinary run, not a canary audit's"):
+        run_canary_audit(tiny_cfg("audit.canary.count=16", "audit.canary.guesses=[8,16]", "privacy.eps=5"), plain)
+    assert not (plain / "metrics.json").exists()
     # an ordinary run's training split holds no canary
     assert len(RunContext(cfg=cfg, run_dir=tmp_path / "plain").train_set) == 4000
     assert len(WithCanaries(RunContext(cfg=cfg, run_dir=tmp_path).train_set, torch.zeros(3, 1, 8, 8),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpgen.data import describe_data
 from dpgen.privacy.events import EPS_RTOL
 from dpgen.privacy.guarantee import has_formal_guarantee, ledger_kept_guarantee, training_is_private
-from dpgen.stages import FINAL_WEIGHTS
+from dpgen.stages import FINAL_WEIGHTS, trained_on_canaries
 
 if TYPE_CHECKING:
     from dpgen.methods.base import DiffusionModule
@@ -74,6 +74,9 @@ def open_run(run_dir: str | Path) -> SourceRun:
         raise ReleaseError(f"{run_dir}: not a dpgen run (no run_config.yaml). Fix: pass a run directory "
                            "such as outputs/<date>/<time>")
     cfg = OmegaConf.load(config)
+    if trained_on_canaries(run_dir, cfg):
+        raise ReleaseError(f"{run_dir}: a canary audit's run (python -m dpgen.audit); its model was trained on "
+                           "canaries and is never sampled or released. Fix: pass an ordinary run's directory")
     done = _read_json(stages).get("completed", []) if stages.is_file() else []
     missing = [s for s in cfg.method.stages if s not in done]
     if missing or not (run_dir / FINAL_WEIGHTS).is_file():

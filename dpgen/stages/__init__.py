@@ -1,5 +1,7 @@
 """Stages a run is made of: ``method.stages`` in order, with ``sampling.stages`` before ``sample``."""
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from dpgen.errors import ConfigError
@@ -26,6 +28,19 @@ STAGE_NAMES = (
 
 # The final generator's weights in a run directory (EMA weights where the run kept an EMA).
 FINAL_WEIGHTS = "model.pt"
+
+# A canary audit's run (``python -m dpgen.audit``) trains the method's generator on canaries: its
+# config carries ``canary_audit: true`` from the start, and it writes ``canary_audit.json`` at the
+# end. Such a model is never resumed as an ordinary run, sampled, evaluated or released.
+CANARY_RUN_KEY = "canary_audit"
+CANARY_JSON = "canary_audit.json"
+
+
+def trained_on_canaries(run_dir: Path, cfg: DictConfig) -> bool:
+    """``run_dir`` (with its ``run_config.yaml`` as ``cfg``) is a canary audit's run. Audits that
+    finished before the config key existed are known by their ``canary_audit.json``."""
+    return bool(cfg.get(CANARY_RUN_KEY, False)) or (Path(run_dir) / CANARY_JSON).exists()
+
 
 # Stages that train through ``fit_dp`` (DP-SGD, DDP-capable). When a cluster launcher starts
 # one process per device, every rank runs these; every other stage runs on rank 0 alone.
