@@ -156,6 +156,45 @@ def test_a_crash_after_the_central_images_keeps_their_charge_on_resume(tiny_cfg,
     assert (run_dir / "central_images.pt").read_bytes() == released
 
 
+def test_rounds_released_before_a_crash_are_kept_and_the_grid_is_rebuilt(tiny_cfg, tmp_path, monkeypatch):
+    """A round is charged before its noise is drawn: one released before a crash is the run's to
+    keep (it used to live in memory only, so its cost bought nothing), and a crash between
+    central_images.pt and its grid must not lose the grid."""
+    release = CentralImageQuery.release
+    calls = []
+
+    def crash_in_round_three(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed in round 3")
+        return release(self, *args, **kwargs)
+
+    monkeypatch.setattr(CentralImageQuery, "release", crash_in_round_three)
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg(*FETA, "privacy.eps=1", "method.stages=[dp_central_images]")
+    with pytest.raises(RuntimeError, match="killed in round 3"):
+        run_pipeline(cfg, run_dir)
+    kept = torch.load(run_dir / central_stage.RELEASED_ROUNDS)["means"]
+    assert kept.shape[0] == 2 and not (run_dir / "central_images.pt").exists()
+
+    monkeypatch.setattr(CentralImageQuery, "release", release)
+    run_pipeline(cfg, run_dir)  # round 3 was charged and lost; rounds 1-2 are kept
+    central = torch.load(run_dir / "central_images.pt")
+    classes = cfg.data.num_classes
+    assert central["images"].shape[0] == 2 * classes
+    assert torch.equal(central["images"], kept.flatten(0, 1).clamp(0, 1) * 2 - 1)
+    events = json.loads((run_dir / "privacy.json").read_text())["events"]
+    assert [(e["stage"], e["steps"]) for e in events] == [("dp_central_images", 3)]
+    assert not (run_dir / central_stage.RELEASED_ROUNDS).exists()
+
+    (run_dir / "central_images.png").unlink()  # as if killed between the two writes
+    stages = json.loads((run_dir / "stages.json").read_text())
+    (run_dir / "stages.json").write_text(json.dumps({**stages, "completed": []}))
+    run_pipeline(cfg, run_dir)
+    assert (run_dir / "central_images.png").exists()
+    assert torch.equal(torch.load(run_dir / "central_images.pt")["images"], central["images"])
+
+
 def test_feta_end_to_end(tiny_cfg, tmp_path, monkeypatch):
     start = {}
     original_fit_dp = training.fit_dp

@@ -37,6 +37,7 @@ log = logging.getLogger("dpgen")
 STAGE = "dp_central_images"
 CENTRAL_IMAGES = "central_images.pt"
 CENTRAL_GRID = "central_images.png"
+RELEASED_ROUNDS = "central_images.partial.pt"  # the rounds released so far, until central_images.pt
 WARMUP_GRID = "warmup_samples.png"
 _PREVIEW_PER_CLASS = 8
 _CHUNK = 4096  # examples per forward through the query's preprocessing; memory only
@@ -49,20 +50,54 @@ def _subsample_sums(query: CentralImageQuery, dataset: torch.utils.data.Dataset,
     return sums
 
 
+def _released_rounds(ctx: RunContext) -> list[torch.Tensor]:
+    """The rounds an interrupted attempt released (each charged before its noise was drawn)."""
+    path = ctx.path(RELEASED_ROUNDS)
+    return list(torch.load(path, map_location="cpu")["means"]) if path.exists() else []
+
+
+def _save_central_images(ctx: RunContext, means: list[torch.Tensor], release: dict) -> None:
+    # Post-processing of the release: clamp to the pixel range, back to the model's [-1, 1].
+    images = torch.cat(means).clamp(0.0, 1.0) * 2.0 - 1.0
+    labels = torch.arange(ctx.cfg.data.num_classes).repeat(len(means))
+    save_torch(ctx.path(CENTRAL_IMAGES), {"images": images, "labels": labels, **release})
+    _save_central_grid(ctx)
+    ctx.path(RELEASED_ROUNDS).unlink(missing_ok=True)  # now inside central_images.pt
+
+
+def _save_central_grid(ctx: RunContext) -> None:
+    """Nearest upsampling shows exactly what was released, one column per round."""
+    central = torch.load(ctx.path(CENTRAL_IMAGES), map_location="cpu")
+    images, labels, num_classes = central["images"], central["labels"], ctx.cfg.data.num_classes
+    scale = max(1, 64 // images.shape[-1])
+    save_grid(ctx.path(CENTRAL_GRID), F.interpolate(images, scale_factor=scale, mode="nearest"), labels,
+              num_classes, per_row=len(labels) // num_classes)
+
+
 def dp_central_images(ctx: RunContext) -> None:
     cfg, ledger = ctx.cfg, ctx.ledger
     assert ledger is not None, "dp_central_images needs a privacy plan"
     c, data = cfg.method.central, cfg.data
     rounds = ledger.remaining_steps(STAGE)
-    if rounds == 0:
-        if ctx.path(CENTRAL_IMAGES).exists():
-            log.info("dp_central_images: all rounds spent, reusing %s", ctx.path(CENTRAL_IMAGES))
-            return
+    if rounds == 0 and ctx.path(CENTRAL_IMAGES).exists():
+        log.info("dp_central_images: all rounds spent, reusing %s", ctx.path(CENTRAL_IMAGES))
+        if not ctx.path(CENTRAL_GRID).exists():  # killed between the two writes
+            _save_central_grid(ctx)
+        ctx.path(RELEASED_ROUNDS).unlink(missing_ok=True)
+        return
+    # Each round is kept on disk as soon as it is released: it was charged before its noise was
+    # drawn, so a resume keeps it instead of losing what it cost.
+    means = _released_rounds(ctx)
+    lost = c.rounds - rounds - len(means)
+    if lost:
+        log.warning("dp_central_images: %d of %d rounds were charged by an interrupted attempt and not released "
+                    "(killed between the charge and the noise); their budget is spent and they are lost",
+                    lost, c.rounds)
+    if means:
+        log.info("dp_central_images: keeping %d rounds an interrupted attempt released", len(means))
+    if rounds == 0 and not means:
         raise RuntimeError(f"{STAGE}: the ledger shows every round spent but {CENTRAL_IMAGES} is missing; "
                            "the budget is gone. Fix: start a new run directory")
-    if rounds < c.rounds:
-        log.warning("dp_central_images: %d of %d rounds were spent by an interrupted attempt and are lost",
-                    c.rounds - rounds, c.rounds)
     sigma = ledger.planned_noise_multiplier(STAGE)
     query = CentralImageQuery(num_classes=data.num_classes, channels=data.channels, resolution=c.resolution,
                               noise_multiplier=sigma, clip_norm=c.clip_norm)
@@ -71,22 +106,13 @@ def dp_central_images(ctx: RunContext) -> None:
     log.info("dp_central_images: %d rounds, q=%.3g, sigma=%.4g, L2 sensitivity %.4g, nominal count %.4g per class",
              rounds, c.sample_rate, sigma, query.sensitivity, float(nominal.mean()))
 
-    means = []
     for idx in PoissonBatchSampler(len(ctx.train_set), c.sample_rate, rounds):
         ledger.record(STAGE, POISSON_GAUSSIAN, sigma, c.sample_rate)  # refuses beyond the plan
         ledger.write(ctx.privacy_json)
         means.append(query.release(_subsample_sums(query, ctx.train_set, idx), nominal))
-
-    # Post-processing of the release: clamp to the pixel range, back to the model's [-1, 1].
-    images = torch.cat(means).clamp(0.0, 1.0) * 2.0 - 1.0
-    labels = torch.arange(data.num_classes).repeat(len(means))
-    save_torch(ctx.path(CENTRAL_IMAGES), {"images": images, "labels": labels, "noise_multiplier": sigma,
-                                          "sensitivity": query.sensitivity, "nominal_counts": nominal,
-                                          "sample_rate": c.sample_rate})
-    # Nearest upsampling shows exactly what was released, one column per round.
-    scale = max(1, 64 // c.resolution)
-    save_grid(ctx.path(CENTRAL_GRID), F.interpolate(images, scale_factor=scale, mode="nearest"), labels,
-              data.num_classes, per_row=len(means))
+        save_torch(ctx.path(RELEASED_ROUNDS), {"means": torch.stack(means)})
+    _save_central_images(ctx, means, {"noise_multiplier": sigma, "sensitivity": query.sensitivity,
+                                      "nominal_counts": nominal, "sample_rate": c.sample_rate})
 
 
 def warmup(ctx: RunContext) -> None:
