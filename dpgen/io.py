@@ -52,6 +52,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     fsync_directory(path.parent)
 
 
+def _unfinished_writes(directory: Path, name: str = "*", recursive: bool = False) -> list[Path]:
+    pattern = f".{name}.*.tmp"  # atomic_write's temporary names
+    return sorted(directory.rglob(pattern) if recursive else directory.glob(pattern))
+
+
+def remove_unfinished_writes(directory: str | os.PathLike, started_before: float) -> int:
+    """Delete what killed writers left below ``directory``: :func:`atomic_write` temporaries (a
+    partial checkpoint can be as large as the model) that were never renamed. Only those older
+    than ``started_before`` (this attempt's start), so a write in progress by another rank of
+    this attempt is never touched. Returns how many were removed."""
+    stale = [p for p in _unfinished_writes(Path(directory), recursive=True) if p.stat().st_mtime < started_before]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def fsync_directory(directory: str | os.PathLike) -> None:
     """Make the directory's entries (a rename, a new file) survive a power loss."""
     with contextlib.suppress(OSError):  # not every platform can fsync a directory
@@ -105,6 +121,8 @@ def build_once(path: str | os.PathLike, what: str, description: str, build: Call
     """Reuse the cache entry ``path`` or, if no job has saved it yet, ``build()`` it (which
     saves it atomically), under :func:`cache_lock` so that a sweep builds each entry once."""
     with cache_lock(path, what):
+        for stale in _unfinished_writes(Path(path).parent, Path(path).name):
+            stale.unlink(missing_ok=True)  # under the entry's lock: no one else is writing it
         if Path(path).exists():
             log.info("%s: reusing cached %s %s", what, description, path)
             return

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from dpgen.data import build_dataset
 from dpgen.distributed import external_world, launch_id, process_rank
 from dpgen.errors import ConfigError
-from dpgen.io import atomic_write, write_json
+from dpgen.io import atomic_write, remove_unfinished_writes, write_json
 from dpgen.loggers.run import experiment, log_results
 from dpgen.privacy.guarantee import RETIRED_FLAGS
 from dpgen.privacy.ledger import PrivacyLedger
@@ -199,6 +199,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
                 if launch is not None:  # this launch's other ranks stop instead of waiting
                     write_json(run_dir / LAUNCH_REFUSED.format(launch), {"launch": launch, "at": time.time()})
                 raise
+            if removed := remove_unfinished_writes(run_dir, started_before=start):
+                log.info("removed %d unfinished file writes of an interrupted attempt", removed)
             if launch is not None:  # an earlier launch of this name may have been refused
                 (run_dir / LAUNCH_REFUSED.format(launch)).unlink(missing_ok=True)
                 write_json(run_dir / LAUNCH_HOLDING, {"launch": launch, "at": time.time()})

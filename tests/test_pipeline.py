@@ -313,6 +313,29 @@ def test_a_run_refused_by_its_privacy_plan_leaves_nothing_that_blocks_the_correc
     _check_resume_config(tiny_cfg("privacy.delta=1e-5"), run_dir, [])  # a fresh run, not a changed resume
 
 
+def test_a_resume_removes_the_unfinished_writes_of_a_killed_attempt_only(tiny_cfg, tmp_path):
+    """A kill during an atomic write leaves its temporary file (a partial checkpoint can be as
+    large as the model); the next attempt removes it, but never a write this attempt's other
+    ranks may have in progress (newer than its start)."""
+    import os
+    import time
+
+    run_dir = tmp_path / "run"
+    killed = [run_dir / "checkpoints" / ".last.ckpt.x1y2.tmp", run_dir / ".privacy.json.abc.tmp"]
+    in_progress = run_dir / ".samples.npz.def.tmp"
+    kept = run_dir / "notes.tmp"  # not an atomic write's name
+    for path in [*killed, in_progress, kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    for path in [*killed, kept]:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    os.utime(in_progress, (time.time() + 60, time.time() + 60))
+    with pytest.raises(ConfigError, match=r"privacy\.delta"):  # refused by its plan, after the lock
+        run_pipeline(tiny_cfg("privacy.delta=0.001"), run_dir)
+    assert [p.exists() for p in killed] == [False, False]
+    assert in_progress.exists() and kept.exists()
+
+
 def test_resume_refuses_a_checkpoint_that_trained_another_parameter_set(tmp_path):
     from dpgen.stages.training import _check_checkpoint_trains_the_same_parameters
 

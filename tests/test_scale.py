@@ -251,6 +251,17 @@ def test_files_are_written_atomically_with_the_mode_open_would_give(umask, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "plain"]  # no temporary file left
 
 
+def test_a_cache_entry_built_after_a_killed_build_leaves_no_partial_file(tmp_path):
+    """A killed build leaves atomic_write's temporary beside the entry; under the entry's lock the
+    next build removes it, and leaves other entries' (perhaps being written) alone."""
+    from dpgen.io import build_once, write_json
+
+    killed, other = tmp_path / ".model.pt.k1.tmp", tmp_path / ".other.pt.k2.tmp"
+    killed.write_bytes(b"partial"), other.write_bytes(b"in progress")
+    build_once(tmp_path / "model.pt", "test", "entry", lambda: write_json(tmp_path / "model.pt", {}))
+    assert (tmp_path / "model.pt").exists() and not killed.exists() and other.exists()
+
+
 def test_one_process_of_a_multi_task_slurm_allocation_is_one_process(monkeypatch):
     """A batch script runs once in an allocation of several tasks; srun steps say their own count."""
     from dpgen.distributed import external_world
