@@ -398,3 +398,9 @@ def test_the_resume_pre_check_reads_the_path_as_hydra_does(tmp_path):
         refuse_missing_resume(argv, "dpgen")
     with pytest.raises(SystemExit, match="dpgen: resume=.*no run_config.yaml"):
         refuse_missing_resume([f"+resume='{tmp_path}/a b'"], "dpgen")
+    # an attempt killed before its first stage (after its plan wrote privacy.json) starts afresh there
+    stopped = tmp_path / "stopped"
+    (stopped / ".hydra").mkdir(parents=True)
+    (stopped / "privacy.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"stopped before its first stage.*hydra.run.dir={stopped}"):
+        refuse_missing_resume([f"+resume={stopped}"], "dpgen")

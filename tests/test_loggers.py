@@ -151,6 +151,27 @@ def test_the_sensitive_training_loss_is_logged_only_when_asked_for(tiny_cfg, tmp
         assert "train/loss" in next(csv.reader(f))
 
 
+def test_a_stages_curves_reach_the_disk_as_they_are_logged(tiny_cfg, tmp_path, monkeypatch):
+    """A SIGKILLed stage keeps the curves it logged (as metrics-attempt<n>.csv on resume) only if
+    they were on disk: Lightning's CSVLogger held 100 steps in memory by default."""
+    from lightning.pytorch import Callback
+
+    from dpgen.stages import trainer
+
+    on_disk = []
+
+    class ReadTheFile(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            path = tmp_path / "run" / "logs" / "dp_train" / "metrics.csv"
+            on_disk.append(len(path.read_text().splitlines()) if path.exists() else 0)
+
+    callbacks = trainer.stage_callbacks
+    monkeypatch.setattr(trainer, "stage_callbacks", lambda *a: [*callbacks(*a), ReadTheFile()])
+    run_pipeline(tiny_cfg("privacy.eps=5", "method.pretrain=none", "trainer.log_every_n_steps=1"),
+                 tmp_path / "run", stages=["dp_train"])
+    assert len(on_disk) == 4 and on_disk[2] > 1  # a header and rows before the stage ended
+
+
 def test_multirun_groups_by_sweep_directory(tiny_cfg, monkeypatch, tmp_path):
     from dpgen.loggers import run as loggers
 
