@@ -152,7 +152,12 @@ def test_refuses_a_run_it_cannot_release(case, run_dir, tmp_path):
 
 @pytest.mark.parametrize(("num", "fmt", "extra", "expected"), [
     (0, "npz", [], "must be > 0"), (-3, "imagefolder", [], "must be > 0"), (5, "tfrecord", [], "unknown format"),
-    (5, "npz", ["--precision", "fp8"], "--precision=fp8: unknown")])
+    (5, "npz", ["--precision", "fp8"], "--precision=fp8: unknown"),
+    # numpy's SeedSequence takes no negative seed: it failed at the first shard, after the manifest
+    (5, "npz", ["--seed", "-1"], "--seed=-1: must be an integer >= 0"),
+    # torch failed when the generator moved there, with a traceback
+    (5, "npz", ["--device", "foo"], "--device=foo: not a device"),
+    (5, "npz", ["--device", "cuda:99"], "--device=cuda:99: no CUDA device")])
 def test_refuses_a_bad_request(num, fmt, extra, expected, run_dir, tmp_path):
     assert expected in _refused([run_dir, "--num-samples", num, "--format", fmt, "--out", tmp_path / "out", *extra])
     assert not (tmp_path / "out").exists()
