@@ -11,7 +11,6 @@ Rewrites the run's
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -22,8 +21,22 @@ from dpgen.cli import log_info_to_stderr
 from dpgen.errors import ConfigError
 from dpgen.eval.config import validate_audit_config, validate_eval_config
 from dpgen.io import atomic_write
-from dpgen.overrides import override_key, run_config_with_todays_groups
-from dpgen.stages import trained_on_canaries
+from dpgen.overrides import (
+    dotted_keys,
+    override_key,
+    refuse_unknown_keys,
+    run_config_with_todays_groups,
+)
+from dpgen.run_files import (
+    SAMPLES_NPZ,
+    RunFileError,
+    check_samples,
+    check_weights,
+    read_json_object,
+    read_privacy,
+    read_stages,
+)
+from dpgen.stages import FINAL_WEIGHTS, PROTECTION_JSON, trained_on_canaries
 
 log = logging.getLogger("dpgen")
 
@@ -46,7 +59,27 @@ def evaluation_config(run_dir: Path, overrides: list[str]) -> DictConfig:
                           "trained on canaries and has no samples to evaluate; its result is canary_audit.json",
                           "pass an ordinary run's directory")
     paths = [o for o in overrides if override_key(o).startswith("paths.")]
+    for o in paths:
+        if o.startswith("~"):
+            raise ConfigError(override_key(o), o, "the run's paths can be changed, not deleted",
+                              f"set a value: {override_key(o)}=...")
+    paths = [o.lstrip("+") for o in paths]
+    refuse_unknown_keys(paths, dotted_keys(cfg.paths, "paths."), "path setting of this run", "the evaluation")
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(paths)) if paths else cfg
+
+
+def check_evaluation_inputs(cfg: DictConfig, run_dir: Path) -> None:
+    """Read now what the configured evaluation reads (dpgen/stages/evaluate.py): a file it cannot
+    read would otherwise end it late, privacy.json after the downstream classifiers trained and
+    model.pt (the audit's membership inference) after them and FID too."""
+    check_samples(run_dir / SAMPLES_NPZ, f"sample the run again, python -m dpgen.sampling {run_dir} "
+                                         "sampling=default, and evaluate the new directory")
+    read_privacy(run_dir, cfg)  # the ε and guarantee that metrics.json states
+    if cfg.eval.audit or cfg.eval.utility_study:  # membership inference; the utility study samples
+        check_weights(run_dir / FINAL_WEIGHTS, "restore it from a copy of the run, or leave eval.audit "
+                                               "and eval.utility_study off")
+    if (run_dir / PROTECTION_JSON).is_file():  # CPSample's record, copied into metrics.json
+        read_json_object(run_dir / PROTECTION_JSON)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,17 +92,17 @@ def main(argv: list[str] | None = None) -> None:
         cfg = evaluation_config(args.run_dir, args.overrides)
         validate_eval_config(cfg.eval, cfg.sample.num_samples, cfg.data.num_classes)
         validate_audit_config(cfg.audit, cfg.diffusion.num_train_timesteps)
-        state_file = args.run_dir / "stages.json"
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {"completed": [], "wall_s": {}}
+        state = read_stages(args.run_dir)
         if "sample" not in state["completed"]:
             raise ConfigError("run_dir", str(args.run_dir), "has no finished sample stage",
                               f"finish the run first: python -m dpgen +resume={args.run_dir}")
+        check_evaluation_inputs(cfg, args.run_dir)
         from dpgen.pipeline import RunContext
         from dpgen.stages.evaluate import check_utility_sizes, evaluate
 
         ctx = RunContext(cfg=cfg, run_dir=args.run_dir, wall_s=state["wall_s"])
         check_utility_sizes(ctx)
-    except ConfigError as err:
+    except (ConfigError, RunFileError) as err:
         sys.exit(f"dpgen.evaluate: {err}")
 
     from lightning.pytorch import seed_everything

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dpgen.errors import ConfigError
+from dpgen.run_files import load_run_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -46,13 +47,27 @@ def check_appended_keys(cfg: DictConfig, overrides: Sequence[str], groups: Colle
                           "ignore it", f"did you mean {close[0]}=...?" if close else "drop it")
 
 
+def refuse_unknown_keys(overrides: Sequence[str], known: Collection[str], setting: str, reader: str) -> None:
+    """Refuse an override whose key is not in ``known``, naming the closest known key. The tools
+    merge such overrides with ``OmegaConf.from_dotlist``, which adds any key it is given: a
+    mistyped one would be kept and never read. ``setting`` and ``reader`` word the refusal."""
+    for override in overrides:
+        key = override_key(override)
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        raise ConfigError(key, override.split("=", 1)[-1], f"no {setting} has this key, so {reader} would ignore it",
+                          f"did you mean {close[0]}=...?" if close else f"use one of {', '.join(sorted(known))}")
+
+
 def run_config_with_todays_groups(run_dir: Path, groups: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     """A finished run's ``run_config.yaml`` with today's config ``groups`` (composed with those
     of ``overrides`` that fall in them) in place of its own. The callers decide which overrides
-    they accept; everything outside ``groups`` stays what made the run."""
+    they accept; everything outside ``groups`` stays what made the run. A ``run_config.yaml``
+    that is not a whole run config ends as a one-line RunFileError naming it."""
     mine = [o for o in overrides if override_key(o).split(".")[0] in groups]
     today = compose_overrides(mine)
-    cfg = OmegaConf.load(run_dir / "run_config.yaml")
+    cfg = load_run_config(run_dir)
     for group in groups:
         cfg[group] = OmegaConf.to_container(today[group], resolve=False)  # interpolations resolve against the run
     return cfg

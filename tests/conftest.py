@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -58,6 +58,28 @@ def tiny_dpldm_overrides(tmp: Path) -> list[str]:
     return [*base, "method=dpldm", "model=ldm_tiny",
             "method.pretrain_autoencoder.steps=3", "method.pretrain_autoencoder.batch_size=16",
             "method.pretrain_ldm.steps=3", "method.pretrain_ldm.batch_size=16"]
+
+
+def finished_run(root: Path, *overrides: str, private: bool = True) -> Path:
+    """``root/run``: a finished tiny run written in the real run-directory formats (its config,
+    untrained final weights, every stage done and, ``private``, a DP ledger), in a second or so."""
+    from dpgen.io import save_torch, write_json
+    from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
+    from dpgen.stages.training import build_module
+
+    cfg = compose_config(tiny_overrides(root / "work") + list(overrides))
+    run = root / "run"
+    run.mkdir(parents=True)
+    OmegaConf.save(cfg, run / "run_config.yaml", resolve=True)
+    save_torch(run / "model.pt", build_module(cfg).generator_state_dict())
+    write_json(run / "stages.json", {"completed": list(cfg.method.stages), "wall_s": {}})
+    if private:
+        ledger = PrivacyLedger(epsilon_target=5.0, delta=1e-5, dataset_size=4000)
+        ledger.plan([PlannedStage("dp_train", "poisson_subsampled_gaussian", sample_rate=64 / 4000, count=4,
+                                  noise_multiplier=1.0)])
+        ledger.record("dp_train", "poisson_subsampled_gaussian", 1.0, 64 / 4000, count=4)
+        ledger.write(run / "privacy.json")
+    return run
 
 
 @pytest.fixture

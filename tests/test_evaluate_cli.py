@@ -69,10 +69,60 @@ def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):
     (["eval=nosuch"], "eval='nosuch': no such option of config group eval. Fix: use one of default, fast"),
     (["eval.fid.metrics=[fid"], "eval.fid.metrics='[fid': is not a valid override"),
     (["+eval.fid.metricss=[fid]"], "no dpgen config defines this key"),  # Hydra would add it, unread
+    # paths.* were merged whatever their key: a typo was accepted and never read
+    (["paths.cache_dri=/elsewhere"], "paths.cache_dri='/elsewhere': no path setting of this run has this key, "
+                                     "so the evaluation would ignore it. Fix: did you mean paths.cache_dir=...?"),
+    (["+paths.foo=1"], "paths.foo='1': no path setting of this run has this key"),
 ])
 def test_refuses_changes_beyond_the_evaluation(old_run, overrides, expected):
     with pytest.raises(SystemExit) as exc:
         main([str(old_run), *overrides])
     assert str(exc.value.code).startswith("dpgen.evaluate: ") and expected in str(exc.value.code)
     assert "\n" not in str(exc.value.code)
+    assert not (old_run / "metrics.json").exists()
+
+
+# An evaluation quick enough to reach the files that the checks exist for, had they not refused it.
+QUICK = ["eval.fid.metrics=[]", "eval.reference=false", "eval.downstream.classifiers=[mlp]", "eval.downstream.epochs=1"]
+
+
+@pytest.mark.parametrize(("broken", "overrides", "expected"), [
+    ({"run_config.yaml": "seed: 0\nmethod: [unclosed\n"}, [], "run_config.yaml: unreadable (expected"),
+    ({"run_config.yaml": ""}, [], "run_config.yaml: empty"),
+    ({"stages.json": "{"}, [], "stages.json: unreadable"),
+    # read after the downstream classifiers trained
+    ({"privacy.json": '{"epsilon_spent": 1.0,\n'}, [], "privacy.json: unreadable"),
+    # read by the audit after downstream training and FID
+    ({"model.pt": None}, ["eval.audit=true"], "model.pt: missing. Fix: restore it from a copy of the run, or leave "
+                                              "eval.audit and eval.utility_study off"),
+    ({"samples.npz": None}, [], "samples.npz: missing. Fix: sample the run again"),
+    ({"samples.npz": b"PK\x03\x04"}, [], "samples.npz: unreadable (File is not a zip file)"),
+    ({"protection.json": "["}, [], "protection.json: unreadable"),
+])
+def test_refuses_a_run_whose_files_the_evaluation_cannot_read(old_run, broken, overrides, expected):
+    for name, content in broken.items():
+        if content is None:
+            (old_run / name).unlink()
+        elif isinstance(content, bytes):
+            (old_run / name).write_bytes(content)
+        else:
+            (old_run / name).write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(old_run), *QUICK, *overrides])
+    message = str(exc.value.code)
+    assert message.startswith(f"dpgen.evaluate: {old_run}/") and expected in message and "\n" not in message
+    assert not (old_run / "metrics.json").exists()
+
+
+def test_a_private_run_is_evaluated_only_with_its_ledger(old_run, tmp_path):
+    """Without privacy.json a DP run's metrics.json would state no ε and no guarantee, as if it had none."""
+    cfg = OmegaConf.load(old_run / "run_config.yaml")
+    cfg.method = compose_config(tiny_overrides(tmp_path)).method  # DP-SGD (dpdm)
+    OmegaConf.save(cfg, old_run / "run_config.yaml")
+    with pytest.raises(SystemExit, match=r"^dpgen\.evaluate: .*: no privacy\.json, so the guarantee of method dpdm "
+                                         r"cannot be stated\. Fix: restore privacy\.json"):
+        main([str(old_run), *QUICK])
+    write_json(old_run / "privacy.json", {"epsilon_spent": "1.0", "epsilon_target": 5.0, "delta": 1e-5})
+    with pytest.raises(SystemExit, match="epsilon_spent='1.0' is not a finite number"):
+        main([str(old_run), *QUICK])
     assert not (old_run / "metrics.json").exists()

@@ -7,40 +7,22 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, finished_run, tiny_overrides
 from omegaconf import OmegaConf
 from torchvision.datasets import ImageFolder
 
 import dpgen.release.make as make
-from dpgen.io import save_torch, write_json
-from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
+from dpgen.io import write_json
 from dpgen.release import ReleaseSpec, class_counts, release_labels
 from dpgen.release.__main__ import main
 from dpgen.release.shards import class_folders
-from dpgen.stages.training import build_module
 
 N, SHARD = 25, 10  # three shards, the last one short
 
 
-def _finished_run(root, *overrides, private=True):
-    cfg = compose_config(tiny_overrides(root / "work") + list(overrides))
-    run = root / "run"
-    run.mkdir(parents=True)
-    OmegaConf.save(cfg, run / "run_config.yaml", resolve=True)
-    save_torch(run / "model.pt", build_module(cfg).generator_state_dict())
-    write_json(run / "stages.json", {"completed": list(cfg.method.stages), "wall_s": {}})
-    if private:
-        ledger = PrivacyLedger(epsilon_target=5.0, delta=1e-5, dataset_size=4000)
-        ledger.plan([PlannedStage("dp_train", "poisson_subsampled_gaussian", sample_rate=64 / 4000, count=4,
-                                  noise_multiplier=1.0)])
-        ledger.record("dp_train", "poisson_subsampled_gaussian", 1.0, 64 / 4000, count=4)
-        ledger.write(run / "privacy.json")
-    return run
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return _finished_run(tmp_path_factory.mktemp("private"))
+    return finished_run(tmp_path_factory.mktemp("private"))
 
 
 def _release(run, out, fmt="imagefolder", *extra):
@@ -131,28 +113,76 @@ def _refused(argv) -> str:
     return message
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "unfinished", "no_privacy_json", "overspent"])
+def _ledger_without(key):
+    def edit(privacy):
+        del privacy[key]
+        return privacy
+    return edit
+
+
+# How a run directory is broken (file, new content or an edit of privacy.json), and what the
+# refusal says. A private run's privacy.json without its numbers states no guarantee, as none does.
+BROKEN_RUNS = {
+    "not_a_run": ("run_config.yaml", None, "not a dpgen run"),
+    "unfinished": ("stages.json", '{"completed": ["pretrain_public", "dp_train"], "wall_s": {}}',
+                   "not a finished dpgen run"),
+    "no_privacy_json": ("privacy.json", None, "no privacy.json, so the guarantee of method dpdm cannot be stated"),
+    "overspent": ("privacy.json", lambda p: {**p, "epsilon_spent": p["epsilon_target"] * 1.01}, "above its target"),
+    "corrupt_config": ("run_config.yaml", "seed: 0\nmethod: [unclosed\n", "run_config.yaml: unreadable (expected"),
+    "empty_config": ("run_config.yaml", "", "run_config.yaml: empty"),
+    "partial_config": ("run_config.yaml", "seed: 0\n", "run_config.yaml: not a whole dpgen run config (it lacks data"),
+    "corrupt_stages": ("stages.json", "", "stages.json: unreadable"),
+    "stages_list": ("stages.json", "[]", "stages.json: holds a JSON array"),
+    "truncated_weights": ("model.pt", b"PK\x03\x04", "model.pt: not loadable weights (PytorchStreamReader"),
+    "privacy_list": ("privacy.json", "[]", "privacy.json: holds a JSON array, not the object dpgen writes"),
+    "privacy_string": ("privacy.json", lambda p: {**p, "epsilon_spent": "1.0"},
+                       "privacy.json: epsilon_spent='1.0' is not a finite number"),
+    "privacy_empty": ("privacy.json", lambda p: {},
+                      "privacy.json: no epsilon_target, so the guarantee of method dpdm cannot be stated"),
+    "privacy_without_delta": ("privacy.json", _ledger_without("delta"), "privacy.json: no delta"),
+    "privacy_nan": ("privacy.json", lambda p: {**p, "epsilon_spent": float("nan")}, "epsilon_spent=nan"),
+    "guarantee_as_text": ("privacy.json", lambda p: {**p, "formal_guarantee": "false"},
+                          "formal_guarantee='false' is not true or false"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_RUNS)
 def test_refuses_a_run_it_cannot_release(case, run_dir, tmp_path):
     bad = tmp_path / "run"
     shutil.copytree(run_dir, bad)
-    if case == "not_a_run":
-        (bad / "run_config.yaml").unlink()
-    elif case == "unfinished":
-        write_json(bad / "stages.json", {"completed": ["pretrain_public", "dp_train"], "wall_s": {}})
-    elif case == "no_privacy_json":
-        (bad / "privacy.json").unlink()
+    name, content, expected = BROKEN_RUNS[case]
+    if content is None:
+        (bad / name).unlink()
+    elif callable(content):
+        (bad / name).write_text(json.dumps(content(json.loads((bad / name).read_text()))))
+    elif isinstance(content, bytes):
+        (bad / name).write_bytes(content)
     else:
-        privacy = json.loads((bad / "privacy.json").read_text())
-        write_json(bad / "privacy.json", {**privacy, "epsilon_spent": privacy["epsilon_target"] * 1.01})
+        (bad / name).write_text(content)
     message = _refused([bad, "--num-samples", 5, "--format", "npz", "--out", tmp_path / "out"])
-    assert {"not_a_run": "not a dpgen run", "unfinished": "not a finished dpgen run",
-            "no_privacy_json": "no privacy.json", "overspent": "above its target"}[case] in message
+    assert expected in message and "Fix: " in message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ledger_that_gave_its_guarantee_up_is_still_released(run_dir, tmp_path):
+    """CPSample voids the guarantee in privacy.json and keeps the numbers: released, and the card says so."""
+    from dpgen.release import open_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    privacy = json.loads((run / "privacy.json").read_text())
+    write_json(run / "privacy.json", {**privacy, "formal_guarantee": False, "note": "CPSample"})
+    assert open_run(run).formal_guarantee is False
 
 
 @pytest.mark.parametrize(("num", "fmt", "extra", "expected"), [
     (0, "npz", [], "must be > 0"), (-3, "imagefolder", [], "must be > 0"), (5, "tfrecord", [], "unknown format"),
-    (5, "npz", ["--precision", "fp8"], "--precision=fp8: unknown")])
+    (5, "npz", ["--precision", "fp8"], "--precision=fp8: unknown"),
+    # numpy's SeedSequence takes no negative seed: it failed at the first shard, after the manifest
+    (5, "npz", ["--seed", "-1"], "--seed=-1: must be an integer >= 0"),
+    # torch failed when the generator moved there, with a traceback
+    (5, "npz", ["--device", "foo"], "--device=foo: not a device"),
+    (5, "npz", ["--device", "cuda:99"], "--device=cuda:99: no CUDA device")])
 def test_refuses_a_bad_request(num, fmt, extra, expected, run_dir, tmp_path):
     assert expected in _refused([run_dir, "--num-samples", num, "--format", fmt, "--out", tmp_path / "out", *extra])
     assert not (tmp_path / "out").exists()
@@ -172,7 +202,7 @@ def test_refuses_an_output_directory_holding_another_release(run_dir, released, 
 
 
 def test_a_non_private_run_says_so_on_the_first_line(tmp_path):
-    run = _finished_run(tmp_path, "method=nonprivate", private=False)
+    run = finished_run(tmp_path, "method=nonprivate", private=False)
     out = tmp_path / "out"
     main([str(run), "--num-samples", "4", "--format", "npz", "--out", str(out), "--batch-size", "4"])
     for name in ("datacard.json", "DATACARD.md"):
@@ -273,7 +303,7 @@ def test_a_cpsample_card_says_what_its_epsilon_covers(run_dir, monkeypatch):
 
 
 def test_a_card_without_a_guarantee_never_calls_sampling_free(tmp_path):
-    run = _finished_run(tmp_path, "method=nonprivate", private=False)
+    run = finished_run(tmp_path, "method=nonprivate", private=False)
     out = tmp_path / "out"
     main([str(run), "--num-samples", "4", "--format", "npz", "--out", str(out), "--batch-size", "4"])
     card = (out / "DATACARD.md").read_text()

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from dpgen.cli import log_info_to_stderr
+from dpgen.cli import device_problem, log_info_to_stderr
 from dpgen.release.shards import FORMATS, PRECISIONS, ReleaseSpec
 from dpgen.release.source import ReleaseError, open_run
 
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     log_info_to_stderr()
     try:
+        if (problem := device_problem(args.device)) is not None:
+            raise ReleaseError(f"--device={args.device}: {problem}. Fix: pass --device cpu, or cuda (cuda:<index>) "
+                               "where a GPU is visible")
         batch = args.batch_size if args.batch_size is not None else int(open_run(args.run_dir).cfg.sample.batch_size)
         spec = ReleaseSpec(num_samples=args.num_samples, format=args.format, seed=args.seed,
                            shard_size=args.shard_size, batch_size=batch, class_prior=args.class_prior,

@@ -50,6 +50,10 @@ class ReleaseSpec:
             raise ReleaseError(f"--format={self.format}: unknown format. Fix: use one of {', '.join(FORMATS)}")
         if self.precision not in PRECISIONS:
             raise ReleaseError(f"--precision={self.precision}: unknown. Fix: use one of {', '.join(PRECISIONS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            # numpy's SeedSequence (shard_seed) takes non-negative integers only; it would fail at
+            # the first shard, after the manifest made --out a release of this seed.
+            raise ReleaseError(f"--seed={self.seed}: must be an integer >= 0. Fix: pass e.g. --seed 0")
         for flag, value in (("--shard-size", self.shard_size), ("--batch-size", self.batch_size)):
             if value <= 0:
                 raise ReleaseError(f"{flag}={value}: must be > 0. Fix: use e.g. 1000")

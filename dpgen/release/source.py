@@ -5,18 +5,25 @@ Every check here reads files of the run directory only, so a refused release wri
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dpgen.data import describe_data
 from dpgen.privacy.events import EPS_RTOL
-from dpgen.privacy.guarantee import has_formal_guarantee, ledger_kept_guarantee, training_is_private
+from dpgen.privacy.guarantee import has_formal_guarantee, ledger_kept_guarantee
+from dpgen.run_files import (
+    RUN_CONFIG,
+    RunFileError,
+    check_weights,
+    load_run_config,
+    read_privacy,
+    read_stages,
+)
 from dpgen.stages import FINAL_WEIGHTS, trained_on_canaries
 
 if TYPE_CHECKING:
@@ -59,40 +66,32 @@ class SourceRun:
         return module.eval()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ReleaseError(f"{path}: unreadable ({err}). Fix: pass an intact run directory") from err
-
-
 def open_run(run_dir: str | Path) -> SourceRun:
-    """The finished run in ``run_dir``, or ReleaseError saying why it cannot be released."""
+    """The finished run in ``run_dir``, or ReleaseError saying why it cannot be released (or
+    sampled again: ``python -m dpgen.sampling`` opens its source run here too)."""
     run_dir = Path(run_dir)
-    config, stages = run_dir / "run_config.yaml", run_dir / "stages.json"
-    if not config.is_file():
-        raise ReleaseError(f"{run_dir}: not a dpgen run (no run_config.yaml). Fix: pass a run directory "
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ReleaseError(f"{run_dir}: not a dpgen run (no {RUN_CONFIG}). Fix: pass a run directory "
                            "such as outputs/<date>/<time>")
-    cfg = OmegaConf.load(config)
-    if trained_on_canaries(run_dir, cfg):
-        raise ReleaseError(f"{run_dir}: a canary audit's run (python -m dpgen.audit); its model was trained on "
-                           "canaries and is never sampled or released. Fix: pass an ordinary run's directory")
-    done = _read_json(stages).get("completed", []) if stages.is_file() else []
-    missing = [s for s in cfg.method.stages if s not in done]
-    if missing or not (run_dir / FINAL_WEIGHTS).is_file():
-        what = f"stage {missing[0]} has not finished" if missing else f"{FINAL_WEIGHTS} is missing"
-        raise ReleaseError(f"{run_dir}: not a finished dpgen run ({what}). "
-                           f"Fix: finish it with `python -m dpgen +resume={run_dir}` and its original overrides")
-
-    privacy_file = run_dir / "privacy.json"
-    if not privacy_file.is_file():
-        if training_is_private(cfg):
-            raise ReleaseError(f"{run_dir}: no privacy.json, so the guarantee of method {cfg.method.name} "
-                               "cannot be stated. Fix: release only runs whose privacy.json is intact")
-        return SourceRun(run_dir, cfg, {}, done)
-    privacy = _read_json(privacy_file)
+    try:
+        cfg = load_run_config(run_dir)
+        if trained_on_canaries(run_dir, cfg):
+            raise ReleaseError(f"{run_dir}: a canary audit's run (python -m dpgen.audit); its model was trained on "
+                               "canaries and is never sampled or released. Fix: pass an ordinary run's directory")
+        done = read_stages(run_dir)["completed"]
+        missing = [s for s in cfg.method.stages if s not in done]
+        if missing or not (run_dir / FINAL_WEIGHTS).is_file():
+            what = f"stage {missing[0]} has not finished" if missing else f"{FINAL_WEIGHTS} is missing"
+            raise ReleaseError(f"{run_dir}: not a finished dpgen run ({what}). Fix: finish it with "
+                               f"`python -m dpgen +resume={run_dir}` and its original overrides")
+        # A truncated model.pt would otherwise fail only at the first sample, after a release's
+        # manifest or a resampling's copy of it was written.
+        check_weights(run_dir / FINAL_WEIGHTS)
+        privacy = read_privacy(run_dir, cfg)
+    except RunFileError as err:
+        raise ReleaseError(str(err)) from err
     spent, target = privacy.get("epsilon_spent"), privacy.get("epsilon_target")
     if target is not None and (spent is None or spent > target * (1 + EPS_RTOL)):
         raise ReleaseError(f"{run_dir}: privacy.json reports epsilon spent {spent} above its target {target}. "
-                           "Fix: do not release this run; retrain within the budget")
+                           "Fix: do not sample from or release this run; retrain it within the budget")
     return SourceRun(run_dir, cfg, privacy, done)

@@ -28,6 +28,8 @@ STAGE_NAMES = (
 
 # The final generator's weights in a run directory (EMA weights where the run kept an EMA).
 FINAL_WEIGHTS = "model.pt"
+# CPSample's record of the protection (written by the sample stage, copied into metrics.json).
+PROTECTION_JSON = "protection.json"
 
 # A canary audit's run (``python -m dpgen.audit``) trains the method's generator on canaries: its
 # config carries ``canary_audit: true`` from the start, and it writes ``canary_audit.json`` at the

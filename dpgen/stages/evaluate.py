@@ -42,9 +42,9 @@ from dpgen.privacy.guarantee import (
     has_formal_guarantee,
     ledger_kept_guarantee,
 )
-from dpgen.stages import FINAL_WEIGHTS
+from dpgen.stages import FINAL_WEIGHTS, PROTECTION_JSON
 from dpgen.stages.protection import load_protection_guidance
-from dpgen.stages.sample import PROTECTION_JSON, from_uint8_hwc
+from dpgen.stages.sample import from_uint8_hwc
 from dpgen.stages.training import build_module, load_final_module
 
 if TYPE_CHECKING:

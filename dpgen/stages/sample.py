@@ -19,6 +19,7 @@ from dpgen.distributed import sampling_device
 from dpgen.io import atomic_write, write_json
 from dpgen.loggers.grids import save_grid
 from dpgen.privacy.guarantee import CPSAMPLE_NO_GUARANTEE
+from dpgen.stages import PROTECTION_JSON
 from dpgen.stages.protection import load_protection_guidance, protection_summary
 from dpgen.stages.training import load_final_module
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from dpgen.pipeline import RunContext
 
 log = logging.getLogger("dpgen")
-
-PROTECTION_JSON = "protection.json"
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
