@@ -34,16 +34,14 @@ from diffusers.models.attention_processor import Attention
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from dpgen.checks import require_int
-from dpgen.errors import ConfigError
+from dpgen.bench_checks import check_bench_config, check_output, load_model_config
 from dpgen.io import write_json
 from dpgen.methods.base import DiffusionModule
 from dpgen.methods.dpldm import DPLDMModule
-from dpgen.models.config import is_latent_model, latent_shape, validate_ldm_config
+from dpgen.models.config import is_latent_model, latent_shape
 from dpgen.models.ldm import build_autoencoder, build_latent_denoiser
 from dpgen.models.unet import build_unet
 from dpgen.overrides import CONF_DIR
-from dpgen.privacy.config import CLIPPING_MODES, check_dp_precision
 from dpgen.privacy.events import POISSON_GAUSSIAN
 from dpgen.privacy.journal import JOURNAL
 from dpgen.privacy.ledger import PlannedStage, PrivacyLedger
@@ -52,15 +50,6 @@ from dpgen.privacy.per_example import PerExampleGradients
 from dpgen.privacy.strategy import DPSGDConfig, assert_dp_compatible, dp_gradient
 
 log = logging.getLogger("dpgen.bench")
-TRAINABLE_SETS = ("full", "attention_only")
-
-
-def load_model_config(name: str) -> dict:
-    path = CONF_DIR / "model" / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-        raise SystemExit(f"dpgen.bench: bench.models: unknown model {name!r}. Fix: one of {known}")
-    return OmegaConf.to_container(OmegaConf.load(path))
 
 
 def dpldm_trainable(trainable: str) -> str:
@@ -100,11 +89,7 @@ def bench_batch(model_name: str, cfg: DictConfig, device: torch.device) -> list[
     """B fixed examples as the model trains on them: images in [-1, 1], or unit-scale latents."""
     model_cfg = load_model_config(model_name)
     g = torch.Generator().manual_seed(0)
-    if is_latent_model(model_cfg):
-        try:
-            validate_ldm_config(model_cfg, cfg.image_size)
-        except ConfigError as err:
-            raise SystemExit(f"dpgen.bench: {err}") from err
+    if is_latent_model(model_cfg):  # its size checked by check_bench_config
         examples = torch.randn(cfg.batch_size, *latent_shape(model_cfg, cfg.image_size), generator=g)
     else:
         examples = torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
@@ -250,38 +235,9 @@ def is_out_of_memory(err: BaseException) -> bool:
 def run_bench(cfg: DictConfig, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Measure every configuration; ``on_row(rows so far)`` after each, so that a run stopped
     part-way (a time limit on a lent GPU) keeps what it measured."""
-    try:
-        device_type = torch.device(cfg.device).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
-        raise SystemExit(f"dpgen.bench: bench.device: unknown {cfg.device!r}. Fix: cpu, cuda or cuda:<index>")
-    for key, least in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("image_size", 1), ("channels", 1),
-                       ("num_classes", 1)):
-        try:
-            require_int(cfg, "bench", key, minimum=least)
-        except ConfigError as err:
-            raise SystemExit(f"dpgen.bench: {err}") from err
-    if not cfg.multiplicities or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
-                                     for k in cfg.multiplicities):
-        raise SystemExit(f"dpgen.bench: bench.multiplicities={list(cfg.multiplicities)}: must be integers >= 1, "
-                         "e.g. [1,4,16]")
+    check_bench_config(cfg)
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("dpgen.bench: bench.device=cuda but no CUDA device is visible. Fix: bench.device=cpu")
-    if str(cfg.precision) not in ("32", "bf16"):
-        raise SystemExit(f"dpgen.bench: bench.precision: unknown {cfg.precision!r}. Fix: 32 or bf16")
-    for clipping in cfg.clipping:
-        if clipping not in CLIPPING_MODES:
-            raise SystemExit(f"dpgen.bench: bench.clipping: unknown {clipping!r}. Fix: one of {CLIPPING_MODES}")
-        try:
-            check_dp_precision("bf16-mixed" if str(cfg.precision) == "bf16" else "32-true", clipping)
-        except ConfigError as err:
-            raise SystemExit(f"dpgen.bench: {err}") from err
-    for trainable in cfg.trainable:
-        if trainable not in TRAINABLE_SETS:
-            raise SystemExit(f"dpgen.bench: bench.trainable: unknown {trainable!r}. Fix: one of {TRAINABLE_SETS}")
-    batches = {name: bench_batch(name, cfg, device) for name in cfg.models}  # refuses bad models first
+    batches = {name: bench_batch(name, cfg, device) for name in cfg.models}
     rows = []
     for model_name, batch in batches.items():
         for trainable in cfg.trainable:
@@ -341,14 +297,11 @@ def format_table(rows: list[dict]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     bench = cfg.bench
-    if bench.get("threads"):
-        torch.set_num_threads(int(bench.threads))
-    output = Path(bench.output)
-    try:  # before measuring: a bad path would otherwise lose the rows at the first write
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SystemExit(f"dpgen.bench: bench.output={bench.output}: cannot create its directory ({err}). "
-                         "Fix: a writable path, e.g. outputs/bench.json") from err
+    check_bench_config(bench)  # run_bench checks again; here before the threads are set and the output's folder made
+    output = Path(str(bench.output))
+    check_output(output)
+    if bench.get("threads") is not None:
+        torch.set_num_threads(bench.threads)
     rows = run_bench(bench, on_row=lambda rows: write_json(output, rows))
     print(format_table(rows))
     print(f"written to {bench.output}")

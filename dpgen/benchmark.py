@@ -24,33 +24,30 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dpgen.bench import StepPair, time_step
+from dpgen.benchmark_checks import (
+    check_markers,
+    check_readme,
+    load_profile,
+    plots_dir,
+    readme_markers,
+    refuse,
+)
 from dpgen.cli import log_info_to_stderr
-from dpgen.config import validate_config
-from dpgen.eval.report import ACCURACY_PNG, FID_PNG, collect_runs, method_label, write_report
-from dpgen.io import atomic_write, write_json
-from dpgen.overrides import CONF_DIR
-from dpgen.privacy.guarantee import training_is_private
-from dpgen.stages.training import build_module
+from dpgen.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch's training stack (Lightning, diffusers, Opacus) and the report's are imported where they
+# are used, after the profile, the README and every run's config have been checked: a refusal
+# takes seconds, not the quarter minute those imports take.
 
 log = logging.getLogger("dpgen")
 CALIBRATION_JSON = "calibration.json"
-
-
-def load_profile(name: str) -> DictConfig:
-    """A profile by name (``conf/benchmark/<name>.yaml``) or by the path of a YAML file."""
-    path = Path(name) if name.endswith(".yaml") else CONF_DIR / "benchmark" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / "benchmark").glob("*.yaml"))
-        raise SystemExit(f"dpgen.benchmark: unknown profile {name!r}. Fix: one of {known}")
-    return OmegaConf.load(path)
 
 
 def method_overrides(profile: DictConfig, method: str) -> list[str]:
@@ -58,13 +55,50 @@ def method_overrides(profile: DictConfig, method: str) -> list[str]:
     return [f"method={method}", *profile.overrides, *profile.method_overrides.get(method, [])]
 
 
-def compose_run_config(overrides: list[str]) -> DictConfig:
-    """The run's config as ``python -m dpgen <overrides>`` would see it (``hydra:`` resolvers set)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+def compose_run_config(overrides: list[str], validate: bool = True) -> DictConfig:
+    """The run's config as ``python -m dpgen <overrides>`` would see it (``hydra:`` resolvers set),
+    validated unless ``validate`` is false; an override that does not compose or a value that
+    cannot work is a ConfigError."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from dpgen.config import validate_config
+    from dpgen.overrides import compose_overrides
+
+    cfg = compose_overrides(overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    validate_config(cfg)
+    if validate:
+        validate_config(cfg)
     return cfg
+
+
+def validate_runs(profile: DictConfig) -> None:
+    """Every run the sweeps will start (the ceiling, each method at each ε) composed and validated
+    as ``python -m dpgen`` will, before any step is timed: each multirun checks only its own jobs
+    when it starts, after the earlier multiruns have trained for hours. The methods must train
+    with DP (their sweep is over ε) and the ceiling without."""
+    from dpgen.privacy.config import validate_privacy_config
+    from dpgen.privacy.guarantee import training_is_private
+
+    runs = [(profile.ceiling, None)] + [(m, eps) for m in profile.methods for eps in profile.eps]
+    # Twice: first what is cheap (composing, and the privacy settings, which alone differ between
+    # a method's ε), then the whole validation, which builds each DP method's model.
+    for validate in (False, True):
+        for method, eps in runs:
+            where = f"the ceiling {method}" if eps is None else f"{method} at ε={eps:g}"
+            sweep = [] if eps is None else [f"privacy.eps={eps:g}"]  # as sweep_commands writes it
+            try:
+                cfg = compose_run_config([*method_overrides(profile, method), *sweep], validate)
+                if eps is not None and not validate:
+                    validate_privacy_config(cfg.privacy, cfg.trainer.precision)
+            except ConfigError as err:
+                raise SystemExit(f"dpgen.benchmark: run {where}: {err}") from err
+            if eps is None and training_is_private(cfg):
+                refuse("ceiling", method, "trains with DP; the ceiling is the non-private reference",
+                       "ceiling: nonprivate, and list DP methods under methods")
+            if eps is not None and not training_is_private(cfg):
+                refuse("methods", list(profile.methods), f"{method} trains without DP, so its sweep over ε "
+                       "would repeat one run", f"drop {method}, or make it the ceiling")
+    log.info("benchmark: the configs of all %d runs are valid", len(runs))
 
 
 class TrainingStep:
@@ -74,6 +108,12 @@ class TrainingStep:
     stand in for the data."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        import torch
+
+        from dpgen.bench import StepPair
+        from dpgen.privacy.guarantee import training_is_private
+        from dpgen.stages.training import build_module
+
         torch.manual_seed(0)
         module = build_module(cfg).to(device)
         d, b = cfg.data, int(cfg.method.train.batch_size)
@@ -99,12 +139,16 @@ class TrainingStep:
             "clipping": clipping, "trainable": trainable, "precision": precision}, sort_keys=True)
 
     def median_seconds(self, warmup: int, repeats: int) -> float:
+        from dpgen.bench import time_step
+
         times = [time_step(self.step, self.device) for _ in range(warmup + repeats)]
         return statistics.median(times[warmup:])
 
 
 def calibrate(profile: DictConfig) -> dict[str, dict[str, Any]]:
     """Per method (ceiling included): the measured step time and the steps the budget buys."""
+    import torch
+
     device = torch.device(profile.device)
     out: dict[str, dict[str, Any]] = {}
     timed: dict[str, tuple[str, float]] = {}  # signature -> (first method timed, seconds)
@@ -152,7 +196,10 @@ def _fmt(value: Any, fmt: str) -> str:
 def copy_plots(sweep_dir: Path, readme: Path, profile_name: str) -> list[Path]:
     """The sweep's plots, copied beside README (``docs/benchmark/<profile>/``): the sweep
     directory is not committed, README's plots must be. Paths relative to README's folder."""
-    dest = readme.parent / "docs" / "benchmark" / profile_name
+    from dpgen.eval.report import ACCURACY_PNG, FID_PNG
+    from dpgen.io import atomic_write
+
+    dest = plots_dir(readme, profile_name)
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in (ACCURACY_PNG, FID_PNG):
@@ -165,6 +212,8 @@ def copy_plots(sweep_dir: Path, readme: Path, profile_name: str) -> list[Path]:
 def readme_table(profile: DictConfig, sweep_dir: Path, calibration: dict[str, dict[str, Any]], command: str,
                  plots: list[Path] | None = None) -> str:
     """The Markdown that goes between the profile's README markers."""
+    from dpgen.eval.report import collect_runs, method_label
+
     rows = collect_runs(sweep_dir)
     extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
     lines = [
@@ -189,10 +238,8 @@ def readme_table(profile: DictConfig, sweep_dir: Path, calibration: dict[str, di
 
 
 def replace_between_markers(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- benchmark:{name}:start -->", f"<!-- benchmark:{name}:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"dpgen.benchmark: README has no {start} ... {end} markers. Fix: add them where "
-                         "the table should go")
+    check_markers(text, name)
+    start, end = readme_markers(name)
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}\n{end}{tail}"
@@ -201,9 +248,13 @@ def replace_between_markers(text: str, name: str, body: str) -> str:
 def write_readme_table(readme: Path, profile: DictConfig, sweep_dir: Path,
                        calibration: dict[str, dict[str, Any]], command: str) -> None:
     """The table and the sweep's plots into README, between the profile's markers."""
+    from dpgen.io import atomic_write
+
+    # Checked at the start too; README may have been edited during the sweeps. Before the plots are copied.
+    text = readme.read_text()
+    check_markers(text, profile.name, readme)
     plots = copy_plots(sweep_dir, readme, profile.name)
-    text = replace_between_markers(readme.read_text(), profile.name,
-                                   readme_table(profile, sweep_dir, calibration, command, plots))
+    text = replace_between_markers(text, profile.name, readme_table(profile, sweep_dir, calibration, command, plots))
     atomic_write(readme, lambda f: f.write(text.encode()))
 
 
@@ -217,16 +268,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     log_info_to_stderr()
     profile = load_profile(args.profile)
-    if profile.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("dpgen.benchmark: the profile needs CUDA and none is visible. Fix: --profile cpu")
+    # Everything the sweeps and the table need, checked before the first step is timed (the
+    # dry run too: it is how a profile is tried): the table is written after hours of runs.
+    check_readme(args.readme, profile.name)
     sweep_dir = args.sweep_dir or Path("multirun") / f"benchmark-{profile.name}" / datetime.now().strftime(
         "%Y-%m-%d_%H-%M-%S")
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        refuse("--sweep-dir", str(sweep_dir), "is a file", "pass a folder, or leave --sweep-dir out")
+    import torch
+
+    if profile.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("dpgen.benchmark: the profile needs CUDA and none is visible. Fix: --profile cpu")
+    validate_runs(profile)
     calibration = calibrate(profile)
     commands = sweep_commands(profile, calibration, sweep_dir)
     for command in commands:
         print(" ".join(command))
     if args.dry_run:
         return
+    from dpgen.eval.report import write_report
+    from dpgen.io import write_json
+
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / CALIBRATION_JSON, {"profile": OmegaConf.to_container(profile), "methods": calibration})
     for command in commands:

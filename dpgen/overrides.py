@@ -97,9 +97,9 @@ def _available_options(message: str) -> list[str]:
     return [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), lines[start:])]
 
 
-def _compose(overrides: Sequence[str]) -> DictConfig:
+def _compose(overrides: Sequence[str], return_hydra_config: bool = False) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 # What composing a bad override raises: Hydra's errors, and OmegaConf's where Hydra lets them
@@ -107,10 +107,11 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
 _COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 
 
-def compose_overrides(overrides: Sequence[str]) -> DictConfig:
-    """Today's config with ``overrides``; one that cannot apply ends as a one-line ConfigError."""
+def compose_overrides(overrides: Sequence[str], *, return_hydra_config: bool = False) -> DictConfig:
+    """Today's config with ``overrides``; one that cannot apply ends as a one-line ConfigError.
+    ``return_hydra_config``: with the ``hydra`` node, which ``${hydra:...}`` interpolations need."""
     try:
-        cfg = _compose(overrides)
+        cfg = _compose(overrides, return_hydra_config)
     except _COMPOSE_ERRORS as err:
         raise override_error(err, _first_failing(overrides)) from err
     groups = {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}

@@ -151,6 +151,18 @@ def test_bench_refuses_an_unknown_clipping_mode_before_measuring(tmp_path):
     ({"batch_size": 0}, "bench.batch_size=0"),
     ({"repeats": 0}, "bench.repeats=0"),
     ({"multiplicities": [0]}, "bench.multiplicities=[0]"),
+    # An empty list measured nothing, printed an empty table and said "written to" a file it never wrote.
+    ({"models": []}, "bench.models=[]: must be a non-empty list"),
+    ({"trainable": []}, "bench.trainable=[]: must be a non-empty list"),
+    ({"clipping": []}, "bench.clipping=[]: must be a non-empty list"),
+    ({"multiplicities": []}, "bench.multiplicities=[]: must be a non-empty list"),
+    ({"models": "unet_tiny"}, "bench.models='unet_tiny': must be a non-empty list"),
+    ({"threads": 0}, "bench.threads=0: must be >= 1"),
+    # Every model's size before the first is measured, under the bench's own key (was data.image_size,
+    # and for a UNet a Hydra traceback after the models before it had been measured).
+    ({"models": ["unet_tiny", "unet_small"], "image_size": 6},
+     "bench.image_size=6: model unet_small downsamples 4x and needs a multiple of 4. Fix: use bench.image_size=4"),
+    ({"models": ["ldm_tiny"], "image_size": 7}, "bench.image_size=7: model ldm_tiny (autoencoder"),
 ])
 def test_bad_bench_settings_are_refused_before_measuring(override, message, monkeypatch):
     import dpgen.bench as bench
@@ -158,6 +170,22 @@ def test_bad_bench_settings_are_refused_before_measuring(override, message, monk
     monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         run_bench(_tiny(**override))
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("bench.output={tmp}", "bench.output='{tmp}': is a directory"),  # was an IsADirectoryError after measuring
+    ("bench.threads=-1", "bench.threads=-1: must be >= 1"),  # was a RuntimeError from torch.set_num_threads
+])
+def test_make_bench_refuses_an_output_or_threads_it_cannot_use_before_measuring(tmp_path, argument, message):
+    args = ["bench.models=[unet_tiny]", "bench.trainable=[full]", "bench.clipping=[materialize]",
+            "bench.multiplicities=[1]", "bench.batch_size=2", "bench.image_size=8", "bench.num_classes=3",
+            "bench.warmup=0", "bench.repeats=1", f"bench.output={tmp_path / 'bench.json'}", argument.format(tmp=tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "dpgen.bench", *args], capture_output=True, text=True)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dpgen.bench: {message.format(tmp=tmp_path)}. Fix: "), result.stderr[-2000:]
+    assert "unet_tiny/full/materialize" not in result.stdout + result.stderr  # nothing was measured
+    assert not list(tmp_path.iterdir())
 
 
 def test_make_bench_writes_its_rows_as_json(tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from dpgen.benchmark import (
     replace_between_markers,
     sweep_commands,
 )
+from dpgen.benchmark_checks import check_profile
 from dpgen.privacy.guarantee import has_formal_guarantee
 
 
@@ -81,21 +85,115 @@ def test_markers_are_required_and_only_their_content_changes():
         replace_between_markers(text, "gpu", "new")
 
 
-@pytest.mark.slow
-def test_benchmark_table_end_to_end(tmp_path, monkeypatch):
-    """A tiny profile: the ceiling and dpdm at two ε, each run with the steps its budget bought,
-    the report and the README table filled from the runs' own files."""
+def _tiny_profile(tmp_path, **changes):
+    """A profile of tiny runs (the ceiling and dpdm at two ε) as a file, with a README that has its
+    markers; ``changes`` replace keys (None drops one)."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("method.train.steps")]
     profile = {"name": "tiny", "device": "cpu", "budget_s": 0.5, "min_steps": 2,
                "calibration": {"warmup": 1, "repeats": 1}, "eps": [1, 10], "methods": ["dpdm"],
                "ceiling": "nonprivate", "overrides": overrides, "method_overrides": {}}
-    OmegaConf.save(OmegaConf.create(profile), tmp_path / "tiny.yaml")
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- benchmark:tiny:start -->\n<!-- benchmark:tiny:end -->\nend\n")
+    profile.update(changes)
+    path = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create({k: v for k, v in profile.items() if v is not None}), path)
+    (tmp_path / "README.md").write_text("# x\n<!-- benchmark:tiny:start -->\n<!-- benchmark:tiny:end -->\nend\n")
+    return path
+
+
+@pytest.fixture
+def nothing_is_timed(monkeypatch):
+    """Fails a test that gets as far as timing a step: every check must come before."""
+    import dpgen.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "calibrate", lambda profile: pytest.fail("calibrated"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"eps": "1"}, "eps='1': must be a non-empty list of numbers"),
+    ({"eps": []}, "eps=[]: must be a non-empty list of numbers"),
+    ({"eps": [1, 1.0]}, "lists an ε twice"),
+    ({"methods": ["dpdm", "nope"]}, "'nope' is no method"),
+    ({"methods": ["dpdm", "nonprivate"]}, "lists the ceiling 'nonprivate'"),
+    ({"ceiling": None}, "ceiling=None: is missing"),
+    ({"calibration": {"warmup": 0, "repeats": 0}}, "calibration.repeats=0: must be an integer >= 1"),
+    ({"calibration": {"warmup": 0}}, "calibration={'warmup': 0}: must set exactly warmup and repeats"),
+    ({"budget_s": "fast"}, "budget_s='fast': must be a number of seconds > 0"),
+    ({"min_steps": 0}, "min_steps=0: must be an integer >= 1"),
+    ({"name": "a/b"}, "name='a/b'"),
+    ({"device": "gpu"}, "device='gpu': unknown device"),
+    ({"method_overrides": {"dpdmm": []}}, "method_overrides.dpdmm=[]: is for a method the profile does not run"),
+    ({"method_overrides": {"dpdm": "model=unet_tiny"}}, "method_overrides.dpdm='model=unet_tiny': must be a list"),
+    ({"budget": 10}, "budget=10: is no profile key"),
+])
+def test_a_profile_with_a_bad_key_is_refused_when_loaded(tmp_path, changes, message):
+    path = _tiny_profile(tmp_path, **changes)
+    with pytest.raises(SystemExit, match=rf"^dpgen\.benchmark: profile {re.escape(str(path))}: .*{re.escape(message)}.*\. Fix: "):
+        load_profile(str(path))
+
+
+def test_a_profile_may_leave_out_its_overrides():
+    profile = load_profile(str(ROOT / "conf" / "benchmark" / "cpu.yaml"))
+    bare = {k: v for k, v in OmegaConf.to_container(profile).items() if k not in ("overrides", "method_overrides")}
+    assert method_overrides(OmegaConf.create(check_profile(bare)), "dpdm") == ["method=dpdm"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"eps": [1, -1]}, "run dpdm at ε=-1: privacy.eps=-1: must be a number > 0"),
+    ({"method_overrides": {"dpdm": ["model=nope"]}}, "run dpdm at ε=1: model='nope': no such option"),
+    ({"method_overrides": {"dpdm": ["method.train.batch_size=0"]}}, "method.train.batch_size=0: must be >= 1"),
+    ({"method_overrides": {"nonprivate": ["+privacy.epss=1"]}}, "run the ceiling nonprivate: privacy.epss='1'"),
+    ({"ceiling": "dpdm", "methods": ["privimage"]}, "ceiling='dpdm': trains with DP"),
+])
+def test_every_run_of_the_sweeps_is_validated_before_a_step_is_timed(tmp_path, nothing_is_timed, changes, message):
+    """The dry run too: a bad ε used to be found by the multirun of its method, after the ceiling's had trained."""
+    path = _tiny_profile(tmp_path, **changes)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(["--profile", str(path), "--readme", str(tmp_path / "README.md"), "--dry-run"])
+
+
+@pytest.mark.parametrize("readme, message", [
+    ("missing.md", "no such file"),
+    ("other.md", "has no <!-- benchmark:tiny:start --> ... <!-- benchmark:tiny:end --> markers"),
+    ("reversed.md", "markers (in that order)"),
+])
+def test_the_readme_is_checked_before_a_step_is_timed(tmp_path, nothing_is_timed, readme, message):
+    """The table goes in after every sweep has run; the plots must not be copied beside a README without it."""
+    path = _tiny_profile(tmp_path)
+    (tmp_path / "other.md").write_text("# x\n<!-- benchmark:cpu:start -->\n<!-- benchmark:cpu:end -->\n")
+    (tmp_path / "reversed.md").write_text("<!-- benchmark:tiny:end -->\n<!-- benchmark:tiny:start -->\n")
+    with pytest.raises(SystemExit, match=rf"^dpgen\.benchmark: --readme='{re.escape(str(tmp_path / readme))}': .*{re.escape(message)}"):
+        main(["--profile", str(path), "--readme", str(tmp_path / readme), "--sweep-dir", str(tmp_path / "sweep")])
+    assert not (tmp_path / "docs").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_dir_that_is_a_file_is_refused_before_a_step_is_timed(tmp_path, nothing_is_timed):
+    path, taken = _tiny_profile(tmp_path), tmp_path / "sweep"
+    taken.write_text("notes")
+    with pytest.raises(SystemExit, match=rf"--sweep-dir='{re.escape(str(taken))}': is a file"):
+        main(["--profile", str(path), "--readme", str(tmp_path / "README.md"), "--sweep-dir", str(taken)])
+    assert taken.read_text() == "notes"
+
+
+def test_a_refused_profile_does_not_wait_for_the_training_libraries(tmp_path):
+    """Its ε is refused after composing each run, before any model is built (Lightning, diffusers, Opacus)."""
+    path = _tiny_profile(tmp_path, eps=[-1])
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "dpgen.benchmark", "--profile", str(path),
+                          "--readme", str(tmp_path / "README.md"), "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and "dpgen.benchmark: run dpdm at ε=-1: privacy.eps=-1" in out.stderr, out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "dpgen.config" in imported
+    assert not imported & {"lightning", "diffusers", "opacus", "matplotlib"}
+
+
+@pytest.mark.slow
+def test_benchmark_table_end_to_end(tmp_path, monkeypatch):
+    """A tiny profile: the ceiling and dpdm at two ε, each run with the steps its budget bought,
+    the report and the README table filled from the runs' own files."""
+    path, readme = _tiny_profile(tmp_path), tmp_path / "README.md"
     sweep = tmp_path / "sweep"
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    main(["--profile", str(tmp_path / "tiny.yaml"), "--sweep-dir", str(sweep), "--readme", str(readme)])
+    main(["--profile", str(path), "--sweep-dir", str(sweep), "--readme", str(readme)])
 
     calibration = json.loads((sweep / "calibration.json").read_text())["methods"]
     runs = {p.name for p in sweep.iterdir() if (p / "metrics.json").exists()}

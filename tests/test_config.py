@@ -216,6 +216,7 @@ def test_cli_validation_error_is_one_line(override, key, tmp_path):
     (["dpgen.evaluate", "{tmp}/no-run"], "dpgen.evaluate: run_dir='{tmp}/no-run': is not a dpgen run"),
     (["dpgen.release", "{tmp}/no-run", "--num-samples", "5", "--format", "npz", "--out", "{tmp}/out"],
      "dpgen.release: {tmp}/no-run: not a dpgen run"),
+    (["dpgen.benchmark", "--profile", "nope"], "dpgen.benchmark: --profile='nope': no such profile"),
 ])
 def test_a_refusal_does_not_wait_for_the_training_libraries(tmp_path, command, refusal):
     """Validation imports only what it checks with: a refused config (for ``dpgen``, one that

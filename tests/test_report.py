@@ -200,6 +200,36 @@ def test_a_job_of_a_parallel_sweep_scans_and_writes_the_report_under_the_sweeps_
     assert not ended.is_alive() and (sweep / CSV_NAME).exists()
 
 
+@pytest.mark.parametrize("job, name, content, problem", [
+    ("1", "metrics.json", '{"method": "dpdm",\n "fid": 1.0,\n "downstream_accuracy": {"cnn"', "invalid JSON"),
+    ("4", "metrics.json", "[]", "holds list, not a mapping"),
+    ("0", "privacy.json", "{\n", "invalid JSON"),
+    ("3", "run_config.yaml", "seed: 3\nmethod: {name: dpldm\n", "invalid YAML"),
+    ("2", "evaluate_config.yaml", "eval: [1\n", "invalid YAML"),
+])
+def test_a_run_whose_file_cannot_be_read_is_skipped_and_the_others_are_reported(sweep, caplog, job, name, content,
+                                                                                problem):
+    """A file cut short (a full disk, a copy) or hand-edited used to end the report of the whole
+    sweep, and a multirun's report as each of its jobs ended."""
+    (sweep / job / name).write_text(content)
+    config = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(sweep)}}})
+    with caplog.at_level("WARNING", logger="dpgen"):
+        SweepReport().on_job_end(config, None)
+    assert f"skipped run {job}: its {name} cannot be read: {problem}" in caplog.text
+    with open(sweep / CSV_NAME) as f:
+        assert sorted(r["run"] for r in csv.DictReader(f)) == sorted(j for j, *_ in RUNS if j != job)
+    md = (sweep / MD_NAME).read_text()
+    assert "Skipped runs" in md and f"| `{job}` | {name} | {problem}" in md
+    assert (sweep / ACCURACY_PNG).exists() and (sweep / FID_PNG).exists()
+
+
+def test_a_report_of_only_unreadable_runs_names_their_files(sweep):
+    (sweep / "1" / "metrics.json").write_text('{"method": "dpdm", "fid"')
+    with pytest.raises(ReportError, match=r"1 skipped: \./metrics\.json cannot be read"):
+        write_report(sweep / "1")
+    assert not (sweep / "1" / CSV_NAME).exists()
+
+
 def test_a_single_run_is_a_report_too(sweep):
     rows = collect_runs(sweep / "1")
     assert len(rows) == 1 and rows[0]["run"] == "."

@@ -9,6 +9,10 @@ on everything but seeds, paths, hardware, logging and speed-only settings; other
 ``setting`` names the keys that tell them apart, and the plots draw one line per setting. Canary
 audits (``python -m dpgen.audit``) train on canaries and are never evaluated: they get their own
 table, not a row among the generators.
+
+A run whose ``metrics.json``, ``privacy.json``, ``run_config.yaml`` or ``evaluate_config.yaml``
+cannot be read (cut short by a full disk, a copy or a hand edit) is skipped with a warning and
+listed under the report's skipped runs: one broken file must not cost the report of the others.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import json
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import MarkedYAMLError, YAMLError
 
 from dpgen.eval.plots import accuracy_figure, fid_figure, save_figure, setting_order
 from dpgen.io import atomic_write
@@ -61,6 +67,53 @@ class ReportError(ValueError):
     pass
 
 
+class UnreadableRunFile(ValueError):
+    """A run's file that cannot be read or parsed, or that holds no mapping; the run is skipped."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}")
+
+
+def _parse_problem(err: Exception) -> str:
+    """What is wrong with a file, in a few words (a YAML error's own text runs to several lines)."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON ({err.msg}, line {err.lineno})"
+    if isinstance(err, MarkedYAMLError) and err.problem:
+        line = f", line {err.problem_mark.line + 1}" if err.problem_mark else ""
+        return f"invalid YAML ({err.problem}{line})"
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8 text"
+    first = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {first[0]}" if first else type(err).__name__
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The JSON or YAML mapping in ``path``; UnreadableRunFile when it cannot be had."""
+    try:
+        if path.suffix == ".json":
+            value = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            value = OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, ValueError, YAMLError, OmegaConfBaseException) as err:  # JSON and Unicode errors are ValueErrors
+        raise UnreadableRunFile(path, _parse_problem(err)) from err
+    if not isinstance(value, dict):
+        raise UnreadableRunFile(path, f"holds {type(value).__name__}, not a mapping")
+    return value
+
+
+class SkippedRun(NamedTuple):
+    run: str  # relative to the report's directory
+    file: str  # the file that could not be read, in the run's directory
+    problem: str
+
+
+class CollectedRuns(NamedTuple):
+    rows: list[dict[str, Any]]  # finished generator runs
+    audits: list[dict[str, Any]]  # finished canary audits
+    skipped: list[SkippedRun]  # runs left out: a file of theirs cannot be read
+
+
 def _may_vary_between_repeats(key: str, configs: list[dict[str, str]]) -> bool:
     if key == "data.root" and any(c.get("data.name") == '"imagefolder"' for c in configs):
         return False  # an image folder's root is the dataset itself
@@ -78,10 +131,10 @@ def _flat_config(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
     path = run_dir / "run_config.yaml"
     if not path.is_file():
         return {}
-    config = OmegaConf.to_container(OmegaConf.load(path))
+    config = _read_mapping(path)
     rescored = run_dir / "evaluate_config.yaml"
     if rescored.is_file():
-        used = OmegaConf.to_container(OmegaConf.load(rescored))
+        used = _read_mapping(rescored)
         config.update(used if "eval" in used else {"eval": used})  # older dpgen versions saved eval alone
     flat: dict[str, str] = {}
 
@@ -133,7 +186,7 @@ def _relative(root: Path, run_dir: Path) -> str:
 def _row(root: Path, run_dir: Path, m: dict[str, Any]) -> dict[str, Any]:
     """The report row of the run in ``run_dir``, whose ``metrics.json`` holds ``m``."""
     privacy_file = run_dir / "privacy.json"
-    p = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
+    p = _read_mapping(privacy_file) if privacy_file.exists() else {}
     private = ledger_kept_guarantee(p) if p else bool(m.get("formal_guarantee", False))
     # A DP-trained run whose guarantee was voided (CPSample sampling) keeps the ε of its training,
     # but is neither a private point nor part of the non-private ceiling.
@@ -177,38 +230,61 @@ def _utility_columns(study: dict[str, Any]) -> dict[str, Any]:
     return cols
 
 
-def _finished(root: Path) -> tuple[dict[Path, dict[str, Any]], dict[Path, dict[str, Any]]]:
-    """Run directory -> parsed ``metrics.json``, of generator runs and of canary audits below ``root``."""
+def _skip(root: Path, err: UnreadableRunFile) -> SkippedRun:
+    skipped = SkippedRun(_relative(root, err.path.parent), err.path.name, err.problem)
+    log.warning("report: skipped run %s: its %s cannot be read: %s. Fix: repair or remove the file, or move the "
+                "run out of %s", skipped.run, skipped.file, skipped.problem, root)
+    return skipped
+
+
+def _finished(root: Path) -> tuple[dict[Path, dict[str, Any]], dict[Path, dict[str, Any]], list[SkippedRun]]:
+    """Run directory -> parsed ``metrics.json``, of generator runs and of canary audits below
+    ``root``, and the runs whose ``metrics.json`` cannot be read."""
     if not root.is_dir():
         raise ReportError(f"{root}: not a directory. Fix: pass a run or multirun directory")
-    runs, audits = {}, {}
+    runs, audits, skipped = {}, {}, []
     for f in sorted(root.rglob("metrics.json")):
-        m = json.loads(f.read_text())
+        try:
+            m = _read_mapping(f)
+        except UnreadableRunFile as err:
+            skipped.append(_skip(root, err))
+            continue
         (audits if "canary_audit" in m else runs)[f.parent] = m
-    return runs, audits
+    return runs, audits, skipped
 
 
-def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One row per finished generator run below ``root`` (``root`` itself may be a run), and one
-    per finished canary audit: the claimed ε against its empirical lower bound."""
+def collect(root: str | Path) -> CollectedRuns:
+    """One row per finished generator run below ``root`` (``root`` itself may be a run), one per
+    finished canary audit (the claimed ε against its empirical lower bound), and the runs skipped
+    because a file of theirs cannot be read."""
     root = Path(root)
-    runs, audits = _finished(root)
-    if not runs:
+    runs, audits, skipped = _finished(root)
+    rows, configs = [], []
+    for run_dir, m in runs.items():
+        try:  # both before either is kept: a run is reported whole or not at all
+            row, config = _row(root, run_dir, m), _flat_config(run_dir, m)
+        except UnreadableRunFile as err:
+            skipped.append(_skip(root, err))
+            continue
+        rows.append(row)
+        configs.append(config)
+    if not rows:
         found = f" (only {len(audits)} canary audits, reported by python -m dpgen.audit)" if audits else ""
-        raise ReportError(f"{root}: no finished generator run (no metrics.json) below it{found}. "
-                          "Fix: pass a run or sweep directory")
-    rows = [_row(root, run_dir, m) for run_dir, m in runs.items()]
-    _label_settings(rows, [_flat_config(run_dir, m) for run_dir, m in runs.items()])
+        unreadable = f" ({len(skipped)} skipped: {', '.join(f'{s.run}/{s.file}' for s in skipped)} cannot be read)" \
+            if skipped else ""
+        raise ReportError(f"{root}: no finished generator run (no readable metrics.json) below it{found}{unreadable}. "
+                          "Fix: pass a run or sweep directory, and repair or remove unreadable files")
+    _label_settings(rows, configs)
     rows.sort(key=lambda r: (not r["private"], r["method"] or "", setting_order(r["setting"]),
                              r["epsilon"] or 0.0, r["run"]))
     audit_rows = [{"run": _relative(root, run_dir), "method": m.get("method"),
                    **{k: m["canary_audit"].get(k) for k in _CANARY}} for run_dir, m in audits.items()]
-    return rows, audit_rows
+    return CollectedRuns(rows, audit_rows, sorted(skipped))
 
 
 def collect_runs(root: str | Path) -> list[dict[str, Any]]:
     """One row per finished generator run below ``root``."""
-    return collect(root)[0]
+    return collect(root).rows
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -278,8 +354,17 @@ def _release_markdown(releases: dict[str, CombinedGuarantee]) -> list[str]:
     return lines
 
 
+def _skipped_markdown(skipped: list[SkippedRun]) -> list[str]:
+    if not skipped:
+        return []
+    lines = ["", "Skipped runs: a file of theirs cannot be read, so they are in no table or plot of this report, "
+             "nor in the combined ε of releasing its runs together. Repair or remove the file and report again.", "",
+             "| run | file | problem |", "|---|---|---|"]
+    return lines + [f"| `{s.run}` | {s.file} | {s.problem} |" for s in skipped]
+
+
 def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]],
-              releases: dict[str, CombinedGuarantee]) -> bytes:
+              releases: dict[str, CombinedGuarantee], skipped: list[SkippedRun]) -> bytes:
     classifiers = [k for k in _columns(rows) if k.startswith("accuracy_") and k not in ("accuracy_mean", "accuracy_real_mean")]
     settings = any(r["setting"] for r in rows)
     header = (["method"] + (["setting"] if settings else []) + ["ε target", "ε spent", "accuracy % (mean)"]
@@ -293,7 +378,8 @@ def _markdown(rows: list[dict[str, Any]], audits: list[dict[str, Any]],
                  + [_fmt(r.get(c), True) for c in classifiers]
                  + [_fmt(r["accuracy_real_mean"], True)] + [_fmt(r[k]) for k in _FIDELITY] + [f"`{r['run']}`"])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _release_markdown(releases) + _utility_markdown(rows) + _audit_markdown(audits)
+    lines += (_skipped_markdown(skipped) + _release_markdown(releases) + _utility_markdown(rows)
+              + _audit_markdown(audits))
     extractors = sorted({r["feature_extractor"] for r in rows if r["feature_extractor"]})
     references = sorted({r["fid_reference"] for r in rows if r["fid_reference"] is not None})
     delta = sorted({r["delta"] for r in rows if r["delta"] is not None})
@@ -364,15 +450,16 @@ def write_report(root: str | Path) -> list[Path]:
     """Write the CSV, Markdown table and both plots into ``root``, and the canary audits' CSV when
     there are any; returns their paths."""
     root = Path(root)
-    rows, audits = collect(root)
+    rows, audits, skipped = collect(root)
     paths = [root / CSV_NAME, root / MD_NAME, root / ACCURACY_PNG, root / FID_PNG]
     atomic_write(paths[0], lambda f: f.write(_csv(rows)))
     releases = combined_releases(root, rows)
-    atomic_write(paths[1], lambda f: f.write(_markdown(rows, audits, releases)))
+    atomic_write(paths[1], lambda f: f.write(_markdown(rows, audits, releases, skipped)))
     save_figure(accuracy_figure(rows), paths[2])
     save_figure(fid_figure(rows), paths[3])
     if audits:
         paths.append(root / AUDITS_CSV_NAME)
         atomic_write(paths[-1], lambda f: f.write(_csv(audits)))
-    log.info("report: %d runs -> %s", len(rows), ", ".join(str(p) for p in paths))
+    log.info("report: %d runs%s -> %s", len(rows), f" ({len(skipped)} skipped)" if skipped else "",
+             ", ".join(str(p) for p in paths))
     return paths

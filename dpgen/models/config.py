@@ -17,12 +17,14 @@ def downsampling_factor(model_cfg: dict) -> int:
     return 2 ** (len(model_cfg["block_out_channels"]) - 1)
 
 
-def validate_model_config(model_cfg: dict, image_size: int) -> None:
+def validate_model_config(model_cfg: dict, image_size: int, size_key: str = "data.image_size") -> None:
+    """A pixel UNet's config, at the images of ``image_size``, the value of ``size_key`` (a tool
+    with its own size key, ``make bench``'s ``bench.image_size``, names it in the error)."""
     factor = downsampling_factor(model_cfg)
     if image_size % factor:
-        raise ConfigError("data.image_size", image_size,
+        raise ConfigError(size_key, image_size,
                           f"model {model_cfg['name']} downsamples {factor}x and needs a multiple of {factor}",
-                          f"use data.image_size={max(factor, image_size // factor * factor)} or a model with "
+                          f"use {size_key}={max(factor, image_size // factor * factor)} or a model with "
                           "fewer blocks")
     n = len(model_cfg["block_out_channels"])
     for key in ("down_block_types", "up_block_types"):
@@ -52,14 +54,15 @@ def latent_shape(model_cfg: dict, image_size: int) -> tuple[int, int, int]:
     return model_cfg["autoencoder"]["latent_channels"], size, size
 
 
-def validate_ldm_config(model_cfg: dict, image_size: int) -> None:
+def validate_ldm_config(model_cfg: dict, image_size: int, size_key: str = "data.image_size") -> None:
+    """A latent model's config, at the images of ``image_size`` (see :func:`validate_model_config`)."""
     ae, unet, name = model_cfg["autoencoder"], model_cfg["unet"], model_cfg["name"]
     total = autoencoder_factor(model_cfg) * 2 ** (len(unet["block_out_channels"]) - 1)
     if image_size % total:
-        raise ConfigError("data.image_size", image_size,
+        raise ConfigError(size_key, image_size,
                           f"model {name} (autoencoder and latent UNet together) downsamples {total}x "
                           f"and needs a multiple of {total}",
-                          f"use data.image_size={max(total, image_size // total * total)} or fewer blocks")
+                          f"use {size_key}={max(total, image_size // total * total)} or fewer blocks")
     n = len(unet["block_out_channels"])
     for key in ("down_block_types", "up_block_types"):
         if len(unet[key]) != n:
