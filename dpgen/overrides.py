@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import logging
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -16,6 +18,7 @@ from dpgen.errors import ConfigError
 from dpgen.run_files import load_run_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("dpgen")
 
 
 def override_key(override: str) -> str:
@@ -25,6 +28,13 @@ def override_key(override: str) -> str:
 
 # Keys a user adds with ``+key=value`` that dpgen reads although no config file sets them.
 APPENDABLE_KEYS = ("resume",)
+
+
+def config_leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config as ``{"dotted.key": leaf value}``."""
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in config_leaves(value, f"{prefix}{key}.").items()}
 
 
 def dotted_keys(node: object, prefix: str = "") -> list[str]:
@@ -69,8 +79,23 @@ def run_config_with_todays_groups(run_dir: Path, groups: Sequence[str], override
     today = compose_overrides(mine)
     cfg = load_run_config(run_dir)
     for group in groups:
+        own = config_leaves(OmegaConf.to_container(cfg[group], resolve=True), f"{group}.") if group in cfg else {}
         cfg[group] = OmegaConf.to_container(today[group], resolve=False)  # interpolations resolve against the run
+        _warn_unasked_changes(own, config_leaves(OmegaConf.to_container(cfg[group], resolve=True), f"{group}."),
+                              [override_key(o) for o in mine])
     return cfg
+
+
+def _warn_unasked_changes(own: dict[str, Any], today: dict[str, Any], asked: Sequence[str]) -> None:
+    """Say which settings differ from the run's own without an override asking for it (a run made
+    with eval=fast is scored with today's eval=default): the new numbers are not comparable with
+    the run's first ones, which is easy to miss when comparing is the point."""
+    changed = [k for k in sorted(set(own) | set(today)) if own.get(k, "<unset>") != today.get(k, "<unset>")
+               and not any(k == a or k.startswith(f"{a}.") for a in asked)]
+    if changed:
+        listed = "; ".join(f"{k}: {own.get(k, '<unset>')!r} -> {today.get(k, '<unset>')!r}" for k in changed[:6])
+        log.warning("today's config differs from the run's own in %s%s: the new results use today's; give the "
+                    "run's values as overrides to keep them", listed, "; …" if len(changed) > 6 else "")
 
 
 def override_error(err: Exception, override: str | None) -> ConfigError:

@@ -29,6 +29,7 @@ from dpgen.distributed import external_world, launch_id, process_rank
 from dpgen.errors import ConfigError
 from dpgen.io import atomic_write, remove_unfinished_writes, write_json
 from dpgen.loggers.run import experiment, log_results
+from dpgen.overrides import config_leaves
 from dpgen.privacy.guarantee import RETIRED_FLAGS
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.stages import CANARY_RUN_KEY, DDP_STAGES, run_stages
@@ -110,12 +111,6 @@ def _may_change_on_resume(key: str, completed: Sequence[str]) -> bool:
     return not set(_CHANGEABLE_UNTIL[group]) & set(completed)
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict) or not node:
-        return {prefix.rstrip("."): node}
-    return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
-
-
 def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str]) -> None:
     saved = run_dir / "run_config.yaml"
     if not saved.exists():
@@ -137,7 +132,7 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
     for group, key in (flag.split(".") for flag in RETIRED_FLAGS):
         if isinstance(before.get(group), dict):
             before[group].pop(key, None)
-    old, new = _leaves(before), _leaves(now)
+    old, new = config_leaves(before), config_leaves(now)
     changed = sorted((k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>")),
                      key=_refusal_order)
     refused = [k for k in changed if not _may_change_on_resume(k, completed)]

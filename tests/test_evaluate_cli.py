@@ -54,6 +54,23 @@ def test_refuses_a_run_directory_another_process_is_running_in(old_run):
     assert not (old_run / "metrics.json").exists()
 
 
+def test_settings_that_differ_from_the_runs_own_unasked_are_named(tmp_path, caplog):
+    """A run made with eval=fast is scored with today's default unless told: say which settings
+    changed, since comparing with the run's first numbers is often the point."""
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(compose_config(tiny_overrides(tmp_path)), run / "run_config.yaml", resolve=True)  # eval=fast
+    with caplog.at_level("WARNING", logger="dpgen"):
+        evaluation_config(run, ["eval.downstream.epochs=3"])
+    warned = [r.getMessage() for r in caplog.records if "differs from the run's own" in r.getMessage()]
+    assert len(warned) == 1 and "eval.fid.kid_subsets: 10 -> 100" in warned[0]
+    assert "eval.downstream.epochs" not in warned[0] and "audit." not in warned[0]  # asked for; unchanged
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dpgen"):
+        evaluation_config(run, ["eval=fast"])
+    assert "differs from the run's own" not in caplog.text
+
+
 def test_a_run_older_than_the_audit_group_gets_todays_audit_settings(old_run):
     cfg = evaluation_config(old_run, ["eval.audit=true", "audit.mia.max_examples=50"])
     assert cfg.eval.audit is True and cfg.audit.mia.max_examples == 50 and cfg.audit.replication.pairs == 32
