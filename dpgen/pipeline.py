@@ -32,7 +32,7 @@ from dpgen.loggers.run import experiment, log_results
 from dpgen.overrides import config_leaves
 from dpgen.privacy.guarantee import RETIRED_FLAGS
 from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.stages import CANARY_RUN_KEY, DDP_STAGES, run_stages
+from dpgen.stages import CANARY_RUN_KEY, DDP_STAGES, run_stages, trained_on_canaries
 from dpgen.stages.evaluate import check_utility_sizes
 from dpgen.stages.planning import plan_privacy
 from dpgen.stages.registry import STAGES
@@ -119,11 +119,13 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path, completed: Sequence[str
     now = OmegaConf.to_container(cfg, resolve=True)
     before.pop("resume", None)
     now.pop("resume", None)
-    if bool(before.get(CANARY_RUN_KEY)) != bool(now.get(CANARY_RUN_KEY)):
+    was_audit, is_audit = trained_on_canaries(run_dir, before), bool(now.pop(CANARY_RUN_KEY, False))
+    before.pop(CANARY_RUN_KEY, None)  # audits started before the key have none: compared here, not below
+    if was_audit != is_audit:
         # Finishing an audit's training as an ordinary run would sample and evaluate a model
         # trained on canaries; "resuming" an ordinary run as an audit would score canaries that
         # were never trained on, and overwrite the run's metrics.json with that audit.
-        if before.get(CANARY_RUN_KEY):
+        if was_audit:
             raise ConfigError("resume", str(run_dir), "is a canary audit's run: its model was trained on canaries "
                               "and is never sampled, evaluated or released",
                               f"resume it with python -m dpgen.audit +resume={run_dir} and its original overrides")

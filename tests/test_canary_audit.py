@@ -158,3 +158,28 @@ def test_canary_run_trains_on_canaries_in_its_own_directory_only(tiny_cfg, tmp_p
     assert len(RunContext(cfg=cfg, run_dir=tmp_path / "plain").train_set) == 4000
     assert len(WithCanaries(RunContext(cfg=cfg, run_dir=tmp_path).train_set, torch.zeros(3, 1, 8, 8),
                             torch.zeros(3, dtype=torch.long))) == 4003
+
+
+def test_audits_from_before_the_config_key_are_known_and_runs_with_samples_are_not(tiny_cfg, tmp_path):
+    """An interrupted audit started before ``canary_audit: true`` existed is known by Hydra's record
+    (finishing it with ``python -m dpgen`` would sample a model trained on canaries); an ordinary
+    run into which an old ``dpgen.audit +resume=`` wrote canary_audit.json is known by its samples."""
+    from dpgen.pipeline import _check_resume_config
+    from dpgen.stages import trained_on_canaries
+
+    ordinary, audit = tiny_cfg("privacy.eps=5"), tiny_cfg("privacy.eps=5", "+canary_audit=true")
+    old_audit = tmp_path / "old-audit"
+    (old_audit / ".hydra").mkdir(parents=True)
+    OmegaConf.save(ordinary, old_audit / "run_config.yaml")  # no key: saved before it existed
+    (old_audit / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    config_name: canary_audit\n")
+    assert trained_on_canaries(old_audit, ordinary)
+    with pytest.raises(ConfigError, match="is a canary audit's run"):
+        _check_resume_config(ordinary, old_audit, [])
+    _check_resume_config(audit, old_audit, [])  # dpgen.audit +resume= of it goes on
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / CANARY_JSON).write_text("{}")
+    assert trained_on_canaries(damaged, ordinary)
+    (damaged / "samples.npz").write_bytes(b"")
+    assert not trained_on_canaries(damaged, ordinary)

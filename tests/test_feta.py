@@ -16,6 +16,7 @@ from dp_helpers import record_calls, record_instances
 from dpgen.config import validate_config
 from dpgen.data.curriculum import CurriculumBatches, Phase, random_affine
 from dpgen.errors import ConfigError
+from dpgen.io import save_torch
 from dpgen.pipeline import RunContext, run_pipeline
 from dpgen.privacy import class_means
 from dpgen.privacy.accounting import compute_epsilon
@@ -178,6 +179,12 @@ def test_rounds_released_before_a_crash_are_kept_and_the_grid_is_rebuilt(tiny_cf
     assert kept.shape[0] == 2 and not (run_dir / "central_images.pt").exists()
 
     monkeypatch.setattr(CentralImageQuery, "release", release)
+    # More kept rounds than privacy.json charges (an older copy of it put back): never released.
+    save_torch(run_dir / central_stage.RELEASED_ROUNDS, {"means": torch.cat([kept, kept])})
+    with pytest.raises(RuntimeError, match="holds 4 released rounds but .* charges only 3"):
+        run_pipeline(cfg, run_dir)
+    assert not (run_dir / "central_images.pt").exists()
+    save_torch(run_dir / central_stage.RELEASED_ROUNDS, {"means": kept})
     run_pipeline(cfg, run_dir)  # round 3 was charged and lost; rounds 1-2 are kept
     central = torch.load(run_dir / "central_images.pt")
     classes = cfg.data.num_classes

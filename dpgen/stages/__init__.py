@@ -1,8 +1,11 @@
 """Stages a run is made of: ``method.stages`` in order, with ``sampling.stages`` before ``sample``."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from dpgen.errors import ConfigError
 
@@ -38,10 +41,26 @@ CANARY_RUN_KEY = "canary_audit"
 CANARY_JSON = "canary_audit.json"
 
 
-def trained_on_canaries(run_dir: Path, cfg: DictConfig) -> bool:
-    """``run_dir`` (with its ``run_config.yaml`` as ``cfg``) is a canary audit's run. Audits that
-    finished before the config key existed are known by their ``canary_audit.json``."""
-    return bool(cfg.get(CANARY_RUN_KEY, False)) or (Path(run_dir) / CANARY_JSON).exists()
+def trained_on_canaries(run_dir: Path, cfg: Mapping) -> bool:
+    """``run_dir`` (with its ``run_config.yaml`` as ``cfg``) is a canary audit's run.
+
+    Audits started before the config key existed are known by their ``canary_audit.json`` once
+    finished, or by Hydra's record of the config they were started with (published once their
+    plan passed). An audit never samples: a run with samples is an ordinary one, even if an old
+    ``dpgen.audit +resume=`` of it left those files behind."""
+    run_dir = Path(run_dir)
+    if cfg.get(CANARY_RUN_KEY, False):
+        return True
+    if (run_dir / "samples.npz").exists():
+        return False
+    return (run_dir / CANARY_JSON).exists() or _started_with_config(run_dir) == "canary_audit"
+
+
+def _started_with_config(run_dir: Path) -> str | None:
+    try:
+        return OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"), "hydra.job.config_name")
+    except (OSError, ValueError, YAMLError, OmegaConfBaseException):  # no record, or unreadable: nothing to tell by
+        return None
 
 
 # Stages that train through ``fit_dp`` (DP-SGD, DDP-capable). When a cluster launcher starts

@@ -89,9 +89,13 @@ def dp_central_images(ctx: RunContext) -> None:
     # drawn, so a resume keeps it instead of losing what it cost.
     means = _released_rounds(ctx)
     lost = c.rounds - rounds - len(means)
+    if lost < 0:  # privacy.json replaced by an older copy, say: releasing them would exceed the charge
+        raise RuntimeError(f"{STAGE}: {ctx.path(RELEASED_ROUNDS)} holds {len(means)} released rounds but "
+                           f"{ctx.privacy_json} charges only {c.rounds - rounds}. Fix: restore the run's own "
+                           "privacy.json, or start a new run directory")
     if lost:
-        log.warning("dp_central_images: %d of %d rounds were charged by an interrupted attempt and not released "
-                    "(killed between the charge and the noise); their budget is spent and they are lost",
+        log.warning("dp_central_images: %d of %d rounds were charged by an interrupted attempt and not kept "
+                    "(killed before the round was saved); their budget is spent and they are lost",
                     lost, c.rounds)
     if means:
         log.info("dp_central_images: keeping %d rounds an interrupted attempt released", len(means))
