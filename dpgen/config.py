@@ -119,7 +119,7 @@ def check_resume_dir(resume: object) -> None:
     """``+resume=`` names a run: a mistyped path would start a new run there. Checked where a run
     starts (not in :func:`validate_config`: a resumed run's saved config keeps its ``resume``)."""
     if resume is not None and not (Path(str(resume)) / "run_config.yaml").is_file():
-        if Path(str(resume)).is_dir() and any(Path(str(resume)).iterdir()):
+        if any((Path(str(resume)) / sign).exists() for sign in (".hydra", "privacy.json")):
             # run_config.yaml is written after the checks and the privacy plan, before any stage:
             # an attempt killed earlier ran no stage, and its directory takes a fresh start (a
             # privacy.json there is read by the new attempt's plan, so nothing recorded is lost).

@@ -405,3 +405,7 @@ def test_the_resume_pre_check_reads_the_path_as_hydra_does(tmp_path):
     (stopped / "privacy.json").write_text("{}")
     with pytest.raises(SystemExit, match=f"stopped before its first stage.*hydra.run.dir={stopped}"):
         refuse_missing_resume([f"+resume={stopped}"], "dpgen")
+    # a folder of runs (a date's) is no attempt: not advised as a place to start one
+    (tmp_path / "date" / "10-00-00").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="is not a dpgen run directory"):
+        refuse_missing_resume([f"+resume={tmp_path / 'date'}"], "dpgen")

@@ -167,7 +167,7 @@ def test_a_stages_curves_reach_the_disk_as_they_are_logged(tiny_cfg, tmp_path, m
 
     callbacks = trainer.stage_callbacks
     monkeypatch.setattr(trainer, "stage_callbacks", lambda *a: [*callbacks(*a), ReadTheFile()])
-    run_pipeline(tiny_cfg("privacy.eps=5", "method.pretrain=none", "trainer.log_every_n_steps=1"),
+    run_pipeline(tiny_cfg("privacy.eps=5", "method.pretrain=none", "privacy.log_every_n_steps=1"),
                  tmp_path / "run", stages=["dp_train"])
     assert len(on_disk) == 4 and on_disk[2] > 1  # a header and rows before the stage ended
 

@@ -126,10 +126,10 @@ def _keep_earlier_attempt(log_dir: Path) -> None:
 
 def stage_loggers(cfg: DictConfig, run_dir: Path, stage: str) -> list[Logger]:
     _keep_earlier_attempt(run_dir / "logs" / stage)
-    # Rows reach the disk as they are logged (Lightning's default holds 100 steps in memory), so
-    # a killed stage leaves its curves up to the kill for the resumed attempt to keep.
-    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=stage,
-                                       flush_logs_every_n_steps=cfg.trainer.log_every_n_steps)]
+    # Every logged row reaches the disk at once (Lightning's default holds 100 steps in memory),
+    # so a killed stage leaves its curves up to the kill for the resumed attempt to keep. Rows
+    # come only at logging steps (and ε's at its own steps), so this is not a write per step.
+    loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=stage, flush_logs_every_n_steps=1)]
     if cfg.logger.name == "wandb":
         import wandb
 
