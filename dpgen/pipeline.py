@@ -196,7 +196,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, stages: Sequence[str] | None = 
                 if launch is not None:  # this launch's other ranks stop instead of waiting
                     write_json(run_dir / LAUNCH_REFUSED.format(launch), {"launch": launch, "at": time.time()})
                 raise
-            if removed := remove_unfinished_writes(run_dir, started_before=start):
+            # Only in a run's directory (one that got past its plan): hydra.run.dir may name any
+            # folder, whose other files are not dpgen's to walk through or delete.
+            if (run_dir / "run_config.yaml").is_file() and \
+                    (removed := remove_unfinished_writes(run_dir, started_before=start)):
                 log.info("removed %d unfinished file writes of an interrupted attempt", removed)
             if launch is not None:  # an earlier launch of this name may have been refused
                 (run_dir / LAUNCH_REFUSED.format(launch)).unlink(missing_ok=True)

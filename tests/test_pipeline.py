@@ -330,8 +330,13 @@ def test_a_resume_removes_the_unfinished_writes_of_a_killed_attempt_only(tiny_cf
     for path in [*killed, kept]:
         os.utime(path, (time.time() - 60, time.time() - 60))
     os.utime(in_progress, (time.time() + 60, time.time() + 60))
+    cfg = tiny_cfg("privacy.delta=0.001")
     with pytest.raises(ConfigError, match=r"privacy\.delta"):  # refused by its plan, after the lock
-        run_pipeline(tiny_cfg("privacy.delta=0.001"), run_dir)
+        run_pipeline(cfg, run_dir)
+    assert all(p.exists() for p in killed)  # no run_config.yaml: not (yet) a run's directory, not dpgen's to clean
+    OmegaConf.save(cfg, run_dir / "run_config.yaml", resolve=True)
+    with pytest.raises(ConfigError, match=r"privacy\.delta"):
+        run_pipeline(cfg, run_dir)
     assert [p.exists() for p in killed] == [False, False]
     assert in_progress.exists() and kept.exists()
 
