@@ -220,6 +220,9 @@ def test_a_run_whose_file_cannot_be_read_is_skipped_and_the_others_are_reported(
         assert sorted(r["run"] for r in csv.DictReader(f)) == sorted(j for j, *_ in RUNS if j != job)
     md = (sweep / MD_NAME).read_text()
     assert "Skipped runs" in md and f"| `{job}` | {name} | {problem}" in md
+    # it may be private, on any of the data: no combined guarantee that leaves it out
+    table = md.split("| sensitive data |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert table and all("none (" in line and f"{job}: no usable ledger" in line for line in table), md
     assert (sweep / ACCURACY_PNG).exists() and (sweep / FID_PNG).exists()
 
 

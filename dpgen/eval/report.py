@@ -18,10 +18,12 @@ listed under the report's skipped runs: one broken file must not cost the report
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -316,9 +318,12 @@ def method_label(row: dict[str, Any]) -> str:
     return f"{row['method']} (no formal DP)" if voided else str(row["method"])
 
 
-def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str, CombinedGuarantee]:
+def combined_releases(root: str | Path, rows: list[dict[str, Any]],
+                      skipped: Sequence[SkippedRun] = ()) -> dict[str, CombinedGuarantee]:
     """The guarantee of releasing the samples of every private generator run of the report
-    together, per sensitive dataset."""
+    together, per sensitive dataset. A skipped run (a file of it unreadable) may be private, on
+    any of the datasets: while there is one, no combined guarantee is stated, rather than one
+    that leaves it out."""
     runs = {}
     for row in rows:
         if row["private"]:
@@ -333,7 +338,11 @@ def combined_releases(root: str | Path, rows: list[dict[str, Any]]) -> dict[str,
             runs[run_dir] = (row["run"], ledger, saved_config(run_dir))
     # A resampling of a run in the report releases nothing its source does not.
     kept, _ = without_resamplings(runs)
-    return combine_by_data(kept) if kept else {}
+    releases = combine_by_data(kept) if kept else {}
+    unknown = tuple(s.run for s in skipped)
+    return {data: dataclasses.replace(c, delta=None, epsilon=None, delta_sum=None, epsilon_sum=None,
+                                      without_guarantee=(*c.without_guarantee, *unknown)) if unknown else c
+            for data, c in releases.items()}
 
 
 def _release_markdown(releases: dict[str, CombinedGuarantee]) -> list[str]:
@@ -358,7 +367,8 @@ def _skipped_markdown(skipped: list[SkippedRun]) -> list[str]:
     if not skipped:
         return []
     lines = ["", "Skipped runs: a file of theirs cannot be read, so they are in no table or plot of this report, "
-             "nor in the combined ε of releasing its runs together. Repair or remove the file and report again.", "",
+             "and no combined ε of releasing its runs together is stated while they may be among them. Repair or "
+             "remove the file and report again.", "",
              "| run | file | problem |", "|---|---|---|"]
     return lines + [f"| `{s.run}` | {s.file} | {s.problem} |" for s in skipped]
 
@@ -453,7 +463,7 @@ def write_report(root: str | Path) -> list[Path]:
     rows, audits, skipped = collect(root)
     paths = [root / CSV_NAME, root / MD_NAME, root / ACCURACY_PNG, root / FID_PNG]
     atomic_write(paths[0], lambda f: f.write(_csv(rows)))
-    releases = combined_releases(root, rows)
+    releases = combined_releases(root, rows, skipped)
     atomic_write(paths[1], lambda f: f.write(_markdown(rows, audits, releases, skipped)))
     save_figure(accuracy_figure(rows), paths[2])
     save_figure(fid_figure(rows), paths[3])

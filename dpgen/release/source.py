@@ -91,7 +91,10 @@ def open_run(run_dir: str | Path) -> SourceRun:
     except RunFileError as err:
         raise ReleaseError(str(err)) from err
     spent, target = privacy.get("epsilon_spent"), privacy.get("epsilon_target")
-    if target is not None and (spent is None or spent > target * (1 + EPS_RTOL)):
+    if target is not None and spent is None:  # the ledger's accountant found no finite ε
+        raise ReleaseError(f"{run_dir}: privacy.json reports no finite epsilon spent (target {target}). "
+                           "Fix: do not sample from or release this run; retrain it within the budget")
+    if target is not None and spent > target * (1 + EPS_RTOL):
         raise ReleaseError(f"{run_dir}: privacy.json reports epsilon spent {spent} above its target {target}. "
                            "Fix: do not sample from or release this run; retrain it within the budget")
     return SourceRun(run_dir, cfg, privacy, done)
