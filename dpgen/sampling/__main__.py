@@ -183,12 +183,14 @@ def main(argv: list[str] | None = None) -> None:
         open_run(args.run_dir)  # finished, with its weights and an intact ledger
         cfg = resampling_config(args.run_dir, args.overrides)
         validate_config(cfg)
+        out = args.out or default_out(args.run_dir, cfg.sampling.name)
+        check_out_outside(args.run_dir, out)
+        if out.exists() and _unfinished_resampling(args.run_dir, out, cfg) is None:  # before the imports below
+            raise ConfigError("--out", str(out), "exists already", "pass a new directory, or remove it")
         from dpgen.pipeline import RunContext
         from dpgen.stages.evaluate import check_utility_sizes
 
         check_utility_sizes(RunContext(cfg=cfg, run_dir=args.run_dir))  # before the new run directory exists
-        out = args.out or default_out(args.run_dir, cfg.sampling.name)
-        check_out_outside(args.run_dir, out)
         prepare(args.run_dir, out, cfg)
     except (ConfigError, ReleaseError, RunFileError) as err:
         sys.exit(f"dpgen.sampling: {err}")
