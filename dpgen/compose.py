@@ -25,6 +25,7 @@ from dpgen.privacy.composition import (
     spent_ledger,
     without_resamplings,
 )
+from dpgen.stages import trained_on_canaries
 
 
 def _is_canary_audit(run_dir: Path) -> bool:
@@ -64,8 +65,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def _load(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-    name = f"{run_dir} (canary audit)" if _is_canary_audit(run_dir) else str(run_dir)
-    return name, spent_ledger(run_dir), saved_config(run_dir)
+    config = saved_config(run_dir)
+    # An unfinished audit has no metrics.json yet; its config (or Hydra's record) says what it is.
+    audit = _is_canary_audit(run_dir) or trained_on_canaries(run_dir, config or {})
+    return f"{run_dir} (canary audit)" if audit else str(run_dir), spent_ledger(run_dir), config
 
 
 def _fmt(x: float | None) -> str:

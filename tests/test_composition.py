@@ -141,13 +141,17 @@ def test_command_line_composes_every_run_found_below_a_sweep(tmp_path, capsys):
     # A canary audit's published results come from a model trained on the sensitive data.
     audit = _run(tmp_path / "sweep" / "audit", 100)
     write_json(audit / "metrics.json", {"canary_audit": {"epsilon_claimed": 1.0}})
+    unfinished = _run(tmp_path / "sweep" / "training-audit", 100)  # still training: no metrics.json yet
+    OmegaConf.save({"data": {"name": "mnist5k"}, "method": {"name": "dpdm"}, "canary_audit": True},
+                   unfinished / "run_config.yaml")
     # A sweep assembled from links to runs elsewhere (os.walk and rglob do not follow them by default).
     (tmp_path / "sweep" / "linked").symlink_to(_run(tmp_path / "elsewhere" / "2", 100))
     (tmp_path / "sweep" / "loop").symlink_to(tmp_path / "sweep")  # a link back up is walked once
     main([str(tmp_path / "sweep")])
     out = capsys.readouterr().out
     assert "sensitive data: mnist" in out and "audit (canary audit): ε" in out and "elsewhere" in out
-    assert _composed(out) == pytest.approx(_reference_epsilon(1000), rel=5e-3)
+    assert "training-audit (canary audit): ε" in out
+    assert _composed(out) == pytest.approx(_reference_epsilon(1100), rel=5e-3)
     # A run given directly is that run alone.
     main([str(tmp_path / "sweep" / "0")])
     alone = capsys.readouterr().out
